@@ -1,0 +1,31 @@
+# `make demo` and `make test` set up .venv themselves on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= all
+EDGE3DFA_ASSETS ?= $(abspath ../shared/assets)
+export EDGE3DFA_ASSETS
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/edge3dfa run $(EDGE3DFA_ASSETS)/upstream/3ddfa_v2/examples/inputs --out-dir out/demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/runtime_speed.py
+
+clean:
+	rm -rf out .pytest_cache

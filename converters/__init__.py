@@ -1,0 +1,149 @@
+"""One call from a checkpoint to deployable artifacts: ``convert("mb05", to="onnx", precision="int8")``.
+
+Each format is a module (``onnx``, ``tflite``, ``coreml``) exposing ``PRECISIONS``, ``SUFFIX`` and
+``export(model, dest, precision, *, source, calibration, **options) -> dict`` (manifest fields it fills:
+options, input, output, notes, min_runtime, tools), and optionally ``extra_parity(path, reference, sets,
+threads) -> dict`` for figures only that format has. ``convert`` does the rest once for every format: load the
+model, calibrate, export to a temp path, open it with its target, measure parity against PyTorch, write
+the manifest, and move both into place (a failure leaves neither).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge3dfa.assets import sha256_file
+from edge3dfa.errors import Edge3dfaError
+from edge3dfa.manifest import Manifest, publish
+
+#: format -> module; modules import their framework lazily, so listing them costs nothing
+FORMATS = {"onnx": "edge3dfa.converters.onnx", "tflite": "edge3dfa.converters.tflite",
+           "coreml": "edge3dfa.converters.coreml"}
+CALIBRATED = {"int8", "w8a8"}  # precisions that need real face crops
+PARITY_COUNT = 64
+
+
+@dataclass(frozen=True)
+class Source:
+    """The PyTorch model being converted and where it came from."""
+
+    model: Any  # torch.nn.Module in eval mode
+    name: str  # zoo name, checkpoint stem, or "faceboxes"
+    arch: str
+    widen_factor: float | None
+    path: str
+    sha256: str
+
+    @property
+    def is_detector(self) -> bool:
+        return self.arch == "faceboxes"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    manifest: Manifest
+
+
+def format_module(fmt: str):  # noqa: ANN201
+    """The converter module for ``fmt``; a clear error if it is unknown or its extra is not installed."""
+    if fmt not in FORMATS:
+        raise Edge3dfaError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    try:
+        return importlib.import_module(FORMATS[fmt])
+    except ImportError as e:
+        raise Edge3dfaError(f"the {fmt} converter is not available ({e}); pip install 'edge3dfa[{fmt}]'") from e
+
+
+def load_source(model: str | os.PathLike = "mb05", arch: str | None = None) -> Source:
+    """A zoo name, a checkpoint path (arch given or inferred), or ``faceboxes`` (the detector)."""
+    from edge3dfa import assets
+    from edge3dfa.models import get_spec, infer_arch, load_model, read_state_dict
+
+    if str(model) == "faceboxes" or arch == "faceboxes":
+        from edge3dfa.models.faceboxes import load_faceboxes
+
+        path = assets.fetch("faceboxes") if str(model) == "faceboxes" else Path(model)
+        return Source(load_faceboxes(path), "faceboxes", "faceboxes", None, str(path), sha256_file(path))
+    p = Path(model)
+    if p.exists():
+        arch_name, widen = (get_spec(arch).arch, get_spec(arch).widen_factor) if arch else infer_arch(
+            read_state_dict(p))
+        return Source(load_model(p, arch=arch), p.stem, arch_name, widen, str(p), sha256_file(p))
+    spec = get_spec(str(model))
+    if spec.checkpoint_asset is None:
+        raise Edge3dfaError(f"{spec.name} has no public weights; pass a checkpoint path and --arch {spec.name}")
+    path = assets.fetch(spec.checkpoint_asset)
+    return Source(load_model(spec.name), spec.name, spec.arch, spec.widen_factor, str(path), sha256_file(path))
+
+
+def convert(model: str | os.PathLike | Source = "mb05", to: str | Sequence[str] = "onnx",
+            precision: str | Sequence[str] = "fp32", out_dir: str | os.PathLike = "out", *,
+            arch: str | None = None, calibration: Any = None, calib_count: int = 256,
+            parity_count: int = PARITY_COUNT, threads: int | None = None, verbose: bool = True,
+            **options: Any) -> list[Artifact]:
+    """Convert ``model`` to every format in ``to`` at every precision; artifacts go to OUT/NAME/FORMAT/.
+
+    ``calibration`` is a CalibrationSet, a folder of crops or photos, or None (the default disjoint set);
+    it is only loaded when a calibrated precision is asked for. ``options`` go to the format's export.
+    """
+    from edge3dfa.converters.calibration import CalibrationSet, load_calibration, load_eval_crops
+    from edge3dfa.converters.parity import parity
+    from edge3dfa.target import open_target
+    from edge3dfa.targets.torch import TorchTarget
+
+    formats = [to] if isinstance(to, str) else list(to)
+    precisions = [precision] if isinstance(precision, str) else list(precision)
+    modules = {fmt: format_module(fmt) for fmt in formats}
+    for fmt, mod in modules.items():
+        bad = [p for p in precisions if p not in mod.PRECISIONS]
+        if bad:
+            raise Edge3dfaError(f"{fmt} does not offer precision {', '.join(bad)}; "
+                                f"it offers {', '.join(mod.PRECISIONS)}")
+    src = model if isinstance(model, Source) else load_source(model, arch)
+    out = Path(out_dir) / src.name
+    calib = calibration
+    if any(p in CALIBRATED for p in precisions) and not isinstance(calib, CalibrationSet):
+        calib = load_calibration(calib, count=calib_count)
+    reference = TorchTarget(src.path, threads=threads, model=src.model)
+    sets = {}
+    if not src.is_detector:
+        sets = {"aflw2000": load_eval_crops(parity_count)}
+        if isinstance(calib, CalibrationSet):
+            sets["calibration"] = calib.data[:parity_count]
+        else:
+            sets["calibration"] = load_calibration(None, count=parity_count).data
+    results = []
+    for fmt, mod in modules.items():
+        for prec in precisions:
+            dest = out / fmt / f"{src.name}_{prec}{mod.SUFFIX}"
+            if verbose:
+                print(f"converting {src.name} -> {fmt} {prec} ...", file=sys.stderr, flush=True)
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise Edge3dfaError(f"cannot create output folder {dest.parent}: {e.strerror or e}") from e
+            with tempfile.TemporaryDirectory(prefix=".convert-", dir=dest.parent) as tmpdir:
+                tmp = Path(tmpdir) / dest.name
+                info = mod.export(src.model, tmp, prec, source=src,
+                                  calibration=calib if prec in CALIBRATED else None, **options)
+                manifest = Manifest(artifact=dest.name, format=fmt, precision=prec, model=src.name, arch=src.arch,
+                                    source={"path": src.path, "sha256": src.sha256, "widen_factor": src.widen_factor})
+                for key, value in info.items():
+                    setattr(manifest, key, value)
+                if prec in CALIBRATED and isinstance(calib, CalibrationSet):
+                    manifest.calibration = calib.describe()
+                if sets and info.get("output", {}).get("name", "params") == "params":
+                    manifest.parity = parity(reference, open_target(tmp, threads=threads), sets)
+                if hasattr(mod, "extra_parity"):  # e.g. ONNX int8 run as fake-quant, or a fused landmark head
+                    manifest.parity.update(mod.extra_parity(tmp, reference, sets, threads=threads))
+                publish(tmp, dest, manifest)
+            results.append(Artifact(dest, manifest))
+    return results

@@ -1,0 +1,61 @@
+"""``edge3dfa convert``: checkpoint -> artifacts + manifests, with a parity table at the end."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint to ONNX / TFLite / CoreML with manifests")
+    p.add_argument("--model", default="mb05", help="zoo name, or 'faceboxes' (default: mb05)")
+    p.add_argument("--checkpoint", help="3DDFA_V2 checkpoint to convert instead of the zoo's weights")
+    p.add_argument("--arch", help="zoo name giving the architecture of --checkpoint (default: inferred)")
+    p.add_argument("--to", type=_csv, default=["onnx"], help="formats, comma separated: onnx,tflite,coreml")
+    p.add_argument("--precision", type=_csv, default=["fp32"], help="precisions, comma separated (e.g. fp32,int8)")
+    p.add_argument("--out", default="out", help="output root; artifacts go to OUT/NAME/FORMAT/ (default: out)")
+    p.add_argument("--calib-dir", help="folder of 120x120 face crops for int8 (default: the disjoint AFLW set)")
+    p.add_argument("--calib-count", type=int, default=256, help="calibration crops to use (default: 256)")
+    p.add_argument("--threads", type=int, help="threads for parity runs")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="format option passed to the converter (repeatable), e.g. head=landmarks")
+    p.set_defaults(func=run)
+
+
+def _value(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge3dfa.converters import convert
+    from edge3dfa.errors import Edge3dfaError
+
+    options = {}
+    for item in args.option:
+        if "=" not in item:
+            raise Edge3dfaError(f"--option takes KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        options[k.replace("-", "_")] = _value(v)
+    arts = convert(args.checkpoint or args.model, to=args.to, precision=args.precision, out_dir=args.out,
+                   arch=args.arch if args.checkpoint else None, calibration=args.calib_dir,
+                   calib_count=args.calib_count, threads=args.threads, **options)
+    print(f"{'artifact':44s} {'size':>9s} {'set':12s} {'param max':>10s} {'param mean':>10s} "
+          f"{'lm max px':>10s} {'lm mean px':>10s}")
+    for a in arts:
+        m = a.manifest
+        rows = [(k, v) for k, v in m.parity.items() if isinstance(v, dict)] or [("-", {})]
+        for i, (name, r) in enumerate(rows):
+            head = f"{str(a.path):44s} {m.size_bytes / 1e6:8.2f}M" if i == 0 else " " * 54
+            print(f"{head} {name:12s} {r.get('param_max_abs', float('nan')):10.2e} "
+                  f"{r.get('param_mean_abs', float('nan')):10.2e} {r.get('landmark_max_px', float('nan')):10.3f} "
+                  f"{r.get('landmark_mean_px', float('nan')):10.3f}")
+    return 0

@@ -1,0 +1,247 @@
+"""Reading 3DDFA_V2 checkpoints safely, and turning them into eval-mode models.
+
+Checkpoints come from strangers, so they are only ever read with ``weights_only=True``; every way a file can
+be wrong becomes one ``Edge3dfaError`` line that names the file. torch is imported inside the functions so
+that ``edge3dfa.models`` stays importable without it.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edge3dfa.errors import Edge3dfaError
+
+if TYPE_CHECKING:
+    import torch
+
+# Globals a plain tensor checkpoint may reference; anything else in a refused pickle means code.
+_SAFE_MODULES = ("torch", "numpy")
+_SAFE_NAMES = ("collections.OrderedDict", "_codecs.encode")
+
+
+class _Stub:
+    """Stands in for every class or function a refused pickle names, so nothing of it ever runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class _Recorder(pickle.Unpickler):
+    """Unpickles with stubs only, to list the globals a pickle would call."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self.names: list[str] = []
+
+    def find_class(self, module: str, name: str) -> type:
+        self.names.append(f"{module}.{name}")
+        return _Stub
+
+    def persistent_load(self, pid: Any) -> None:
+        return None
+
+
+def _pickled_globals(path: Path) -> list[str]:
+    """Globals named by the file's pickle (the data.pkl of a torch zip, else the whole file)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                data = zf.read(member) if member else b""
+        else:
+            data = path.read_bytes()
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return []
+    rec = _Recorder(data)
+    try:
+        rec.load()
+    except Exception:  # noqa: BLE001 - a broken pickle still tells us the globals it named so far
+        pass
+    return rec.names
+
+
+def _unsafe_global(path: Path, message: str) -> str | None:
+    def safe(name: str) -> bool:
+        return name in _SAFE_NAMES or name.split(".", 1)[0] in _SAFE_MODULES
+
+    names = [n for n in _pickled_globals(path) if not safe(n)]
+    if names:
+        return names[0]
+    if "GLOBAL" in message:  # torch's own refusal text, if our scan could not see the name
+        return message.split("GLOBAL", 1)[1].split()[0]
+    return None
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _torch_load(path: Path) -> Any:
+    import torch
+
+    if not path.exists():
+        raise Edge3dfaError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise Edge3dfaError(f"checkpoint is not a file: {path}")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        raise Edge3dfaError(f"checkpoint is empty: {path}")
+    try:
+        with warnings.catch_warnings():  # torch warns on pickle protocols > 2 before refusing or loading
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        bad = _unsafe_global(path, str(e))
+        if bad:
+            msg = "refused: the file contains pickled code, only plain tensors are loaded"
+            raise Edge3dfaError(f"{path}: {msg} (it calls {bad})") from None
+        raise Edge3dfaError(f"{path}: not a PyTorch checkpoint (the file starts with {head!r})") from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/KeyError/EOFError for bad bytes
+        zipped = head.startswith(b"PK\x03\x04")
+        if zipped or (head.startswith(b"\x80") and isinstance(e, (EOFError, RuntimeError))):
+            raise Edge3dfaError(f"{path}: truncated or corrupted checkpoint ({_one_line(e, 80)})") from None
+        raise Edge3dfaError(f"{path}: not a PyTorch checkpoint (the file starts with {head!r})") from None
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint with upstream's wrapping removed.
+
+    Accepts a raw state dict or ``{'state_dict': ...}``; strips DataParallel's ``module.``, renames
+    ``fc_param.`` to ``fc.`` and drops the unused ``fc_lm.`` landmark head of the V2 MobileNet checkpoints.
+    """
+    import torch
+
+    path = Path(path)
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        kind = type(obj).__name__
+        raise Edge3dfaError(f"{path}: no tensors found (the file holds a {kind}, not a state dict)")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if not (isinstance(key, str) and isinstance(value, torch.Tensor)):
+            continue
+        if key.startswith("module."):
+            key = key[len("module."):]
+        if key.startswith("fc_lm."):
+            continue
+        if key.startswith("fc_param."):
+            key = "fc." + key[len("fc_param."):]
+        out[key] = value
+    if not out:
+        raise Edge3dfaError(f"{path}: no tensors found (keys: {_one_line(list(obj)[:8], 100)})")
+    return out
+
+
+def infer_arch(state_dict: dict[str, torch.Tensor]) -> tuple[str, float]:
+    """(arch, widen_factor) of a state dict from its key layout and first conv width."""
+    keys = state_dict.keys()
+    if "dw2_1.conv_dw.weight" in keys and "conv1.weight" in keys:
+        return "mobilenet_v1", state_dict["conv1.weight"].shape[0] / 32
+    if "features.0.0.weight" in keys and "features.1.conv.0.weight" in keys:
+        # The stem is fixed at 16 channels; the first block's output is make_divisible(16 * w).
+        out1 = state_dict["features.1.conv.8.weight"].shape[0] if "features.1.conv.8.weight" in keys else None
+        exp2 = state_dict["features.2.conv.0.weight"].shape[0] if "features.2.conv.0.weight" in keys else None
+        from edge3dfa.models.mobilenet_v3 import make_divisible
+
+        for w in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0):
+            if make_divisible(16 * w) == out1 and make_divisible(72 * w) == exp2:
+                return "mobilenet_v3", w
+        raise Edge3dfaError(f"MobileNet-V3 of unknown width (block 1 out {out1}, block 2 expand {exp2})")
+    if "conv_param.weight" in keys and "layer1.0.conv1.weight" in keys:
+        return "resnet22", 1.0
+    raise Edge3dfaError(
+        f"cannot tell the architecture from the keys ({_one_line(list(keys)[:4], 100)}); pass arch="
+    )
+
+
+def _spec_or_none(name: str) -> Any:
+    from edge3dfa.models.registry import MODELS
+
+    return MODELS.get(name)
+
+
+def _load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    for key, tensor in own.items():
+        theirs, ours = tuple(sd[key].shape) if key in sd else None, tuple(tensor.shape)
+        if theirs is not None and theirs != ours:
+            raise Edge3dfaError(f"{source}: shape mismatch at {key}: checkpoint {theirs}, model {ours}")
+    if missing:
+        raise Edge3dfaError(f"{source}: missing key {missing[0]} ({len(missing)} missing in all)")
+    if unexpected:
+        raise Edge3dfaError(f"{source}: unexpected key {unexpected[0]} ({len(unexpected)} unexpected in all)")
+    model.load_state_dict(sd, strict=True)
+
+
+def load_model(name_or_checkpoint: str | Path, arch: str | None = None) -> torch.nn.Module:
+    """An eval-mode model from a zoo name (its checkpoint asset) or a checkpoint path.
+
+    For a path, ``arch`` is a zoo name or arch name; without it the arch is inferred from the keys.
+    Keys must match exactly, so a checkpoint of another model fails loudly instead of half-loading.
+    """
+    from edge3dfa.models.registry import build_model, get_spec
+
+    spec = _spec_or_none(str(name_or_checkpoint)) if isinstance(name_or_checkpoint, str) else None
+    if spec is not None:
+        if spec.checkpoint_asset is None:
+            raise Edge3dfaError(f"{spec.name} has no public weights; pass a checkpoint path")
+        from edge3dfa.assets import fetch
+
+        path = Path(fetch(spec.checkpoint_asset))
+        arch = arch or spec.name
+    else:
+        path = Path(name_or_checkpoint)
+        if not path.exists() and isinstance(name_or_checkpoint, str) and "/" not in name_or_checkpoint \
+                and not path.suffix:
+            get_spec(name_or_checkpoint)  # raises with the known names
+    sd = read_state_dict(path)
+    if arch is None:
+        arch_name, widen = infer_arch(sd)
+        model = build_model(arch_name, widen)
+    else:
+        model = build_model(arch)
+    _load_strict(model, sd, str(path))
+    return model.eval()
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Seeded random weights and realistic BatchNorm statistics, in place.
+
+    Fresh BN layers have mean 0 / var 1 / weight 1 / bias 0, which makes BN folding and quantization look
+    trivially right; randomised statistics let tests of archs without public weights catch real mistakes.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                    m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+            elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.01)
+            elif isinstance(m, torch.nn.PReLU):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) * 0.25)
+    return model

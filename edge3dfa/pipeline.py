@@ -1,0 +1,74 @@
+"""Image -> faces: detector target + regressor target + the numpy runtime, as it runs on a device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edge3dfa import runtime
+from edge3dfa.errors import Edge3dfaError
+from edge3dfa.runtime.bfm import BFM, load_bfm68
+from edge3dfa.runtime.detect import FaceBoxesDetector
+from edge3dfa.target import Target
+
+
+@dataclass
+class Faces:
+    """Everything found in one image, one row per face."""
+
+    boxes: np.ndarray  # [K,5] detector x1, y1, x2, y2, score (image pixels)
+    roi_boxes: np.ndarray  # [K,4] crop boxes
+    params: np.ndarray  # [K,62] de-normalised 3DMM params
+    landmarks: np.ndarray  # [K,3,68] image pixels (x, y, z)
+    pose: np.ndarray  # [K,3] yaw, pitch, roll in degrees
+    vertices: np.ndarray | None = None  # [K,3,V] dense mesh in image pixels, when a dense BFM is given
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        keys = ("yaw", "pitch", "roll")
+        return [{"box": self.boxes[i, :4].round(2).tolist(), "score": round(float(self.boxes[i, 4]), 4),
+                 "roi_box": self.roi_boxes[i].round(2).tolist(),
+                 "landmarks": self.landmarks[i].T.round(3).tolist(),
+                 "pose_deg": dict(zip(keys, self.pose[i].round(3).tolist())),
+                 "params": self.params[i].tolist()} for i in range(len(self))]
+
+
+class FaceAligner:
+    """Finds faces and regresses their 3DMM params; the regressor and detector are any :class:`Target`."""
+
+    def __init__(self, regressor: Target, detector: Target | None = None, dense: BFM | None = None,
+                 score_threshold: float = 0.5):
+        self.regressor = regressor
+        # A detector exported at a fixed size (e.g. TFLite) gets every photo shrunk and padded to that size.
+        fixed = tuple(detector.input_shape[1:]) if detector and None not in detector.input_shape else None
+        self.detector = FaceBoxesDetector(lambda blob: tuple(detector.run(blob)[:2]), score_threshold=score_threshold,
+                                          input_size=fixed) if detector else None
+        self.bfm = load_bfm68()
+        self.dense = dense
+
+    def detect(self, img: np.ndarray) -> np.ndarray:
+        if self.detector is None:
+            raise Edge3dfaError("no face detector configured")
+        return self.detector(runtime.as_bgr_uint8(img))
+
+    def align(self, img: np.ndarray, roi_boxes: np.ndarray, boxes: np.ndarray | None = None) -> Faces:
+        """Regress faces in given roi boxes [K,4] (from a detector, or from previous landmarks when tracking)."""
+        roi_boxes = np.asarray(roi_boxes, np.float32).reshape(-1, 4)
+        x = runtime.crops_from_rois(img, roi_boxes)
+        params_norm = self.regressor.predict(x) if len(x) else np.zeros((0, 62), np.float32)
+        params = runtime.denormalise(params_norm, self.bfm)
+        pts = runtime.to_image(runtime.reconstruct(params, self.bfm), roi_boxes)
+        dense = runtime.to_image(runtime.reconstruct(params, self.dense), roi_boxes) if self.dense else None
+        if boxes is None:
+            boxes = np.c_[roi_boxes, np.ones(len(roi_boxes), np.float32)]
+        return Faces(np.asarray(boxes, np.float32), roi_boxes, params, pts, runtime.pose(params), dense)
+
+    def __call__(self, img: np.ndarray) -> Faces:
+        """Detect every face, then regress all of them in one batch."""
+        img = runtime.as_bgr_uint8(img)
+        boxes = self.detect(img)
+        return self.align(img, runtime.roi_from_box(boxes) if len(boxes) else np.zeros((0, 4)), boxes)

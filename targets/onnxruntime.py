@@ -1,0 +1,82 @@
+"""onnxruntime target: any .onnx regressor (params or fused landmarks) or FaceBoxes, on the CPU provider.
+
+Threads are explicit (intra-op ``threads`` or every CPU, inter-op 1) so timings and Pi deployments are
+reproducible. ``optimization="disable"`` runs a QDQ int8 graph as fake-quant (Q/DQ as float ops), which
+separates quantization error from int8-kernel error. Models exported with a fixed batch (e.g. third-party
+batch-1 exports) are run sample by sample, so every target takes any N.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from edge3dfa.errors import Edge3dfaError
+from edge3dfa.target import Target
+
+OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                "all": "ORT_ENABLE_ALL"}
+
+
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(e).split())
+    for marker in ("] : ", "failed:"):  # drop onnxruntime's "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF :" prefix
+        if marker in text:
+            text = text.rsplit(marker, 1)[1].strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class OnnxTarget(Target):
+    """An .onnx file on onnxruntime's CPU provider (or ``providers`` given)."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, optimization: str = "all",
+                 providers: Sequence[str] | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise Edge3dfaError("running .onnx files needs onnxruntime: pip install onnxruntime") from e
+        super().__init__(path, threads)
+        if optimization not in OPTIMIZATION:
+            raise Edge3dfaError(f"optimization must be one of {', '.join(OPTIMIZATION)}, got {optimization!r}")
+        if not self.path.is_file():
+            raise Edge3dfaError(f"ONNX model not found: {self.path}")
+        self.optimization = optimization
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(threads) if threads else (os.cpu_count() or 1)
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION[optimization])
+        so.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
+        try:
+            self.session = ort.InferenceSession(str(self.path), so,
+                                                providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf/RuntimeError types
+            raise Edge3dfaError(f"{self.path}: not a readable ONNX model ({_one_line(e)})") from None
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 4:
+            got = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+            raise Edge3dfaError(f"{self.path}: expected one float32 NCHW input, the model takes {got}")
+        self.input_name = inputs[0].name
+        dims = [d if isinstance(d, int) and d > 0 else None for d in inputs[0].shape]
+        self.fixed_batch = dims[0]
+        self.input_shape = tuple(dims[1:])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        if self.output_names[0] in ("landmarks", "loc"):
+            raise Edge3dfaError(f"{self.name}: outputs {self.output_names[0]!r}, not 62 params (a fused landmark head "
+                                "or a detector); use run(), or convert without head=landmarks for the pipeline")
+        return super().predict(x)
+
+    def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        b = self.fixed_batch
+        if b is None or b == len(x):
+            return self.session.run(None, {self.input_name: x})
+        if len(x) % b:
+            raise Edge3dfaError(f"{self.name}: the model takes batches of exactly {b}, got {len(x)}")
+        parts = [self.session.run(None, {self.input_name: x[i:i + b]}) for i in range(0, len(x), b)]
+        return [np.concatenate(outs) for outs in zip(*parts)]

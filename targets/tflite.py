@@ -1,0 +1,217 @@
+"""LiteRT / tflite-runtime target: any .tflite regressor or FaceBoxes, NHWC or NCHW, float or int8 I/O.
+
+``ai_edge_litert`` is used where installed (``pip install edge3dfa[pi]``), ``tflite_runtime`` otherwise
+(older Raspberry Pi images). Both apply XNNPACK by default; threads are explicit (``threads`` or every
+CPU) so timings and Pi deployments are reproducible. The canonical call (float32 NCHW, (x-127.5)/128)
+is transposed and, for int8 input, quantized here with the model's own scale and zero point; an input
+outside that range is a user error, not a silent clip. A batch of N resizes the input tensor once per new
+N. Imports neither torch nor numpy-incompatible extras, so it runs on a board with numpy and OpenCV only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from edge3dfa.errors import Edge3dfaError
+from edge3dfa.target import Target
+
+_IDENTIFIER = b"TFL3"
+
+
+def _interpreter_class() -> tuple[type, str]:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter, "litert"
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter
+
+        return Interpreter, "tflite_runtime"
+    except ImportError as e:
+        raise Edge3dfaError("running .tflite files needs LiteRT: pip install 'edge3dfa[pi]' "
+                            "(ai-edge-litert) or tflite-runtime") from e
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = " ".join(lines[:2]) if lines else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _cut_short(blob: bytes) -> str | None:
+    """Why a .tflite flatbuffer does not fit in its file, or None when every object it points to does.
+
+    tflite-runtime, unlike LiteRT, does not verify the flatbuffer and crashes on a truncated file. This walks
+    the parts of the TFLite schema the interpreter reads at load (operator codes, subgraphs with their tensors
+    and operators, buffers, metadata, signatures) with bounds-checked reads; field numbers are schema.fbs's.
+    """
+    n = len(blob)
+
+    def read(pos: int, size: int, signed: bool = False) -> int:
+        if pos < 0 or pos + size > n:
+            raise IndexError(pos)
+        return int.from_bytes(blob[pos:pos + size], "little", signed=signed)
+
+    def field(table: int, index: int) -> int | None:
+        vtable = table - read(table, 4, signed=True)
+        slot = 4 + 2 * index
+        if slot + 2 > read(vtable, 2):
+            return None
+        offset = read(vtable + slot, 2)
+        return table + offset if offset else None
+
+    def vector(table: int, index: int, elem: int = 4) -> tuple[int, int]:
+        """(first element address, length) of a vector field, checked to fit; (0, 0) when absent."""
+        at = field(table, index)
+        if at is None:
+            return 0, 0
+        start = at + read(at, 4)
+        length = read(start, 4)
+        read(start + 4, length * elem) if length else None
+        return start + 4, length
+
+    def tables(table: int, index: int) -> list[int]:
+        first, length = vector(table, index)
+        out = [first + 4 * i + read(first + 4 * i, 4) for i in range(length)]
+        for t in out:
+            field(t, 0)  # its vtable must be inside the file
+        return out
+
+    try:
+        model = read(0, 4)
+        tables(model, 1)  # operator_codes
+        for graph in tables(model, 2):  # subgraphs
+            for tensor in tables(graph, 0):
+                vector(tensor, 0)  # shape
+                vector(tensor, 3, 1)  # name
+                for quant in ([field(tensor, 4)] if field(tensor, 4) else []):
+                    q = quant + read(quant, 4)
+                    vector(q, 2)  # scale
+                    vector(q, 3, 8)  # zero_point
+            vector(graph, 1), vector(graph, 2)  # inputs, outputs
+            for op in tables(graph, 3):
+                vector(op, 1), vector(op, 2)  # inputs, outputs
+        for i, buf in enumerate(tables(model, 4)):  # buffers
+            vector(buf, 0, 1)
+            offset, size = field(buf, 1), field(buf, 2)
+            if offset is not None and size is not None and read(offset, 8) > 1 and read(offset, 8) + read(size, 8) > n:
+                return f"buffer {i} runs past the end of the file ({n} bytes)"
+        tables(model, 6)  # metadata
+        tables(model, 7)  # signature_defs
+    except IndexError:
+        return f"it points past the end of the file ({n} bytes)"
+    return None
+
+
+def _runtime_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("ai-edge-litert", "tflite-runtime"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "unknown runtime"
+
+
+class TFLiteTarget(Target):
+    """A .tflite file on LiteRT's CPU interpreter with XNNPACK."""
+
+    runtime = "litert"
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        interpreter_class, self.runtime = _interpreter_class()
+        super().__init__(path, threads)
+        if not self.path.is_file():
+            raise Edge3dfaError(f"TFLite model not found: {self.path}")
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+        if len(head) < 8 or head[4:8] != _IDENTIFIER:
+            raise Edge3dfaError(f"{self.path}: not a TFLite model (no {_IDENTIFIER.decode()} identifier)")
+        if self.runtime == "tflite_runtime":  # LiteRT verifies the flatbuffer itself
+            problem = _cut_short(self.path.read_bytes())
+            if problem:
+                raise Edge3dfaError(f"{self.path.name}: truncated or corrupt TFLite file: {problem}")
+        self.num_threads = int(threads) if threads else (os.cpu_count() or 1)
+        try:
+            self.interpreter = interpreter_class(model_path=str(self.path), num_threads=self.num_threads)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            why = ("it needs a newer runtime (see min_runtime in its manifest; pip install ai-edge-litert)"
+                   if "find op" in str(e) else "truncated or corrupt file?")
+            raise Edge3dfaError(f"{self.path.name}: {_runtime_version()} cannot load it: {why} "
+                                f"({_one_line(e, 120)})") from None
+        inputs = self.interpreter.get_input_details()
+        if len(inputs) != 1 or len(inputs[0]["shape"]) != 4:
+            shapes = [list(i["shape"]) for i in inputs]
+            raise Edge3dfaError(f"{self.path.name}: expected one 4-D image input, found {shapes}")
+        self._input = inputs[0]
+        shape = [int(v) for v in self._input["shape"]]
+        if shape[3] == 3:
+            self.layout, (h, w) = "NHWC", shape[1:3]
+        elif shape[1] == 3:
+            self.layout, (h, w) = "NCHW", shape[2:4]
+        else:
+            raise Edge3dfaError(f"{self.path.name}: input {shape} is not a 3-channel image (NHWC or NCHW)")
+        self.input_shape = (3, h, w)
+        self._batch = shape[0]
+        self._outputs = self._ordered_outputs()
+        if self._input["dtype"] not in (np.float32, np.int8, np.uint8):
+            raise Edge3dfaError(f"{self.path.name}: unsupported input type {np.dtype(self._input['dtype']).name}")
+
+    def _ordered_outputs(self) -> list[dict]:
+        """Output details in the signature's order (output_0, output_1, ...), not tensor-index order."""
+        details = self.interpreter.get_output_details()
+        try:
+            sig = self.interpreter.get_signature_list()
+            key = next(iter(sig))
+            runner = self.interpreter.get_signature_runner(key)
+            by_name = runner.get_output_details()
+            index = {d["index"]: d for d in details}
+            ordered = [index[by_name[n]["index"]] for n in sig[key]["outputs"] if by_name[n]["index"] in index]
+            if len(ordered) == len(details):
+                return ordered
+        except (ValueError, KeyError, StopIteration, AttributeError):
+            pass
+        return details
+
+    def _quantize_input(self, x: np.ndarray) -> np.ndarray:
+        dtype = self._input["dtype"]
+        if dtype == np.float32:
+            return x
+        scale, zero = self._input["quantization"]
+        info = np.iinfo(dtype)
+        q = np.round(x / scale) + zero
+        lo, hi = float(q.min()), float(q.max())
+        if lo < info.min - 1 or hi > info.max + 1:  # one step of slack for rounding at the calibrated ends
+            rng = ((info.min - zero) * scale, (info.max - zero) * scale)
+            raise Edge3dfaError(f"{self.name}: input values {float(x.min()):.3g}..{float(x.max()):.3g} are outside "
+                                f"the int8 input range {rng[0]:.3g}..{rng[1]:.3g} (expected (pixel - 127.5) / 128)")
+        return np.clip(q, info.min, info.max).astype(dtype)
+
+    @staticmethod
+    def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+        if y.dtype == np.float32:
+            return y
+        scale, zero = detail["quantization"]
+        return ((y.astype(np.float32) - np.float32(zero)) * np.float32(scale)).astype(np.float32)
+
+    def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        if self.layout == "NHWC":
+            x = x.transpose(0, 2, 3, 1)
+        x = np.ascontiguousarray(self._quantize_input(x))
+        idx = self._input["index"]
+        if len(x) != self._batch:
+            try:
+                self.interpreter.resize_tensor_input(idx, list(x.shape))
+                self.interpreter.allocate_tensors()
+            except (ValueError, RuntimeError) as e:
+                raise Edge3dfaError(f"{self.name}: cannot run a batch of {len(x)} ({_one_line(e)})") from None
+            self._batch = len(x)
+        self.interpreter.set_tensor(idx, x)
+        self.interpreter.invoke()
+        return [self._dequantize(self.interpreter.get_tensor(o["index"]), o) for o in self._outputs]

@@ -1,0 +1,50 @@
+"""PyTorch reference target: the checkpoint itself, the yardstick every other runtime is compared with."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from edge3dfa.errors import Edge3dfaError
+from edge3dfa.target import Target
+
+
+class TorchTarget(Target):
+    """A zoo name, a 3DDFA_V2 checkpoint (arch given or inferred) or FaceBoxes (``arch='faceboxes'``)."""
+
+    runtime = "torch"
+
+    def __init__(self, path: str | os.PathLike | None = None, threads: int | None = None,
+                 arch: str | None = None, model=None):  # noqa: ANN001
+        try:
+            import torch  # noqa: F401
+        except ImportError as e:
+            raise Edge3dfaError("the PyTorch reference needs torch: pip install 'edge3dfa[torch]'") from e
+        super().__init__(path, threads)
+        self.arch = arch
+        if model is None:
+            if arch == "faceboxes":
+                from edge3dfa.models.faceboxes import load_faceboxes
+
+                model = load_faceboxes(path)
+            else:
+                from edge3dfa.models import load_model
+
+                model = load_model(path if path is not None else "mb05", arch=arch)
+        self.model = model.eval()
+        if arch == "faceboxes":
+            self.input_shape = (3, None, None)
+
+    @property
+    def name(self) -> str:
+        return f"torch:{self.path.name if self.path else type(self.model).__name__}"
+
+    def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        import torch
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(x))
+        return [o.numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]

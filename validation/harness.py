@@ -1,0 +1,283 @@
+"""Find artifacts, run each one and its PyTorch reference on the same crops, and collect report rows.
+
+Every artifact is scored on exactly the crops its reference sees, so an accuracy difference is the
+conversion's and nothing else. The reference is the checkpoint named in the manifest's ``source``
+(verified by sha256), or the zoo checkpoint of the same name, or what ``--reference`` gives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge3dfa import runtime
+from edge3dfa.assets import sha256_file
+from edge3dfa.errors import Edge3dfaError
+from edge3dfa.manifest import SCHEMA, Manifest, manifest_path
+from edge3dfa.target import Target, open_target, target_suffixes
+from edge3dfa.validation import metrics
+from edge3dfa.validation.datasets import EvalSet
+from edge3dfa.validation.latency import LatencyConfig, measure
+
+BATCH = 64
+NO_REFERENCE = "none"
+PRECISION_ORDER = ("fp32", "fp16", "w8", "dyn-int8", "int8")
+REPORT_FILES = {"report.json"}
+#: runtimes whose speed says nothing about a device: accuracy is scored, latency is not timed
+NOT_TIMED = {"mil-numpy": "not timed: numpy evaluation of the CoreML program, not the CoreML runtime"}
+
+
+@dataclass
+class Entry:
+    """An artifact to evaluate: its file, its manifest and where the manifest was read from."""
+
+    path: Path
+    manifest: Manifest
+    manifest_path: Path
+
+
+@dataclass
+class Reference:
+    """The PyTorch checkpoint an artifact was converted from."""
+
+    path: Path
+    sha256: str
+    model: str
+    arch: str | None  # zoo name for load_model, None to infer from the keys
+    module: Any = None  # an already loaded torch module (export), else loaded on first use
+
+    def open(self, threads: int | None) -> Target:
+        from edge3dfa.targets.torch import TorchTarget
+
+        t = TorchTarget(self.path, threads=threads, arch=self.arch, model=self.module)
+        self.module = t.model
+        return t
+
+
+def _bar(items: Iterable, desc: str, total: int | None = None, unit: str = "it") -> Iterable:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, total=total, unit=unit, leave=False, disable=None, file=sys.stderr)
+
+
+def _inside_package(p: Path, root: Path) -> bool:
+    return any(parent.suffix.lower() == ".mlpackage" for parent in p.relative_to(root).parents)
+
+
+def discover(folder: str | os.PathLike) -> list[Entry]:
+    """Every artifact under ``folder`` (recursive) with a valid manifest whose sha256 still matches.
+
+    An artifact file without its manifest, a manifest naming a missing or altered artifact, or a folder
+    with no artifact at all is an Edge3dfaError naming the file.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise Edge3dfaError(f"not a folder: {root}")
+    entries, named = [], set()
+    for mpath in sorted(root.rglob("*.json")):
+        if mpath.name in REPORT_FILES or _inside_package(mpath, root):
+            continue
+        try:
+            data = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if any(mpath.with_suffix(s).exists() for s in target_suffixes()):
+                raise Edge3dfaError(f"manifest {mpath} is not valid JSON") from None
+            continue
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            continue
+        m = Manifest.read(mpath)
+        art = m.check_artifact(mpath)
+        named.add(art.resolve())
+        entries.append(Entry(art, m, mpath))
+    suffixes = set(target_suffixes())
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() in suffixes and not _inside_package(p, root) and p.resolve() not in named:
+            raise Edge3dfaError(f"{p} has no manifest ({manifest_path(p).name}); re-run edge3dfa convert")
+    if not entries:
+        raise Edge3dfaError(f"no edge3dfa artifacts in {root}: no *.json manifest of schema {SCHEMA}")
+    return entries
+
+
+def find_reference(m: Manifest, override: str | os.PathLike | None = None) -> Reference:
+    """The source checkpoint of manifest ``m``, checked by sha256; ``override`` wins if given."""
+    from edge3dfa import assets
+    from edge3dfa.models import MODELS
+
+    arch = m.model if m.model in MODELS else None
+    if override is not None:
+        p = Path(override)
+        if not p.is_file():
+            raise Edge3dfaError(f"reference checkpoint not found: {p}")
+        return Reference(p, sha256_file(p), m.model, None)  # arch from the checkpoint's keys
+    want = (m.source or {}).get("sha256")
+    candidates = []
+    if (m.source or {}).get("path"):
+        candidates.append(Path(m.source["path"]))
+    spec = MODELS.get(m.model)
+    if spec is not None and spec.checkpoint_asset:
+        try:
+            candidates.append(assets.fetch(spec.checkpoint_asset))
+        except Edge3dfaError:
+            pass
+    for p in candidates:
+        if p.is_file() and (not want or sha256_file(p) == want):
+            return Reference(p, want or sha256_file(p), m.model, arch)
+    raise Edge3dfaError(f"the PyTorch checkpoint {m.model} was converted from is not found here (source "
+                        f"{(m.source or {}).get('path')}, sha256 {str(want)[:12]}…); pass --reference CHECKPOINT")
+
+
+def predict_all(target: Target, x: np.ndarray, batch: int = BATCH, desc: str = "") -> np.ndarray:
+    """Normalised params [N,62] of ``target`` on all crops, ``batch`` at a time."""
+    starts = range(0, len(x), batch)
+    out = [target.predict(x[i:i + batch]) for i in _bar(starts, desc, len(starts), "batch")]
+    return np.concatenate(out)
+
+
+def _delta(a: dict, b: dict) -> dict[str, Any]:
+    def sub(u: float | None, v: float | None) -> float | None:
+        return None if u is None or v is None else float(u - v)
+
+    return {"balanced": sub(a["balanced"], b["balanced"]), "mean": sub(a["mean"], b["mean"]),
+            "bins": {k: sub(a["bins"][k]["mean"], b["bins"][k]["mean"]) for k in metrics.BIN_LABELS}}
+
+
+def _score(params: np.ndarray, data: EvalSet) -> np.ndarray:
+    pred = runtime.landmarks(params, data.roi_boxes)[:, :2]
+    return metrics.nme(pred, data.gt)
+
+
+def _row(key: str, role: str, *, model: str, fmt: str, precision: str, runtime_name: str, artifact: str,
+         manifest: str | None, size: int, source_sha: str) -> dict[str, Any]:
+    return {"key": key, "role": role, "status": "ok", "reason": None, "model": model, "format": fmt,
+            "precision": precision, "runtime": runtime_name, "artifact": artifact, "manifest": manifest,
+            "size_bytes": int(size), "source_sha256": source_sha, "nme": None, "delta_vs_reference": None,
+            "delta_vs_fp32": None, "parity": None, "latency": [], "latency_note": None, "per_face": None}
+
+
+def _model_info(ref_target: Target | None, ref: Reference | None, m: Manifest | None) -> dict[str, Any]:
+    """Name, arch and complexity of the source model (params/MACs need the PyTorch module)."""
+    module = getattr(ref_target, "model", None)
+    widen = (m.source or {}).get("widen_factor") if m is not None else None
+    arch = m.arch if m is not None else type(module).__name__
+    info = {"name": ref.model if ref else m.model, "arch": f"{arch} x{widen:g}" if widen else arch,
+            "checkpoint": str(ref.path) if ref else (m.source or {}).get("path"),
+            "sha256": ref.sha256 if ref else (m.source or {}).get("sha256"), "params": None, "macs": None}
+    if module is not None:
+        from edge3dfa.models import count_macs, count_params
+
+        info.update(params=count_params(module), macs=count_macs(module, runtime.INPUT_SIZE))
+    return info
+
+
+def _precision_rank(p: str) -> int:
+    return PRECISION_ORDER.index(p) if p in PRECISION_ORDER else len(PRECISION_ORDER)
+
+
+def evaluate(entries: list[Entry], data: EvalSet, *, latency: LatencyConfig | None = None,
+             reference: str | os.PathLike | Reference | None = None, threads: int | None = None,
+             batch: int = BATCH, root: str | os.PathLike | None = None,
+             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Score every entry and its reference on ``data``; returns {"models", "targets"} for the report.
+
+    ``reference``: None finds each manifest's source checkpoint, a path or Reference is used for all,
+    ``"none"`` scores artifacts alone (no torch needed, e.g. on a board; no deltas or parity then).
+    Targets that cannot run here (runtime not installed, unsupported platform) become rows with status
+    "skipped" and the reason. ``threads`` is the thread count of the accuracy pass (default 1: on a
+    shared 2-core machine, 2 threads made the mb05 full-set pass 4x slower for torch and 10x for the
+    numpy CoreML evaluator, as threads wait on each other; latency is measured at every count anyway).
+    """
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    latency = latency or LatencyConfig()
+    threads = threads or 1
+    root = Path(root) if root is not None else None
+    rel = (lambda p: os.path.relpath(p, root)) if root is not None else str
+    alone = isinstance(reference, str) and reference.lower() == NO_REFERENCE
+    groups: dict[str, tuple[Reference | None, list[Entry]]] = {}
+    if isinstance(reference, Reference):  # reported even when nothing was converted
+        groups[reference.sha256] = (reference, [])
+    others = [e for e in entries if not _is_regressor(e.manifest)]
+    for e in entries:
+        if e in others:
+            continue
+        if alone:
+            sha = str((e.manifest.source or {}).get("sha256") or e.manifest.model)
+            groups.setdefault(sha, (None, []))[1].append(e)
+            continue
+        ref = reference if isinstance(reference, Reference) else find_reference(e.manifest, reference)
+        groups.setdefault(ref.sha256, (ref, []))[1].append(e)
+
+    models, rows = {}, []
+    for sha, (ref, group) in groups.items():
+        ref_target = ref_params = ref_summary = None
+        if ref is not None:
+            log(f"reference: torch {ref.path.name} on {len(data)} faces ({data.name})")
+            ref_target = ref.open(threads)
+            ref_params = predict_all(ref_target, data.inputs, batch, f"torch {ref.model}")
+            ref_nme = _score(ref_params, data)
+            ref_summary = metrics.summarize(ref_nme, data.yaw)
+            head = _row(f"{ref.model}/torch/reference", "reference", model=ref.model, fmt="torch",
+                        precision="fp32", runtime_name="torch", artifact=rel(ref.path), manifest=None,
+                        size=ref.path.stat().st_size, source_sha=sha)
+            head.update(nme=ref_summary, per_face=ref_nme, latency=measure(ref.open, data.inputs, latency))
+            rows.append(head)
+        models[sha] = _model_info(ref_target, ref, group[0].manifest if group else None)
+        group_rows = []
+        for e in sorted(group, key=lambda e: (e.manifest.format, _precision_rank(e.manifest.precision), str(e.path))):
+            group_rows.append(_evaluate_one(e, data, sha, rel, ref_params, ref_summary, latency, threads, batch, log))
+        for row in group_rows:  # vs the same format's fp32, once all of the group is scored
+            fp32 = next((r for r in group_rows if r["format"] == row["format"] and r["precision"] == "fp32"
+                         and r["status"] == "ok"), None)
+            ok = row["status"] == "ok" and fp32 is not None and fp32 is not row
+            row["delta_vs_fp32"] = _delta(row["nme"], fp32["nme"]) if ok else None
+        rows += group_rows
+    for e in others:
+        m = e.manifest
+        rows.append({**_row(f"{m.model}/{m.format}/{e.path.name}", "artifact", model=m.model, fmt=m.format,
+                            precision=m.precision, runtime_name="-", artifact=rel(e.path),
+                            manifest=rel(e.manifest_path), size=m.size_bytes,
+                            source_sha=str((m.source or {}).get("sha256"))),
+                     "status": "skipped", "reason": "not a 62-param landmark regressor (detector or other head)"})
+    return {"models": models, "targets": rows}
+
+
+def _is_regressor(m: Manifest) -> bool:
+    return m.model != "faceboxes" and m.arch != "faceboxes" and m.output.get("name", "params") == "params"
+
+
+def _evaluate_one(e: Entry, data: EvalSet, sha: str, rel: Callable[[Path], str], ref_params: np.ndarray | None,
+                  ref_summary: dict | None, latency: LatencyConfig, threads: int, batch: int,
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    from edge3dfa.converters.parity import compare
+
+    m = e.manifest
+    row = _row(f"{m.model}/{m.format}/{e.path.name}", "artifact", model=m.model, fmt=m.format,
+               precision=m.precision, runtime_name="?", artifact=rel(e.path), manifest=rel(e.manifest_path),
+               size=m.size_bytes, source_sha=sha)
+    log(f"evaluating {rel(e.path)} ({m.format} {m.precision})")
+    try:
+        target = open_target(e.path, threads=threads)
+        row["runtime"] = target.runtime
+        params = predict_all(target, data.inputs, batch, f"{m.format} {m.precision}")
+    except Edge3dfaError as err:
+        row.update(status="skipped", reason=str(err))
+        log(f"  skipped: {err}")
+        return row
+    nme = _score(params, data)
+    summary = metrics.summarize(nme, data.yaw)
+    row.update(nme=summary, per_face=nme,
+               delta_vs_reference=_delta(summary, ref_summary) if ref_summary else None,
+               parity=compare(ref_params, params) if ref_params is not None else None)
+    if target.runtime in NOT_TIMED:
+        row["latency_note"] = NOT_TIMED[target.runtime]
+    else:
+        row["latency"] = measure(lambda n: open_target(e.path, threads=n), data.inputs, latency)
+    return row
