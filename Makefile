@@ -15,8 +15,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
+# landmarks + pose for the example photos, then mb05 to every installed format, validated, with a report
 demo: $(VENV)/.installed
 	$(VENV)/bin/edge3dfa run $(EDGE3DFA_ASSETS)/upstream/3ddfa_v2/examples/inputs --out-dir out/demo
+	$(VENV)/bin/edge3dfa export --model mb05 --out out/demo/export
+	@echo "report: out/demo/export/mb05/report.html"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -199,7 +199,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             _log(f"skipping {fmt}: {e}")
             continue
         offered = list(mod.PRECISIONS)
-        wanted = [p for p in args.precision if p in offered] if args.precision else offered
+        default = list(getattr(mod, "DEFAULT_PRECISIONS", offered))  # a format may keep its lossiest ones opt-in
+        wanted = [p for p in args.precision if p in offered] if args.precision else default
         for p in (args.precision or []):
             if p not in offered:
                 skipped.append({"what": f"{fmt} {p}", "reason": f"{fmt} offers {', '.join(offered)}"})

@@ -125,5 +125,5 @@ def reconstruct(params: np.ndarray, bfm: BFM | None = None) -> np.ndarray:
     """De-normalised params [N,62] -> vertices [N,3,V] in the 120x120 crop frame (before the y flip)."""
     bfm = bfm or load_bfm68()
     r, offset, alpha = split(params)
-    shape = (bfm.u + alpha @ bfm.w).reshape(len(alpha), -1, 3)  # [N,V,3]
+    shape = (bfm.u + alpha @ bfm.w).reshape(len(alpha), bfm.n_vertices, 3)  # [N,V,3]
     return np.matmul(r, shape.transpose(0, 2, 1)) + offset
