@@ -28,6 +28,11 @@ def _one_line(e: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: on one thread, large batches fall out of cache: chunks of 8 ran 7% faster per face than one batch of 64 for
+#: mb05 here; with more threads one large batch is faster, so only single-threaded runs are chunked
+_SINGLE_THREAD_CHUNK = 8
+
+
 class OnnxTarget(Target):
     """An .onnx file on onnxruntime's CPU provider (or ``providers`` given)."""
 
@@ -74,6 +79,10 @@ class OnnxTarget(Target):
 
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
         b = self.fixed_batch
+        if b is None and self.threads == 1 and len(x) > _SINGLE_THREAD_CHUNK:
+            b = _SINGLE_THREAD_CHUNK  # measured: mb05 fp32 0.90 ms/face in chunks of 8 vs 0.96 as one batch of 64
+            parts = [self.session.run(None, {self.input_name: x[i:i + b]}) for i in range(0, len(x), b)]
+            return [np.concatenate(outs) for outs in zip(*parts)]
         if b is None or b == len(x):
             return self.session.run(None, {self.input_name: x})
         if len(x) % b:

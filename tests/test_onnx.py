@@ -105,6 +105,8 @@ def test_fp32_matches_pytorch_any_batch(mb05, torch_mb05):
     assert np.abs(got - ref).max() <= 1e-4
     assert np.linalg.norm(crop_px(got) - crop_px(ref), axis=1).max() <= 0.01
     np.testing.assert_allclose(target.predict(x[:1]), ref[:1], atol=1e-4)  # batch 1 of a dynamic-batch model
+    single = open_target(mb05["fp32"].path, threads=1)  # one thread runs 37 as chunks of 8 (5 of them)
+    np.testing.assert_allclose(single.predict(x), ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("name,seed", [("mb1", 1), ("mbv3_05", 2), ("resnet22", 3)])
