@@ -21,6 +21,9 @@ def register(sub: Any) -> None:
     p.add_argument("--calib-dir", help="folder of 120x120 face crops for int8 (default: the disjoint AFLW set)")
     p.add_argument("--calib-count", type=int, default=256, help="calibration crops to use (default: 256)")
     p.add_argument("--threads", type=int, help="threads for parity runs")
+    p.add_argument("--nme-budget", type=float, metavar="DELTA",
+                   help="int8: the fastest artifact (int8 variant or mixed precision) whose NME on held-out AFLW crops "
+                        "stays within DELTA of fp32 (balanced; 2x DELTA per yaw bin), e.g. 0.05")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="format option passed to the converter (repeatable), e.g. head=landmarks")
     p.set_defaults(func=run)
@@ -47,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         options[k.replace("-", "_")] = _value(v)
     arts = convert(args.checkpoint or args.model, to=args.to, precision=args.precision, out_dir=args.out,
                    arch=args.arch if args.checkpoint else None, calibration=args.calib_dir,
-                   calib_count=args.calib_count, threads=args.threads, **options)
+                   calib_count=args.calib_count, threads=args.threads, nme_budget=args.nme_budget,
+                   **options)
     print(f"{'artifact':44s} {'size':>9s} {'set':12s} {'param max':>10s} {'param mean':>10s} "
           f"{'lm max px':>10s} {'lm mean px':>10s}")
     for a in arts:

@@ -45,9 +45,17 @@ ACTIVATIONS = {"u8": "QUInt8", "s8": "QInt8"}
 #: reduce_range costs 0.1-0.2 px; s8 (asymmetric) = u8 here (AVX-512 VNNI: int8 kernels = fake-quant), and s8
 #: was measured far better than u8 on an AVX2 CPU without VNNI (earlier run), so s8; symmetric s8 0.45 / 0.54;
 #: per-tensor weights 0.85 / 0.36; quantizing the params layer too 0.94 / 0.84 (hence float_output).
-DEFAULTS: dict[str, Any] = {"calib_method": "percentile", "activations": "s8", "reduce_range": False,
+#: float_input keeps the first conv (and its activation) float: its input is the full-range image, whose u8 x s8
+#: products saturate onnxruntime's AVX2 kernels on x86 without VNNI (mb05: 1.04 px -> 0.26 px there, = fake-quant),
+#: for ~3 % of the MACs; found by the --nme-budget sensitivity search, which ranked this layer first by far.
+DEFAULTS: dict[str, Any] = {"calib_method": "percentile", "activations": "s8", "weights": "s8", "reduce_range": False,
                             "per_channel": True, "activation_symmetric": False, "preprocess": True,
-                            "float_output": True}
+                            "float_output": True, "float_input": True, "bias_correction": False}
+#: what --nme-budget tries, each with every layer int8; the fastest within budget wins. On x86 without VNNI
+#: onnxruntime's u8 x s8 kernels saturate (mb05: 1.04 px vs 0.26 px fake-quant, measured on AVX2): reduce_range
+#: (7-bit weights) avoids it at 0.48 px and stays fast; u8 x u8 is exact (0.25 px) but slower than fp32 there.
+INT8_CANDIDATES: dict[str, dict[str, Any]] = {"s8": {}, "reduce_range": {"reduce_range": True},
+                                              "u8u8": {"weights": "u8", "activations": "u8"}}
 OPTIONS = {"exporter", "opset", "head", "exclude", "percentile", "num_bins", "num_quantized_bins", "calib_batch",
            *DEFAULTS}
 HEAD_PREFIX = "/head/"  # node-name prefix of the fused landmark head (kept in float)
@@ -86,7 +94,9 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     o["head"] = _choice("head", o["head"], HEADS)
     o["calib_method"] = _choice("calib_method", o["calib_method"], CALIB_METHODS)
     o["activations"] = _choice("activations", o["activations"], ACTIVATIONS)
-    for key in ("reduce_range", "per_channel", "activation_symmetric", "preprocess", "float_output"):
+    o["weights"] = _choice("weights", o["weights"], ACTIVATIONS)
+    for key in ("reduce_range", "per_channel", "activation_symmetric", "preprocess", "float_output", "float_input",
+                "bias_correction"):
         o[key] = _bool(key, o[key])
     try:
         for key in ("opset", "calib_batch", "num_bins", "num_quantized_bins"):
@@ -217,8 +227,10 @@ def _finalise(src: Path, dest: Path, meta: dict[str, str]) -> Any:
 
 # --------------------------------------------------------------------------------------------- quantize
 def calibration_reader(calibration: Any, input_name: str = "input", batch: int = 32) -> Any:
-    """An onnxruntime CalibrationDataReader over a CalibrationSet, in its (sorted, reproducible) order."""
+    """An onnxruntime CalibrationDataReader over a CalibrationSet (or crops array), in its reproducible order."""
     from onnxruntime.quantization import CalibrationDataReader
+
+    data = getattr(calibration, "data", calibration)
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -229,10 +241,10 @@ def calibration_reader(calibration: Any, input_name: str = "input", batch: int =
             return None if x is None else {input_name: np.ascontiguousarray(x, np.float32)}
 
         def rewind(self) -> None:
-            self._it = calibration.batches(batch)
+            self._it = (data[i:i + batch] for i in range(0, len(data), batch))
 
         def __len__(self) -> int:
-            return -(-len(calibration) // batch)
+            return -(-len(data) // batch)
 
     return _Reader()
 
@@ -279,6 +291,8 @@ def _check_exclude(model_path: Path, names: list[str], o: dict[str, Any]) -> lis
     out = set(names) | {n for n in nodes if n.startswith(HEAD_PREFIX)}
     if o["float_output"]:
         out |= set(float_tail(graph))
+    if o["float_input"]:
+        out |= set(next(iter(layer_units(graph).values()), []))
     return sorted(out)
 
 
@@ -308,27 +322,167 @@ def _calibrate(src: Path, calibration: Any, o: dict[str, Any], work: Path) -> Pa
     return cache
 
 
-def _quantize_static(fp32: Path, dest: Path, calibration: Any, o: dict[str, Any], work: Path) -> list[str]:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+def layer_units(graph: Any, skip: set[str] = frozenset()) -> dict[str, list[str]]:
+    """Candidate layers for mixed precision, in graph order: each weighted op (Conv/Gemm/MatMul) with the
+    elementwise ops after it up to the next weighted op (activation, hard-swish, SE multiply, residual Add).
 
-    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
-        import onnxruntime
+    Keeping a layer float excludes all of its nodes, so no quantize/dequantize pair is left between a float
+    op and its activation. Nodes in ``skip`` (already float) and the fused head are not candidates.
+    """
+    inits = {i.name for i in graph.initializer}
+    units: dict[str, list[str]] = {}
+    pending: list[str] = []
+    current = None
+    for n in graph.node:
+        if n.name in skip or n.name.startswith(HEAD_PREFIX):
+            continue
+        if n.op_type in _WEIGHTED and any(i in inits for i in n.input[1:]):
+            current = n.name
+            units[current] = pending
+            pending = []
+        (units[current] if current else pending).append(n.name)
+    return units
 
-        raise Edge3dfaError(f"onnx int8 needs a newer onnxruntime (quantize_static with calibration_cache_path; "
-                            f"tested with 1.32), found {onnxruntime.__version__}")
-    src = fp32
-    if o["preprocess"]:
-        src = work / "pre.onnx"
-        quant_pre_process(str(fp32), str(src), skip_symbolic_shape=False)
-    excluded = _check_exclude(src, o["exclude"], o)
-    cache = _calibrate(src, calibration, o, work)
-    quantize_static(str(src), str(dest), None, quant_format=QuantFormat.QDQ, per_channel=o["per_channel"],
-                    reduce_range=o["reduce_range"], activation_type=getattr(QuantType, ACTIVATIONS[o["activations"]]),
-                    weight_type=QuantType.QInt8, nodes_to_exclude=excluded or None,
-                    calibrate_method=getattr(CalibrationMethod, CALIB_METHODS[o["calib_method"]]),
-                    extra_options={"ActivationSymmetric": o["activation_symmetric"], "WeightSymmetric": True},
-                    calibration_cache_path=str(cache))
-    return excluded
+
+class Int8Builder:
+    """The float graph, exported and calibrated once, quantized to static int8 as often as asked.
+
+    ``export(precision="int8")`` uses it once; the mixed-precision search builds dozens of variants that
+    differ only in which ``layers`` stay float, so calibration (the slow part, 5-15 s) is not repeated.
+    """
+
+    def __init__(self, model: Any, *, source: Any, calibration: Any, work: Path, **options: Any) -> None:
+        from onnxruntime.quantization import quant_pre_process, quantize_static
+
+        if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+            import onnxruntime
+
+            raise Edge3dfaError(f"onnx int8 needs a newer onnxruntime (quantize_static with calibration_cache_path; "
+                                f"tested with 1.32), found {onnxruntime.__version__}")
+        self.o, self.detector = _checked("int8", options, source, calibration)
+        self.work, self.meta = Path(work), _meta(source, "int8", self.o, self.detector)
+        src = _float_graph(model, self.detector, self.o, self.work)
+        if self.o["preprocess"]:
+            src, pre = self.work / "pre.onnx", src
+            quant_pre_process(str(pre), str(src), skip_symbolic_shape=False)
+        self.src = src
+        self.always_float = _check_exclude(src, self.o["exclude"], self.o)
+        self.cache = _calibrate(src, calibration, self.o, self.work)
+        if self.o["bias_correction"]:
+            self.src = self._correct_biases(calibration)
+        graph = onnx_graph(self.src)
+        self.layers = layer_units(graph, set(self.always_float))
+        self._builds = 0
+
+    def _correct_biases(self, calibration: Any, count: int = 128) -> Path:
+        """Empirical bias correction: shift each quantized Conv/Gemm bias by the mean (per output channel) of
+        that layer's output error, int8 minus float, over calibration crops; all layers at once, one pass.
+
+        The error of a layer's output has a non-zero mean where rounding of its weights is biased, and a
+        following layer cannot tell a shifted mean from signal. Ranges stay those of the uncorrected graph.
+        """
+        import onnx
+        from onnx import numpy_helper
+        from onnxruntime.quantization.qdq_loss_debug import (
+            collect_activations,
+            create_activation_matching,
+            modify_model_output_intermediate_tensors,
+        )
+
+        qdq = self.work / "bias-probe.onnx"
+        self.quantize(qdq)
+        x = getattr(calibration, "data", calibration)[:count]
+        acts = {}
+        for name, path in (("float", self.src), ("qdq", qdq)):
+            aug = self.work / f"bias-{name}.onnx"
+            modify_model_output_intermediate_tensors(str(path), str(aug))
+            acts[name] = collect_activations(str(aug), calibration_reader(x, "input", 16))
+        match = create_activation_matching(acts["qdq"], acts["float"])
+        model = onnx.load(str(self.src))
+        inits = {i.name: i for i in model.graph.initializer}
+        excluded = set(self.always_float)
+        for node in model.graph.node:
+            if node.op_type not in ("Conv", "Gemm") or node.name in excluded or len(node.input) < 3:
+                continue
+            m = match.get(node.output[0])
+            if not m or "float" not in m or node.input[2] not in inits:
+                continue
+            bias = numpy_helper.to_array(inits[node.input[2]])
+            # the debug outputs are flattened per batch: back to [n, C, rest], n = the batch's crops
+            err = np.concatenate([(q - f).reshape(len(b), len(bias), -1) for q, f, b in
+                                  zip(m["pre_qdq"], m["float"], (x[i:i + 16] for i in range(0, len(x), 16)))])
+            shift = err.mean(axis=(0, 2))
+            inits[node.input[2]].CopyFrom(numpy_helper.from_array((bias - shift).astype(bias.dtype),
+                                                                  node.input[2]))
+        out = self.work / "bias-corrected.onnx"
+        onnx.save_model(model, str(out))
+        return out
+
+    def quantize(self, dest: Path, keep_float: Any = ()) -> list[str]:
+        """Write the QDQ model (not finalised) with ``keep_float`` layers float; returns the excluded nodes."""
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        unknown = [k for k in keep_float if k not in self.layers]
+        if unknown:
+            raise Edge3dfaError(f"no layer {unknown[0]!r} in the graph; layers are named by their weighted op, "
+                                f"e.g. {', '.join(list(self.layers)[:3])}")
+        o = self.o
+        excluded = sorted(set(self.always_float).union(*(self.layers[k] for k in keep_float)))
+        quantize_static(str(self.src), str(dest), None, quant_format=QuantFormat.QDQ, per_channel=o["per_channel"],
+                        reduce_range=o["reduce_range"],
+                        activation_type=getattr(QuantType, ACTIVATIONS[o["activations"]]),
+                        weight_type=getattr(QuantType, ACTIVATIONS[o["weights"]]), nodes_to_exclude=excluded or None,
+                        calibrate_method=getattr(CalibrationMethod, CALIB_METHODS[o["calib_method"]]),
+                        extra_options={"ActivationSymmetric": o["activation_symmetric"],
+                                       "WeightSymmetric": o["weights"] == "s8"},
+                        calibration_cache_path=str(self.cache))
+        return excluded
+
+    def export(self, dest: str | os.PathLike, keep_float: Any = ()) -> dict[str, Any]:
+        """Write the finished artifact ``dest`` and return its manifest fields (as ``export`` does)."""
+        self._builds += 1
+        tmp = self.work / f"int8-{self._builds}.onnx"
+        excluded = self.quantize(tmp, keep_float)
+        proto = _finalise(tmp, Path(dest), self.meta)
+        tmp.unlink()
+        fields = _fields("int8", self.o, self.detector, excluded, proto)
+        if keep_float:
+            fields["options"]["float_layers"] = list(keep_float)
+        return fields
+
+
+def layer_sqnr(builder: Int8Builder, quantized: Path, x: np.ndarray) -> dict[str, float]:
+    """SQNR (dB) of each layer's output in ``quantized`` against the float graph, on crops ``x``
+    (onnxruntime's qdq_loss_debug: both graphs run with optimisations off, every tensor kept)."""
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    work = builder.work
+    acts = {}
+    for name, path in (("float", builder.src), ("qdq", quantized)):
+        aug = work / f"debug-{name}.onnx"
+        modify_model_output_intermediate_tensors(str(path), str(aug))
+        acts[name] = collect_activations(str(aug), calibration_reader(x, "input", 16))
+        aug.unlink()
+    errors = compute_activation_error(create_activation_matching(acts["qdq"], acts["float"]))
+    graph = onnx_graph(builder.src)
+    out_of = {n.name: n.output[0] for n in graph.node}
+    result = {}
+    for layer, nodes in builder.layers.items():
+        tensor = out_of.get(nodes[-1])
+        if tensor in errors and "xmodel_err" in errors[tensor]:
+            result[layer] = float(errors[tensor]["xmodel_err"])
+    return result
+
+
+def onnx_graph(path: Path) -> Any:
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).graph
 
 
 def _quantize_dynamic(fp32: Path, dest: Path, o: dict[str, Any], work: Path) -> list[str]:
@@ -370,14 +524,8 @@ def _descriptions(detector: bool, head: str) -> tuple[dict[str, Any], dict[str, 
     return inp, dict(CANONICAL_OUTPUT)
 
 
-def export(model: Any, dest: Path, precision: str, *, source: Any, calibration: Any = None,
-           **options: Any) -> dict[str, Any]:
-    """Write ``dest`` (one self-contained .onnx) and return the manifest fields this format fills.
-
-    Options: exporter (torchscript|dynamo), opset (17), head (params|landmarks), and for int8
-    calib_method (minmax|entropy|percentile), activations (u8|s8), reduce_range, per_channel,
-    activation_symmetric, percentile, preprocess (quant_pre_process), exclude (node names, comma separated).
-    """
+def _checked(precision: str, options: dict[str, Any], source: Any, calibration: Any) -> tuple[dict[str, Any], bool]:
+    """Parsed options and whether ``source`` is the detector; combinations that cannot work are user errors."""
     if precision not in PRECISIONS:
         raise Edge3dfaError(f"onnx precision {precision!r} not offered; choose from {', '.join(PRECISIONS)}")
     o = parse_options(options)
@@ -393,34 +541,56 @@ def export(model: Any, dest: Path, precision: str, *, source: Any, calibration: 
     if precision != "fp32" and o["head"] == "landmarks" and o["exporter"] != "torchscript":
         # the head is kept float by its node names (/head/...), which only the TorchScript exporter writes
         raise Edge3dfaError("a quantized head=landmarks model needs the default exporter (torchscript)")
-    dest = Path(dest)
-    meta = {"model": getattr(source, "name", "?"), "arch": getattr(source, "arch", "?"), "precision": precision,
+    return o, detector
+
+
+def _meta(source: Any, precision: str, o: dict[str, Any], detector: bool) -> dict[str, str]:
+    return {"model": getattr(source, "name", "?"), "arch": getattr(source, "arch", "?"), "precision": precision,
             "head": "faceboxes" if detector else o["head"], "source_sha256": getattr(source, "sha256", "")}
-    excluded: list[str] = []
+
+
+def _float_graph(model: Any, detector: bool, o: dict[str, Any], work: Path) -> Path:
+    """torch -> checked, shape-inferred, constant-folded fp32 ONNX in ``work``."""
     try:
         import onnx
     except ImportError as e:
         raise Edge3dfaError(f"the onnx converter needs onnx and onnxruntime ({e}); pip install 'edge3dfa[onnx]'") from e
+    raw, fp32 = work / "raw.onnx", work / "fp32.onnx"
+    raw.write_bytes(_torch_to_onnx(model, detector, o["head"], o["exporter"], o["opset"]))
+    onnx.checker.check_model(str(raw))
+    onnx.save_model(onnx.shape_inference.infer_shapes(onnx.load(str(raw)), strict_mode=True), str(raw))
+    _ort_basic_optimise(raw, fp32)
+    return fp32
+
+
+def export(model: Any, dest: Path, precision: str, *, source: Any, calibration: Any = None,
+           **options: Any) -> dict[str, Any]:
+    """Write ``dest`` (one self-contained .onnx) and return the manifest fields this format fills.
+
+    Options: exporter (torchscript|dynamo), opset (17), head (params|landmarks), and for int8
+    calib_method (minmax|entropy|percentile), activations (u8|s8), weights (s8|u8), reduce_range, per_channel,
+    activation_symmetric, percentile, preprocess (quant_pre_process), exclude (node names, comma separated).
+    """
+    o, detector = _checked(precision, options, source, calibration)
+    dest = Path(dest)
     try:
         tmpdir = tempfile.TemporaryDirectory(prefix=".onnx-", dir=dest.parent)
     except OSError as e:
         raise Edge3dfaError(f"cannot write to {dest.parent}: {e.strerror or e}") from e
     with tmpdir as tmp:
         work = Path(tmp)
-        raw, fp32 = work / "raw.onnx", work / "fp32.onnx"
-        raw.write_bytes(_torch_to_onnx(model, detector, o["head"], o["exporter"], o["opset"]))
-        onnx.checker.check_model(str(raw))
-        onnx.save_model(onnx.shape_inference.infer_shapes(onnx.load(str(raw)), strict_mode=True), str(raw))
-        _ort_basic_optimise(raw, fp32)
-        final = fp32
         if precision == "int8":
-            final = work / "int8.onnx"
-            excluded = _quantize_static(fp32, final, calibration, o, work)
-        elif precision == "dyn-int8":
-            final = work / "dyn.onnx"
+            return Int8Builder(model, source=source, calibration=calibration, work=work, **options).export(dest)
+        final = _float_graph(model, detector, o, work)
+        excluded: list[str] = []
+        if precision == "dyn-int8":
+            final, fp32 = work / "dyn.onnx", final
             excluded = _quantize_dynamic(fp32, final, o, work)
-        proto = _finalise(final, dest, meta)
+        proto = _finalise(final, dest, _meta(source, precision, o, detector))
+    return _fields(precision, o, detector, excluded, proto)
 
+
+def _fields(precision: str, o: dict[str, Any], detector: bool, excluded: list[str], proto: Any) -> dict[str, Any]:
     used = {"exporter": o["exporter"], "opset": o["opset"], "head": o["head"],
             "graph_optimisation": "onnxruntime offline basic (constant folding); BN folded at export"}
     notes = ["single self-contained file (no external .onnx.data)", "dynamic batch (dim 'N')"]
@@ -428,9 +598,10 @@ def export(model: Any, dest: Path, precision: str, *, source: Any, calibration: 
         notes.append("dynamic H, W: run on any blob from edge3dfa.runtime.detect.prepare; priors depend on H, W")
     if precision == "int8":
         used.update({"quant_format": "QDQ", "calib_method": o["calib_method"], "per_channel": o["per_channel"],
-                     "activation_type": ACTIVATIONS[o["activations"]], "weight_type": "QInt8",
+                     "activation_type": ACTIVATIONS[o["activations"]], "weight_type": ACTIVATIONS[o["weights"]],
                      "reduce_range": o["reduce_range"], "activation_symmetric": o["activation_symmetric"],
                      "quant_pre_process": o["preprocess"], "float_output": o["float_output"],
+                     "float_input": o["float_input"], "bias_correction": o["bias_correction"],
                      "excluded_nodes": excluded})
         if o["calib_method"] == "percentile":
             used.update(percentile=o["percentile"], num_bins=o["num_bins"])
@@ -438,8 +609,11 @@ def export(model: Any, dest: Path, precision: str, *, source: Any, calibration: 
             used.update(num_bins=o["num_bins"], num_quantized_bins=o["num_quantized_bins"])
         notes.append("static int8 QDQ: onnxruntime runs it on int8 kernels; parity '<set> fake-quant' is the same "
                      "graph with optimisations off (Q/DQ as float ops), so the difference is kernel error")
-        notes.append("x86 CPUs without VNNI (AVX2 only) can saturate int8 products: if parity measured there is much "
-                     "worse than the fake-quant figure, reconvert with --option reduce_range=true")
+        if o["weights"] == "s8" and not o["reduce_range"] and not o["float_input"]:
+            notes.append("x86 CPUs without VNNI (AVX2 only) saturate u8 x s8 products in onnxruntime's fast kernels "
+                         "(measured here: mb05 1.04 px vs 0.26 px fake-quant): for such CPUs reconvert with "
+                         "--option weights=u8 --option activations=u8 (exact, but slower) or reduce_range=true, or "
+                         "let --nme-budget choose by measurement")
     elif precision == "dyn-int8":
         used.update({"quant_format": "dynamic (ConvInteger/MatMulInteger)", "per_channel": o["per_channel"],
                      "weight_type": "QUInt8", "reduce_range": o["reduce_range"], "float_output": o["float_output"],

@@ -48,6 +48,8 @@ OPTIONS = {"io", "head", "hard_swish", "input_size", "fc_per_channel"}
 DETECTOR_SIZE = (480, 640)
 #: the last tflite-runtime wheel (what a Raspberry Pi gets from PyPI); newer devices use ai-edge-litert
 PI_RUNTIME = "2.14.0"
+#: what --nme-budget tries (see converters.mixed_precision): one configuration; mixed precision does the rest
+INT8_CANDIDATES: dict[str, dict[str, Any]] = {"int8": {}}
 
 # ----------------------------------------------------------------------------------------- op versions
 # First TFLite runtime that implements each (op, version): tensorflow/lite/tools/versioning/runtime_version.cc,
@@ -308,10 +310,13 @@ def _head_tensors(content: bytes) -> list[str]:
 
 def quantize(content: bytes, precision: str, calibration: np.ndarray | None, o: dict[str, Any]) -> tuple[bytes, list]:
     """fp32 flatbuffer -> fp16 / dyn-int8 / int8 flatbuffer with ai-edge-quantizer; returns notes too."""
-    from ai_edge_quantizer import calibrator, qtyping, quantizer, recipe_manager
+    from ai_edge_quantizer import qtyping, quantizer
     from ai_edge_quantizer.algorithm_manager import AlgorithmName
-    from ai_edge_quantizer.utils import qsv_utils
 
+    if precision == "int8":
+        q, notes = _int8_recipe(content, o, [])
+        qsvs = _calibrate(content, q, calibration)
+        return bytes(q.quantize(qsvs, enable_progress_report=False).quantized_model), notes
     ops = qtyping.TFLOperationName
     q = quantizer.Quantizer(bytearray(content))
     notes = []
@@ -319,7 +324,7 @@ def quantize(content: bytes, precision: str, calibration: np.ndarray | None, o: 
         q.add_weight_only_config(regex=".*", operation_name=ops.ALL_SUPPORTED, num_bits=16,
                                  algorithm_key=AlgorithmName.FLOAT_CASTING)
         notes.append("fp16: weights stored as float16 (DEQUANTIZE at load, folded by XNNPACK); compute in fp32")
-    elif precision == "dyn-int8":
+    else:
         q.add_dynamic_config(regex=".*", operation_name=ops.ALL_SUPPORTED, num_bits=8)
         if not o["fc_per_channel"]:
             q.add_dynamic_config(regex=".*", operation_name=ops.FULLY_CONNECTED, num_bits=8,
@@ -327,34 +332,118 @@ def quantize(content: bytes, precision: str, calibration: np.ndarray | None, o: 
         notes.append("dyn-int8: int8 weights (per-channel conv, per-tensor FULLY_CONNECTED unless fc_per_channel), "
                      "activations quantized at run time; depthwise convs stay float (ai-edge-quantizer has no "
                      "dynamic depthwise kernel)")
-    else:
-        q.add_static_config(regex=".*", operation_name=ops.ALL_SUPPORTED, activation_num_bits=8, weight_num_bits=8)
-        if o["io"] == "float":
-            _no_quantize(q, ops.INPUT)
-            _no_quantize(q, ops.OUTPUT)
-        if o["hard_swish"] == "float":
-            _no_quantize(q, ops.HARD_SWISH)
-            if _has_op(content, "HARD_SWISH"):
-                notes.append("int8: HARD_SWISH kept float (DEQUANTIZE/QUANTIZE around it): XNNPACK runs no int8 "
-                             "hard-swish, and the reference kernel made int8 MobileNet-V3 3.7x slower than this")
-        head = _head_tensors(content) if o["head"] == "float" else []
-        if head:
-            # ai-edge-quantizer matches an op's scope: its output tensor names, each followed by ";"
-            _no_quantize(q, ops.ALL_SUPPORTED, regex="|".join(f"^{re.escape(name)};" for name in head))
-            notes.append("int8: every op int8 except the params head, kept float (an int8 params tensor alone "
-                         "costs ~0.6 px of landmark error on 120x120 crops)")
-        else:
-            notes.append("int8: full-integer graph" + (" with int8 input and output" if o["io"] == "int8" else ""))
-        # Global min/max: the default moving average (0.95) lets the last samples set the ranges and clips.
-        rm = recipe_manager.RecipeManager()
-        rm.load_quantization_recipe(q.get_quantization_recipe())
-        name = _input_name(content)
-        cal = calibrator.Calibrator(bytes(content), num_threads=os.cpu_count() or 1,
-                                    qsv_update_func=qsv_utils.min_max_update)
-        data = [{name: np.ascontiguousarray(x[None].transpose(0, 2, 3, 1))} for x in calibration]
-        cal.calibrate({"serving_default": data}, rm)
-        return bytes(q.quantize(cal.get_model_qsvs(), enable_progress_report=False).quantized_model), notes
     return bytes(q.quantize(None, enable_progress_report=False).quantized_model), notes
+
+
+def _int8_recipe(content: bytes, o: dict[str, Any], float_tensors: list[str]) -> tuple[Any, list[str]]:
+    """A Quantizer for static int8 with the head, hard-swish and the ops writing ``float_tensors`` left float."""
+    from ai_edge_quantizer import qtyping, quantizer
+
+    ops = qtyping.TFLOperationName
+    q = quantizer.Quantizer(bytearray(content))
+    notes = []
+    q.add_static_config(regex=".*", operation_name=ops.ALL_SUPPORTED, activation_num_bits=8, weight_num_bits=8)
+    if o["io"] == "float":
+        _no_quantize(q, ops.INPUT)
+        _no_quantize(q, ops.OUTPUT)
+    if o["hard_swish"] == "float":
+        _no_quantize(q, ops.HARD_SWISH)
+        if _has_op(content, "HARD_SWISH"):
+            notes.append("int8: HARD_SWISH kept float (DEQUANTIZE/QUANTIZE around it): XNNPACK runs no int8 "
+                         "hard-swish, and the reference kernel made int8 MobileNet-V3 3.7x slower than this")
+    head = _head_tensors(content) if o["head"] == "float" else []
+    if head or float_tensors:
+        # ai-edge-quantizer matches an op's scope: its output tensor names, each followed by ";"
+        _no_quantize(q, ops.ALL_SUPPORTED, regex="|".join(f"^{re.escape(name)};" for name in head + float_tensors))
+    if head:
+        notes.append("int8: every op int8 except the params head, kept float (an int8 params tensor alone "
+                     "costs ~0.6 px of landmark error on 120x120 crops)")
+    else:
+        notes.append("int8: full-integer graph" + (" with int8 input and output" if o["io"] == "int8" else ""))
+    return q, notes
+
+
+def _calibrate(content: bytes, q: Any, calibration: np.ndarray) -> Any:
+    """Tensor ranges: global min/max over the set (the default moving average (0.95) lets the last samples
+    set the ranges and clips)."""
+    from ai_edge_quantizer import calibrator, recipe_manager
+    from ai_edge_quantizer.utils import qsv_utils
+
+    rm = recipe_manager.RecipeManager()
+    rm.load_quantization_recipe(q.get_quantization_recipe())
+    name = _input_name(content)
+    cal = calibrator.Calibrator(bytes(content), num_threads=os.cpu_count() or 1,
+                                qsv_update_func=qsv_utils.min_max_update)
+    data = [{name: np.ascontiguousarray(x[None].transpose(0, 2, 3, 1))} for x in calibration]
+    cal.calibrate({"serving_default": data}, rm)
+    return cal.get_model_qsvs()
+
+
+def _short_name(tensor: str) -> str:
+    """``.../DepthWiseBlock_dw2_1/torch.nn.modules.conv.Conv2d_conv_dw;1`` -> ``dw2_1/conv_dw``: the module
+    path of the last scope in a litert-torch tensor name, as attribute names (ONNX's names say the same)."""
+    scope = [p for p in tensor.split(";") if p][-1] if tensor.strip(";") else tensor
+    if scope.isdigit():
+        scope = [p for p in tensor.split(";") if p and not p.isdigit()][-1]
+    attrs = [c.rsplit(".", 1)[-1].split("_", 1)[1] for c in scope.split("/") if "_" in c.rsplit(".", 1)[-1]]
+    return "/".join(attrs[1:]) or scope  # attrs[0] is the wrapped model itself
+
+
+def layer_units(content: bytes, skip: set[str] = frozenset()) -> dict[str, list[str]]:
+    """Candidate layers for mixed precision, in execution order: each CONV_2D / DEPTHWISE_CONV_2D /
+    FULLY_CONNECTED with the ops after it up to the next one; values are the ops' output tensor names."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=content)
+    names = {t["index"]: t["name"] for t in interp.get_tensor_details()}
+    units: dict[str, list[str]] = {}
+    pending: list[str] = []
+    current = None
+    for op in interp._get_ops_details():  # noqa: SLF001 - read-only graph walk
+        outs = [names[o] for o in op["outputs"]]
+        if any(t in skip for t in outs):
+            continue
+        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            current = _short_name(outs[0])
+            while current in units:
+                current += "'"
+            units[current] = pending
+            pending = []
+        (units[current] if current else pending).extend(outs)
+    return units
+
+
+class Int8Builder:
+    """The float flatbuffer, converted and calibrated once, quantized to int8 as often as asked with different
+    ``layers`` kept float (the mixed-precision search builds dozens of variants)."""
+
+    def __init__(self, model: Any, *, source: Any, calibration: Any, work: Any = None, **options: Any) -> None:
+        self.detector = bool(getattr(source, "is_detector", False))
+        self.o = parse_options("int8", self.detector, options)
+        if calibration is None:
+            raise Edge3dfaError("int8 needs a calibration set")
+        t0 = time.perf_counter()
+        self.content = float_flatbuffer(model, (120, 120))
+        q, _ = _int8_recipe(self.content, self.o, [])
+        self.qsvs = _calibrate(self.content, q, getattr(calibration, "data", calibration))
+        head = set(_head_tensors(self.content)) if self.o["head"] == "float" else set()
+        self.layers = layer_units(self.content, head)
+        self.seconds = time.perf_counter() - t0
+
+    def export(self, dest: str | os.PathLike, keep_float: Any = ()) -> dict[str, Any]:
+        """Write ``dest`` with ``keep_float`` layers float; returns its manifest fields (as ``export`` does)."""
+        unknown = [k for k in keep_float if k not in self.layers]
+        if unknown:
+            raise Edge3dfaError(f"no layer {unknown[0]!r} in the graph; e.g. {', '.join(list(self.layers)[:3])}")
+        t0 = time.perf_counter()
+        tensors = [t for k in keep_float for t in self.layers[k]]
+        q, notes = _int8_recipe(self.content, self.o, tensors)
+        content = bytes(q.quantize(self.qsvs, enable_progress_report=False).quantized_model)
+        fields = _write(content, Path(dest), "int8", self.o, self.detector, (120, 120),
+                        notes, self.seconds + time.perf_counter() - t0)
+        if keep_float:
+            fields["options"]["float_layers"] = list(keep_float)
+        return fields
 
 
 def _has_op(content: bytes, name: str) -> bool:
@@ -404,15 +493,21 @@ def export(model: Any, dest: Path, precision: str, *, source: Any, calibration: 
     hw = o["input_size"] if detector else (120, 120)
     t0 = time.perf_counter()
     content = float_flatbuffer(model, hw)
-    notes = ["layout: NHWC input (the NCHW->NHWC permute folds into the first conv); targets transpose the "
-             "canonical NCHW call"]
+    notes: list[str] = []
     if precision != "fp32":
         data = getattr(calibration, "data", calibration)
         content, qnotes = quantize(content, precision, data, o)
         notes += qnotes
+    return _write(content, Path(dest), precision, o, detector, hw, notes, time.perf_counter() - t0)
+
+
+def _write(content: bytes, dest: Path, precision: str, o: dict[str, Any], detector: bool, hw: tuple[int, int],
+           notes: list[str], seconds: float) -> dict[str, Any]:
+    """Fix op versions, write ``dest`` and return the manifest fields."""
     content, info = inspect_ops(content, fix_versions=True)
-    seconds = time.perf_counter() - t0
-    Path(dest).write_bytes(content)
+    notes = ["layout: NHWC input (the NCHW->NHWC permute folds into the first conv); targets transpose the "
+             "canonical NCHW call", *notes]
+    dest.write_bytes(content)
     inp, out = _io_descriptions(content, detector, hw)
     ops = ", ".join(f"{k} {v}" for k, v in info["ops"].items())
     notes.append(f"graph: {info['op_count']} ops ({ops}); converted in {seconds:.1f} s")

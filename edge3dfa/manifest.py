@@ -47,6 +47,7 @@ class Manifest:
     input: dict[str, Any] = field(default_factory=lambda: dict(CANONICAL_INPUT))
     output: dict[str, Any] = field(default_factory=lambda: dict(CANONICAL_OUTPUT))
     parity: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = None  # --nme-budget search: candidates, sensitivity, float layers
     min_runtime: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     tools: dict[str, str] = field(default_factory=dict)

@@ -160,7 +160,8 @@ def _row(key: str, role: str, *, model: str, fmt: str, precision: str, runtime_n
     return {"key": key, "role": role, "status": "ok", "reason": None, "model": model, "format": fmt,
             "precision": precision, "runtime": runtime_name, "artifact": artifact, "manifest": manifest,
             "size_bytes": int(size), "source_sha256": source_sha, "nme": None, "delta_vs_reference": None,
-            "delta_vs_fp32": None, "parity": None, "latency": [], "latency_note": None, "per_face": None}
+            "delta_vs_fp32": None, "parity": None, "latency": [], "latency_note": None, "per_face": None,
+            "quantization": None}
 
 
 def _model_info(ref_target: Target | None, ref: Reference | None, m: Manifest | None) -> dict[str, Any]:
@@ -262,6 +263,7 @@ def _evaluate_one(e: Entry, data: EvalSet, sha: str, rel: Callable[[Path], str],
     row = _row(f"{m.model}/{m.format}/{e.path.name}", "artifact", model=m.model, fmt=m.format,
                precision=m.precision, runtime_name="?", artifact=rel(e.path), manifest=rel(e.manifest_path),
                size=m.size_bytes, source_sha=sha)
+    row["quantization"] = m.quantization  # the --nme-budget search record, shown by the report
     log(f"evaluating {rel(e.path)} ({m.format} {m.precision})")
     try:
         target = open_target(e.path, threads=threads)

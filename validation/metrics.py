@@ -31,6 +31,33 @@ def nme(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     return np.linalg.norm(p - g, axis=1).mean(axis=1) / size * 100.0
 
 
+#: 3DDFA's AFLW benchmark (benchmark_aflw.py): each of AFLW's 21 points as the mean of these 68-point indices
+AFLW21_FROM_68 = ((17,), (19,), (21,), (22,), (24,), (26,), (36,), tuple(range(36, 42)), (39,), (42,),
+                  tuple(range(42, 48)), (45,), (2,), (31,), (30,), (35,), (14,), (48,), tuple(range(60, 68)), (54,),
+                  (8,))
+
+
+def nme_aflw21(pred68: np.ndarray, gt21: np.ndarray) -> np.ndarray:
+    """Per-face NME (%) on AFLW's 21 points, as 3DDFA's benchmark_aflw.py: pred [N,>=2,68], gt [N,2,21].
+
+    Points marked -1 in the ground truth (not visible) are left out. Upstream normalises by the box of the
+    68-point fits, which are not published for AFLW; the box of the visible 21 points is used instead, so
+    figures are comparable between models scored here, not with published AFLW tables.
+    """
+    p = np.asarray(pred68, np.float64)[:, :2]
+    g = np.asarray(gt21, np.float64)[:, :2]
+    if p.ndim != 3 or p.shape[2] != 68 or g.ndim != 3 or g.shape[2] != 21 or len(p) != len(g):
+        raise ValueError(f"pred {p.shape} must be [N,2,68] and gt {g.shape} [N,2,21]")
+    est = np.stack([p[:, :, list(ix)].mean(axis=2) for ix in AFLW21_FROM_68], axis=2)
+    valid = (g[:, 0] != -1) & (g[:, 1] != -1)  # [N,21]
+    out = np.empty(len(p))
+    for i in range(len(p)):
+        v = g[i][:, valid[i]]
+        size = np.sqrt(np.ptp(v[0]) * np.ptp(v[1]))
+        out[i] = np.linalg.norm(est[i][:, valid[i]] - v, axis=0).mean() / size * 100.0
+    return out
+
+
 def yaw_bins(yaw: np.ndarray) -> np.ndarray:
     """|yaw| in degrees -> bin index 0, 1, 2 (<= 30, (30, 60], > 60)."""
     return np.searchsorted(np.asarray(BIN_EDGES), np.abs(np.asarray(yaw, np.float64)), side="left")

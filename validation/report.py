@@ -65,7 +65,10 @@ PROTOCOL = {
     "auc": "area under the CED curve from 0 to 7% NME, divided by 7 (1 = perfect)",
     "failure": "fraction of faces with NME > 10%",
 }
-PLOTS = ("ced", "bins", "latency", "size_nme")
+PLOTS = ("ced", "bins", "latency", "size_nme", "sensitivity")
+BUDGET_TEXT = ("Made by convert --nme-budget: choices were judged on held-out AFLW calibration crops (21 points, "
+               "never calibrated on), never on AFLW2000-3D; the AFLW2000-3D column is the evaluation figure of this "
+               "report. Search latency: batch 1, one thread, on the converting machine.")
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -214,6 +217,29 @@ def _figures(report: dict) -> dict[str, bytes]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     out["size_nme"] = png(fig)
+
+    searched = [r for r in report["targets"] if (r.get("quantization") or {}).get("sensitivity")]
+    if searched:
+        fig = Figure(figsize=(6.4, 1.2 + 2.2 * len(searched)))
+        for i, r in enumerate(searched):
+            sens = r["quantization"]["sensitivity"]
+            order = [x["layer"] for x in sorted(sens, key=lambda x: x.get("index", 0))]
+            by = {x["layer"]: x for x in sens}
+            ax = fig.add_subplot(len(searched), 1, i + 1)
+            gains = [by[k]["gain"] if k in by else 0.0 for k in order]
+            keep = set(r["quantization"]["float_layers"])
+            ax.bar(range(len(order)), gains, color=["tab:red" if k in keep else "tab:blue" for k in order])
+            ax.set(ylabel="NME gain", title=f"{_label(r)}: NME gain when each layer alone stays float "
+                                            f"(red: kept float)")
+            ax.axhline(0, color="k", lw=0.5)
+            sq = [by[k]["sqnr_db"] if k in by and by[k]["sqnr_db"] is not None else np.nan for k in order]
+            if np.isfinite(sq).any():
+                ax2 = ax.twinx()
+                ax2.plot(range(len(order)), sq, "k.", ms=3)
+                ax2.set_ylabel("SQNR dB (dots)", fontsize=7)
+            ax.set_xlabel("layer (graph order)", fontsize=7)
+        fig.tight_layout()
+        out["sensitivity"] = png(fig)
     return out
 
 
@@ -262,6 +288,36 @@ def _latency_table(report: dict) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
+def _budget_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per artifact made by --nme-budget: what was asked, what the search chose, what it cost."""
+    rows = [r for r in report["targets"] if r["status"] == "ok" and r.get("quantization")]
+    head = ["target", "budget (bal / bin)", "met", "chosen", "layers kept float", "held-out ΔNME bal",
+            *[f"held-out Δ {b}" for b in metrics.BIN_LABELS], "AFLW2000 ΔNME vs fp32", "size MB",
+            "search ms b1 1t p10 (fp32)", "search s"]
+    body = []
+    for r in rows:
+        q, d32 = r["quantization"], r["delta_vs_fp32"]
+        layers = q["float_layers"]
+        body.append([_label(r), f"+{q['budget']['nme']:g} / +{q['budget']['bin_nme']:g}",
+                     "yes" if q["met"] else "NO", q["chosen"],
+                     f"{len(layers)}: {', '.join(layers)}" if layers else "0",
+                     _f(q["delta"]["balanced"], "+.3f"),
+                     *[_f(q["delta"]["bins"][b], "+.3f") for b in metrics.BIN_LABELS],
+                     _f(d32 and d32["balanced"], "+.3f"), _f(r["size_bytes"] / 1e6),
+                     f"{q['latency_ms']:.2f} ({q['fp32_latency_ms']:.2f})", _f(q.get("seconds"), ".0f")])
+    return head, body
+
+
+def _sensitivity_table(report: dict, top: int = 10) -> tuple[list[str], list[list[str]]]:
+    head = ["target", "layer", "NME gain if alone float", "NME with it float", "SQNR dB (fake-quant)"]
+    body = []
+    for r in report["targets"]:
+        for x in ((r.get("quantization") or {}).get("sensitivity") or [])[:top]:
+            body.append([_label(r), x["layer"], _f(x["gain"], "+.4f"), _f(x["nme_alone_float"], ".3f"),
+                         _f(x["sqnr_db"], ".1f")])
+    return head, body
+
+
 def _md_table(head: list[str], body: list[list[str]]) -> str:
     esc = [[c.replace("|", "\\|") for c in row] for row in [head, *body]]
     lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(head)]
@@ -302,6 +358,11 @@ def render_markdown(report: dict, images: dict[str, str]) -> str:
     lat = _latency_table(report)
     if lat[1]:
         parts += ["## Latency", "", _md_table(*lat), ""]
+    budget, sens = _budget_table(report), _sensitivity_table(report)
+    if budget[1]:
+        parts += ["## Int8 within an NME budget", "", BUDGET_TEXT, "", _md_table(*budget), ""]
+    if sens[1]:
+        parts += ["### Most sensitive layers", "", _md_table(*sens), ""]
     if images:
         parts += ["## Plots", ""] + [f"![{k}]({v})" for k, v in images.items()] + [""]
     parts += ["## Protocol", "", *[f"- **{k}**: {v}" for k, v in report["protocol"].items()], "",
@@ -321,11 +382,15 @@ def render_html(report: dict, pngs: dict[str, bytes]) -> str:
     imgs = "".join(f'<img alt="{k}" src="data:image/png;base64,{base64.b64encode(v).decode()}">'
                    for k, v in pngs.items())
     lat = _latency_table(report)
+    budget, sens = _budget_table(report), _sensitivity_table(report)
     proto = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in report["protocol"].items())
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>edge3dfa validation report</title>"
             f"<style>{_CSS}</style></head><body><h1>edge3dfa validation report</h1><p>Gates: {status}</p>"
             f"<ul>{items}</ul><h2>Accuracy (NME %)</h2>{_html_table(*_accuracy_table(report))}"
             + (f"<h2>Latency</h2>{_html_table(*lat)}" if lat[1] else "")
+            + (f"<h2>Int8 within an NME budget</h2><p>{html.escape(BUDGET_TEXT)}</p>{_html_table(*budget)}"
+               if budget[1] else "")
+            + (f"<h3>Most sensitive layers</h3>{_html_table(*sens)}" if sens[1] else "")
             + (f"<h2>Plots</h2>{imgs}" if imgs else "")
             + f"<h2>Protocol</h2><ul>{proto}</ul><p>Created {html.escape(report['created'])}, edge3dfa "
             f"{html.escape(report['edge3dfa_version'])}; machine-readable: report.json ({report['schema']}).</p>"

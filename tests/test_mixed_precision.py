@@ -1,0 +1,213 @@
+"""Int8 within an NME budget: the held-out AFLW set, its 21-point NME, the greedy search, and one real search."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge3dfa.converters.mixed_precision import Budget, _mixed
+from edge3dfa.validation import metrics
+
+# 3DDFA v1 benchmark_aflw.py, 1-based as published: AFLW point k is the mean of these 68-point indices
+UPSTREAM_68TO21 = [[18], [20], [22], [23], [25], [27], [37], [37, 38, 39, 40, 41, 42], [40], [43],
+                   [43, 44, 45, 46, 47, 48], [46], [3], [32], [31], [36], [15], [49],
+                   [61, 62, 63, 64, 65, 66, 67, 68], [55], [9]]
+
+
+# ------------------------------------------------------------------------------------------- metric
+def test_aflw21_mapping_is_upstreams():
+    assert [list(ix) for ix in metrics.AFLW21_FROM_68] == [[i - 1 for i in g] for g in UPSTREAM_68TO21]
+
+
+def test_nme_aflw21_hand_computed():
+    """Every 21-point estimate placed at gt + (3, 4): distance 5 at each point, so NME = 5 / sqrt(w h) * 100."""
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(100, 200, (2, 2, 21))
+    gt[1, :, 5] = -1  # not visible in face 1: left out of the mean and of the box
+    target = gt + np.array([3.0, 4.0])[None, :, None]
+    pred = np.zeros((2, 2, 68))
+    singles = {g[0]: k for k, g in enumerate(UPSTREAM_68TO21) if len(g) == 1}
+    for i, k in singles.items():
+        pred[:, :, i - 1] = target[:, :, k]
+    for k, g in enumerate(UPSTREAM_68TO21):  # groups: fill their free points so the group mean hits the target
+        if len(g) > 1:
+            fixed = [i for i in g if i in singles]
+            free = [i for i in g if i not in singles]
+            rest = (len(g) * target[:, :, k] - sum(pred[:, :, i - 1] for i in fixed)) / len(free)
+            for i in free:
+                pred[:, :, i - 1] = rest
+    got = metrics.nme_aflw21(pred, gt)
+    vis = gt[1][:, gt[1, 0] != -1]
+    size0 = np.sqrt(np.ptp(gt[0, 0]) * np.ptp(gt[0, 1]))
+    size1 = np.sqrt(np.ptp(vis[0]) * np.ptp(vis[1]))
+    assert got == pytest.approx([5 / size0 * 100, 5 / size1 * 100], rel=1e-9)
+    with pytest.raises(ValueError):
+        metrics.nme_aflw21(pred[:, :, :21], gt)
+
+
+# ----------------------------------------------------------------------------------------- held-out
+def test_heldout_is_disjoint_from_calibration_and_evaluation():
+    from edge3dfa import assets
+    from edge3dfa.converters.calibration import load_calibration
+    from edge3dfa.validation.datasets.aflw import load_heldout
+
+    held = load_heldout(64)
+    calib = load_calibration(None, count=256)
+    assert len(held) == 64 and held.inputs.shape == (64, 3, 120, 120) and held.gt.shape == (64, 2, 21)
+    assert not set(held.files) & set(calib.files)
+    assert not set(held.files) & set(assets.fetch("aflw2000_crop_list").read_text().split())
+    names = assets.fetch("aflw_crop_list").read_text().split()
+    assert [names[i] for i in held.index] == list(held.files)  # ground truth rows follow the file names
+    # ground truth lies inside the published roi box of each crop (where visible)
+    vis = held.gt[:, 0] != -1
+    x, y = held.gt[:, 0], held.gt[:, 1]
+    inside = (x >= held.roi_boxes[:, [0]]) & (x <= held.roi_boxes[:, [2]]) & (y >= held.roi_boxes[:, [1]]) & (
+        y <= held.roi_boxes[:, [3]])
+    assert inside[vis].mean() > 0.95
+
+
+def test_mb05_heldout_nme_is_plausible():
+    """PyTorch mb05 on the held-out crops: an accurate model, and the yaw bins get harder as yaw grows."""
+    from edge3dfa import runtime
+    from edge3dfa.targets.torch import TorchTarget
+    from edge3dfa.validation.datasets.aflw import load_heldout
+
+    held = load_heldout(128)
+    p = TorchTarget("mb05", threads=1).predict(held.inputs)
+    s = metrics.summarize(metrics.nme_aflw21(runtime.landmarks(p, held.roi_boxes), held.gt), held.yaw)
+    assert 3.0 < s["balanced"] < 8.0
+    mean_params = metrics.nme_aflw21(runtime.landmarks(np.zeros_like(p), held.roi_boxes), held.gt).mean()
+    assert s["mean"] < 0.6 * mean_params  # far better than always answering the mean face
+
+
+# ------------------------------------------------------------------------------------------- budget
+def test_budget_rule():
+    b = Budget(0.05)
+    bins = {"[0,30]": 0.0, "(30,60]": 0.0, "(60,90]": 0.0}
+    assert b.met({"balanced": 0.05, "bins": bins})
+    assert not b.met({"balanced": 0.051, "bins": bins})
+    assert not b.met({"balanced": 0.0, "bins": {**bins, "(60,90]": 0.11}})
+    assert b.met({"balanced": 0.0, "bins": {**bins, "(60,90]": 0.10}})
+    assert Budget(0.05, bin_nme=0.2).met({"balanced": 0.0, "bins": {**bins, "(60,90]": 0.15}})
+
+
+class _FakeBuilder:
+    """Each layer costs a known NME when int8; exporting writes which layers stayed float."""
+
+    def __init__(self, costs: dict[str, float]) -> None:
+        self.layers = {k: [k] for k in costs}
+        self.costs = costs
+
+    def export(self, path: Path, keep_float=()) -> dict:
+        Path(path).write_text(json.dumps(list(keep_float)))
+        return {}
+
+
+class _FakeJudge:
+    def __init__(self, builder: _FakeBuilder, budget: Budget, base: float = 5.0) -> None:
+        self.builder, self.budget, self.base = builder, budget, base
+        self.data = type("D", (), {"inputs": np.zeros((1, 3, 120, 120), np.float32)})()
+
+    def score(self, path: Path) -> dict:
+        keep = set(json.loads(Path(path).read_text()))
+        cost = sum(c for k, c in self.builder.costs.items() if k not in keep)
+        d = {"balanced": cost, "bins": {"[0,30]": cost, "(30,60]": cost, "(60,90]": cost}}
+        return {"heldout": {"balanced": self.base + cost}, "delta": d, "within_budget": self.budget.met(d)}
+
+    def latency_ms(self, path: Path) -> float:
+        return 1.0 + 0.1 * len(json.loads(Path(path).read_text()))
+
+
+def test_greedy_keeps_the_costliest_layers_float_until_the_budget_holds(tmp_path):
+    costs = {"a": 0.01, "b": 0.20, "c": 0.005, "d": 0.08, "e": 0.02}  # all int8: +0.315
+    builder = _FakeBuilder(costs)
+    judge = _FakeJudge(builder, Budget(0.05))
+    path = tmp_path / "base.onnx"
+    builder.export(path)
+    base = {"name": "x", **judge.score(path), "latency_ms": 1.0, "path": path, "float_layers": []}
+    mod = type("M", (), {"SUFFIX": ".onnx"})
+    best, rows, steps = _mixed(mod, builder, base, judge, tmp_path, lambda s: None)
+    # by hand: b (0.20) then d (0.08) leaves 0.035 <= 0.05; sensitivity sorted by gain
+    assert best["float_layers"] == ["b", "d"] and best["within_budget"]
+    assert [r["layer"] for r in rows] == ["b", "d", "e", "a", "c"]
+    assert rows[0]["gain"] == pytest.approx(0.20)
+    assert [s["float_layers"] for s in steps] == [1, 2]
+
+
+def test_greedy_reports_best_found_when_budget_cannot_be_met(tmp_path):
+    costs = {"a": 0.1, "b": 0.0}  # b gains nothing: never kept float
+    builder = _FakeBuilder(costs)
+    judge = _FakeJudge(builder, Budget(-0.01))  # impossible: better than fp32
+    path = tmp_path / "base.onnx"
+    builder.export(path)
+    base = {"name": "x", **judge.score(path), "latency_ms": 1.0, "path": path, "float_layers": []}
+    best, _, steps = _mixed(type("M", (), {"SUFFIX": ".onnx"}), builder, base, judge, tmp_path, lambda s: None)
+    assert best["float_layers"] == ["a"] and not best["within_budget"]
+    assert len(steps) == 1
+
+
+# ------------------------------------------------------------------------------------- a real search
+@pytest.fixture(scope="session")
+def budget_mb05(tmp_path_factory):
+    from edge3dfa.converters import convert
+    from edge3dfa.converters.calibration import load_calibration
+    from edge3dfa.converters.mixed_precision import LATENCY_RUNS  # noqa: F401 - module must import
+    from edge3dfa.validation.datasets.aflw import load_heldout
+
+    out = tmp_path_factory.mktemp("budget")
+    held = load_heldout(96)
+    arts = convert("mb05", to="onnx", precision="int8", out_dir=out, calibration=load_calibration(None, count=64),
+                   parity_count=16, verbose=False, nme_budget=0.05, threads=1, heldout=held)
+    return arts[0], held
+
+
+def test_budget_search_artifact_meets_budget_measured_independently(budget_mb05):
+    from edge3dfa import runtime
+    from edge3dfa.targets.onnxruntime import OnnxTarget
+    from edge3dfa.targets.torch import TorchTarget
+
+    art, held = budget_mb05
+    q = art.manifest.quantization
+    assert q["budget"] == {"nme": 0.05, "bin_nme": 0.1}
+    assert {c["name"] for c in q["candidates"]} == {"s8", "reduce_range", "u8u8"}
+
+    def summary(p):
+        return metrics.summarize(metrics.nme_aflw21(runtime.landmarks(p, held.roi_boxes), held.gt), held.yaw)
+
+    ref = summary(TorchTarget("mb05", threads=1).predict(held.inputs))
+    got = summary(OnnxTarget(art.path, threads=1).predict(held.inputs))
+    delta = got["balanced"] - ref["balanced"]
+    assert delta == pytest.approx(q["delta"]["balanced"], abs=1e-6)
+    assert q["met"] == Budget(0.05).met({"balanced": delta, "bins": {
+        k: got["bins"][k]["mean"] - ref["bins"][k]["mean"] for k in metrics.BIN_LABELS}})
+    assert q["met"], q  # mb05 reaches +0.05 (measured: s8 with the first conv float, on AVX2 and VNNI CPUs)
+    assert q["chosen"] in {c["name"] for c in q["candidates"]}
+    assert q["latency_ms"] > 0 and q["fp32_latency_ms"] > 0
+
+
+def test_budget_search_float_layers_really_are_float(budget_mb05):
+    import onnx
+
+    art, _ = budget_mb05
+    graph = onnx.load(str(art.path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    for layer in art.manifest.quantization["float_layers"]:
+        node = next(n for n in graph.node if n.name == layer)
+        weight = producer.get(node.input[1])
+        assert weight is None or weight.op_type != "DequantizeLinear", layer  # float weights, not int8 ones
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)
+
+
+def test_budget_needs_disjoint_calibration(tmp_path):
+    from edge3dfa.converters import convert
+    from edge3dfa.converters.calibration import load_calibration
+    from edge3dfa.errors import Edge3dfaError
+    from edge3dfa.validation.datasets.aflw import load_heldout
+
+    with pytest.raises(Edge3dfaError, match="also held-out"):
+        convert("mb05", to="onnx", precision="int8", out_dir=tmp_path, calibration=load_calibration(None, count=512),
+                verbose=False, nme_budget=0.05, heldout=load_heldout(32))
+    assert not list(tmp_path.rglob("*.onnx"))
