@@ -88,14 +88,16 @@ def convert(model: str | os.PathLike | Source = "mb05", to: str | Sequence[str] 
             precision: str | Sequence[str] = "fp32", out_dir: str | os.PathLike = "out", *,
             arch: str | None = None, calibration: Any = None, calib_count: int = 256,
             parity_count: int = PARITY_COUNT, threads: int | None = None, verbose: bool = True,
-            nme_budget: float | None = None, heldout: Any = None, **options: Any) -> list[Artifact]:
+            nme_budget: float | None = None, heldout: Any = None, sensitivity: bool = False,
+            **options: Any) -> list[Artifact]:
     """Convert ``model`` to every format in ``to`` at every precision; artifacts go to OUT/NAME/FORMAT/.
 
     ``calibration`` is a CalibrationSet, a folder of crops or photos, or None (the default disjoint set);
     it is only loaded when a calibrated precision is asked for. ``options`` go to the format's export.
     ``nme_budget`` (e.g. 0.05): int8 becomes the fastest int8 / mixed-precision artifact whose held-out
     NME is within that much of fp32 (``converters.mixed_precision``), judged on ``heldout`` (default: the last
-    256 calibration crops, ``validation.datasets.aflw.load_heldout``).
+    256 calibration crops, ``validation.datasets.aflw.load_heldout``); ``sensitivity`` adds the per-layer
+    ranking to the record even when no layer has to stay float.
     """
     from edge3dfa.converters.calibration import CalibrationSet, load_calibration, load_eval_crops
     from edge3dfa.converters.parity import parity
@@ -139,6 +141,7 @@ def convert(model: str | os.PathLike | Source = "mb05", to: str | Sequence[str] 
 
                     info = export_within_budget(mod, src.model, tmp, source=src, calibration=calib,
                                                 reference=reference, budget=Budget(nme_budget), heldout=heldout,
+                                                sensitivity=sensitivity,
                                                 log=None if verbose else lambda s: None, **options)
                 else:
                     info = mod.export(src.model, tmp, prec, source=src,

@@ -102,6 +102,12 @@ def load_calibration(folder: str | os.PathLike | None = None, count: int = 256, 
     return CalibrationSet(runtime.normalise(np.stack(crops)), str(folder), tuple(f.name for f in files), h.hexdigest())
 
 
+def crops_of(calibration: CalibrationSet | np.ndarray) -> np.ndarray:
+    """The float32 [N,3,120,120] crops of a CalibrationSet or of a plain array (``ndarray.data`` is a buffer,
+    so ``getattr(x, "data", x)`` would be wrong for arrays)."""
+    return calibration if isinstance(calibration, np.ndarray) else calibration.data
+
+
 def load_eval_crops(count: int = 64) -> np.ndarray:
     """The first ``count`` AFLW2000-3D crops (protocol order) as network input: for parity, never calibration."""
     folder = assets.fetch("aflw2000_crops")

@@ -24,6 +24,8 @@ def register(sub: Any) -> None:
     p.add_argument("--nme-budget", type=float, metavar="DELTA",
                    help="int8: the fastest artifact (int8 variant or mixed precision) whose NME on held-out AFLW crops "
                         "stays within DELTA of fp32 (balanced; 2x DELTA per yaw bin), e.g. 0.05")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="with --nme-budget: also rank every layer by the NME it costs (table and plot in the report)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="format option passed to the converter (repeatable), e.g. head=landmarks")
     p.set_defaults(func=run)
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     arts = convert(args.checkpoint or args.model, to=args.to, precision=args.precision, out_dir=args.out,
                    arch=args.arch if args.checkpoint else None, calibration=args.calib_dir,
                    calib_count=args.calib_count, threads=args.threads, nme_budget=args.nme_budget,
-                   **options)
+                   sensitivity=args.sensitivity, **options)
     print(f"{'artifact':44s} {'size':>9s} {'set':12s} {'param max':>10s} {'param mean':>10s} "
           f"{'lm max px':>10s} {'lm mean px':>10s}")
     for a in arts:

@@ -106,9 +106,10 @@ def _check_disjoint(calibration: Any, data: Any) -> None:
 
 def export_within_budget(mod: Any, model: Any, dest: Path, *, source: Any, calibration: Any, reference: Any,
                          budget: Budget, heldout: Any = None, log: Callable[[str], None] | None = None,
-                         **options: Any) -> dict[str, Any]:
+                         sensitivity: bool = False, **options: Any) -> dict[str, Any]:
     """Write the fastest int8 artifact of format module ``mod`` within ``budget``; returns its manifest fields,
-    with the search's record under ``"quantization"``. ``reference`` is the PyTorch target of ``model``."""
+    with the search's record under ``"quantization"``. ``reference`` is the PyTorch target of ``model``;
+    ``sensitivity`` ranks the layers of the chosen candidate even when no layer needs to stay float."""
     from edge3dfa.validation.datasets.aflw import load_heldout
 
     if not hasattr(mod, "Int8Builder"):
@@ -150,6 +151,8 @@ def export_within_budget(mod: Any, model: Any, dest: Path, *, source: Any, calib
                                                                     work, log)
             if chosen is None or (mixed["within_budget"] and mixed["latency_ms"] < chosen["latency_ms"]):
                 chosen = mixed
+        if sensitivity and not record["sensitivity"]:
+            record["sensitivity"] = _sensitivity(mod, builders[chosen["name"]], chosen, judge, work, log)
         fields = builders[chosen["name"]].export(dest, chosen["float_layers"])
     record.update(candidates=[{k: v for k, v in c.items() if k != "path"} for c in candidates],
                   chosen=chosen["name"], float_layers=chosen["float_layers"], met=chosen["within_budget"],
@@ -174,9 +177,9 @@ def _fp32_artifact(mod: Any, model: Any, source: Any, work: Path) -> Path:
     return path
 
 
-def _mixed(mod: Any, builder: Any, base: dict[str, Any], judge: _Judge, work: Path,
-           log: Callable[[str], None]) -> tuple[dict[str, Any], list[dict], list[dict]]:
-    """Per-layer sensitivity on ``base``, then greedy float layers until the budget holds."""
+def _sensitivity(mod: Any, builder: Any, base: dict[str, Any], judge: _Judge, work: Path,
+                 log: Callable[[str], None]) -> list[dict]:
+    """Per layer of ``base``: the held-out NME when that layer alone stays float, most helpful first."""
     layers = list(builder.layers)
     sqnr = mod.layer_sqnr(builder, base["path"], judge.data.inputs[:64]) if hasattr(mod, "layer_sqnr") else {}
     log(f"  sensitivity: {len(layers)} layers, each alone kept float ...")
@@ -191,6 +194,13 @@ def _mixed(mod: Any, builder: Any, base: dict[str, Any], judge: _Judge, work: Pa
     for i, r in enumerate(rows):
         r["index"] = i  # graph order, for plots
     rows.sort(key=lambda r: -r["gain"])
+    return rows
+
+
+def _mixed(mod: Any, builder: Any, base: dict[str, Any], judge: _Judge, work: Path,
+           log: Callable[[str], None]) -> tuple[dict[str, Any], list[dict], list[dict]]:
+    """Per-layer sensitivity on ``base``, then greedy float layers until the budget holds."""
+    rows = _sensitivity(mod, builder, base, judge, work, log)
     best, steps, keep = base, [], []
     for r in rows:
         if r["gain"] <= 0:

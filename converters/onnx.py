@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from edge3dfa import __version__, runtime
+from edge3dfa.converters.calibration import crops_of
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.manifest import CANONICAL_INPUT, CANONICAL_OUTPUT, tool_versions
 
@@ -230,7 +231,7 @@ def calibration_reader(calibration: Any, input_name: str = "input", batch: int =
     """An onnxruntime CalibrationDataReader over a CalibrationSet (or crops array), in its reproducible order."""
     from onnxruntime.quantization import CalibrationDataReader
 
-    data = getattr(calibration, "data", calibration)
+    data = crops_of(calibration)
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -391,7 +392,7 @@ class Int8Builder:
 
         qdq = self.work / "bias-probe.onnx"
         self.quantize(qdq)
-        x = getattr(calibration, "data", calibration)[:count]
+        x = crops_of(calibration)[:count]
         acts = {}
         for name, path in (("float", self.src), ("qdq", qdq)):
             aug = self.work / f"bias-{name}.onnx"

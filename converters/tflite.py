@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from edge3dfa.converters.calibration import crops_of
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.manifest import CANONICAL_INPUT, CANONICAL_OUTPUT, tool_versions
 
@@ -425,7 +426,7 @@ class Int8Builder:
         t0 = time.perf_counter()
         self.content = float_flatbuffer(model, (120, 120))
         q, _ = _int8_recipe(self.content, self.o, [])
-        self.qsvs = _calibrate(self.content, q, getattr(calibration, "data", calibration))
+        self.qsvs = _calibrate(self.content, q, crops_of(calibration))
         head = set(_head_tensors(self.content)) if self.o["head"] == "float" else set()
         self.layers = layer_units(self.content, head)
         self.seconds = time.perf_counter() - t0
@@ -495,7 +496,7 @@ def export(model: Any, dest: Path, precision: str, *, source: Any, calibration: 
     content = float_flatbuffer(model, hw)
     notes: list[str] = []
     if precision != "fp32":
-        data = getattr(calibration, "data", calibration)
+        data = crops_of(calibration)
         content, qnotes = quantize(content, precision, data, o)
         notes += qnotes
     return _write(content, Path(dest), precision, o, detector, hw, notes, time.perf_counter() - t0)

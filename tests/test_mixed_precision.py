@@ -211,3 +211,32 @@ def test_budget_needs_disjoint_calibration(tmp_path):
         convert("mb05", to="onnx", precision="int8", out_dir=tmp_path, calibration=load_calibration(None, count=512),
                 verbose=False, nme_budget=0.05, heldout=load_heldout(32))
     assert not list(tmp_path.rglob("*.onnx"))
+
+
+def test_tflite_layers_and_keep_float(tmp_path):
+    """TFLite layers are named like ONNX ones; a layer kept float has float weights, the others int8."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edge3dfa.converters import load_source
+    from edge3dfa.converters import tflite as conv
+    from edge3dfa.converters.calibration import load_calibration
+
+    src = load_source("mb05")
+    b = conv.Int8Builder(src.model, source=src, calibration=load_calibration(None, count=16).data)
+    names = list(b.layers)
+    assert len(names) == 1 + 2 * 13  # MobileNet-V1: conv1 + 13 depthwise-separable blocks; the head stays float
+    assert names[:3] == ["conv1", "dw2_1/conv_dw", "dw2_1/conv_sep"]
+
+    def weight_types(path):
+        it = Interpreter(model_path=str(path))
+        dtype = {t["index"]: t["dtype"] for t in it.get_tensor_details()}
+        return [dtype[op["inputs"][1]].__name__ for op in it._get_ops_details()
+                if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+
+    b.export(tmp_path / "full.tflite")
+    b.export(tmp_path / "mixed.tflite", ["conv1", "dw2_1/conv_dw"])
+    full, mixed = weight_types(tmp_path / "full.tflite"), weight_types(tmp_path / "mixed.tflite")
+    assert full == ["int8"] * 27
+    assert mixed == ["float32", "float32"] + ["int8"] * 25
+    with pytest.raises(Exception, match="no layer"):
+        b.export(tmp_path / "bad.tflite", ["conv_1"])

@@ -1,0 +1,152 @@
+"""Int8 calibration choices, measured: set size, method, granularity, data types, float layers, bias correction.
+
+For each model and each choice (one change from the default at a time), prints the NME change against fp32 on
+the held-out AFLW crops (what --nme-budget judges on) and on all 2000 AFLW2000-3D crops (the evaluation set),
+the AFLW2000-3D figure with the int8 kernels replaced by fake-quant (ONNX: kernel error vs quantization error),
+and latency (batch 1, one thread, median and 10th percentile). Usage:
+
+    python benchmarks/int8_choices.py [--models mb05,mbv3] [--formats onnx,tflite] [--out out/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge3dfa import assets, runtime
+from edge3dfa.converters import load_source
+from edge3dfa.converters.calibration import load_calibration
+from edge3dfa.fileio import write_json
+from edge3dfa.target import open_target
+from edge3dfa.targets.torch import TorchTarget
+from edge3dfa.validation import metrics
+from edge3dfa.validation.datasets import load_crops
+from edge3dfa.validation.datasets.aflw import load_heldout
+
+MODELS = {"mb05": ("mb05", None), "mbv3": (None, "mbv3_05")}  # mbv3: the distilled fixture
+ONNX_CHOICES = {  # name -> (options, calibration crops); one change from the default each
+    "default": ({}, 256), "calib 32": ({}, 32), "calib 64": ({}, 64), "calib 128": ({}, 128),
+    "minmax": ({"calib_method": "minmax"}, 256), "entropy": ({"calib_method": "entropy"}, 256),
+    "per-tensor": ({"per_channel": False}, 256), "u8 activations": ({"activations": "u8"}, 256),
+    "u8 x u8": ({"activations": "u8", "weights": "u8"}, 256), "reduce_range": ({"reduce_range": True}, 256),
+    "first conv int8": ({"float_input": False}, 256), "params layer int8": ({"float_output": False}, 256),
+    "bias correction": ({"bias_correction": True}, 256),
+}
+TFLITE_CHOICES = {"default": ("float", 256), "calib 32": ("float", 32), "calib 64": ("float", 64),
+                  "calib 128": ("float", 128), "head int8": ("int8", 256)}
+
+
+def predict(target, x: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    return np.concatenate([target.predict(x[i:i + 64]) for i in range(0, len(x), 64)])
+
+
+def scores(params: np.ndarray, data, aflw21: bool) -> dict:  # noqa: ANN001
+    pts = runtime.landmarks(params, data.roi_boxes)
+    e = metrics.nme_aflw21(pts, data.gt) if aflw21 else metrics.nme(pts, data.gt)
+    s = metrics.summarize(e, data.yaw)
+    return {"balanced": s["balanced"], "bins": {k: v["mean"] for k, v in s["bins"].items()}}
+
+
+def delta(a: dict, b: dict) -> dict:
+    return {"balanced": a["balanced"] - b["balanced"], "bins": {k: a["bins"][k] - b["bins"][k] for k in a["bins"]}}
+
+
+def latency(path: Path) -> tuple[float, float]:
+    t = open_target(path, threads=1)
+    x = np.zeros((1, 3, 120, 120), np.float32)
+    for _ in range(20):
+        t.predict(x)
+    ms = []
+    for _ in range(300):
+        t0 = time.perf_counter()
+        t.predict(x)
+        ms.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(ms)), float(np.percentile(ms, 10))
+
+
+def measure(path: Path, ref: dict, held, aflw, fake_quant: bool) -> dict:  # noqa: ANN001
+    from edge3dfa.targets.onnxruntime import OnnxTarget
+
+    t = open_target(path, threads=1)
+    row = {"heldout": delta(scores(predict(t, held.inputs), held, True), ref["heldout"]),
+           "aflw2000": delta(scores(predict(t, aflw.inputs), aflw, False), ref["aflw2000"]),
+           "size_mb": path.stat().st_size / 1e6}
+    if fake_quant:
+        fq = OnnxTarget(path, threads=1, optimization="disable")
+        row["aflw2000_fake_quant"] = delta(scores(predict(fq, aflw.inputs), aflw, False), ref["aflw2000"])
+    row["median_ms"], row["p10_ms"] = latency(path)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="mb05,mbv3")
+    ap.add_argument("--formats", default="onnx,tflite")
+    ap.add_argument("--out", default="out/bench")
+    args = ap.parse_args()
+    held, aflw = load_heldout(), load_crops()
+    pool = load_calibration(None, count=256)
+    results = {}
+    for key in args.models.split(","):
+        zoo, arch = MODELS[key]
+        src = load_source(zoo or assets.fetch("mbv3_05_distilled"), arch)
+        torch_t = TorchTarget(src.path, threads=1, model=src.model)
+        ref = {"heldout": scores(predict(torch_t, held.inputs), held, True),
+               "aflw2000": scores(predict(torch_t, aflw.inputs), aflw, False)}
+        results[key] = {"fp32": ref}
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            if "onnx" in args.formats:
+                from edge3dfa.converters import onnx as conv
+
+                fp32 = work / "fp32.onnx"
+                conv.export(src.model, fp32, "fp32", source=src)
+                results[key]["onnx fp32 ms"] = latency(fp32)
+                for name, (opts, n) in ONNX_CHOICES.items():
+                    t0 = time.perf_counter()
+                    path = work / f"{len(results[key])}.onnx"
+                    sub = work / f"w{len(results[key])}"
+                    sub.mkdir()
+                    conv.Int8Builder(src.model, source=src, calibration=pool.data[:n], work=sub, **opts).export(path)
+                    row = {**measure(path, ref, held, aflw, True), "build_s": time.perf_counter() - t0}
+                    results[key][f"onnx {name}"] = row
+                    _print(key, f"onnx {name}", row)
+            if "tflite" in args.formats:
+                from edge3dfa.converters import tflite as conv
+
+                fp32 = work / "fp32.tflite"
+                conv.export(src.model, fp32, "fp32", source=src)
+                results[key]["tflite fp32 ms"] = latency(fp32)
+                builder = conv.Int8Builder(src.model, source=src, calibration=pool.data)
+                for name, (head, n) in TFLITE_CHOICES.items():
+                    builder.o["head"] = head
+                    q, _ = conv._int8_recipe(builder.content, builder.o, [])  # noqa: SLF001 - benchmark internals
+                    builder.qsvs = conv._calibrate(builder.content, q, pool.data[:n])  # noqa: SLF001
+                    path = work / f"{len(results[key])}.tflite"
+                    builder.export(path)
+                    row = measure(path, ref, held, aflw, False)
+                    results[key][f"tflite {name}"] = row
+                    _print(key, f"tflite {name}", row)
+        print(f"{key}: onnx fp32 {results[key].get('onnx fp32 ms')}, tflite fp32 {results[key].get('tflite fp32 ms')} "
+              "(median, p10 ms)", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "int8_choices.json", results)
+    print(f"wrote {out / 'int8_choices.json'}")
+
+
+def _print(model: str, name: str, r: dict) -> None:
+    b = r["aflw2000"]["bins"]
+    fq = r.get("aflw2000_fake_quant", {}).get("balanced")
+    fq_text = "-" if fq is None else f"{fq:+.3f}"
+    print(f"| {model} | {name} | {r['heldout']['balanced']:+.3f} | {r['aflw2000']['balanced']:+.3f} | "
+          + " / ".join(f"{v:+.3f}" for v in b.values())
+          + f" | {fq_text} | {r['median_ms']:.2f} ({r['p10_ms']:.2f}) | {r['size_mb']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
