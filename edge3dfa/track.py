@@ -113,16 +113,19 @@ class Tracker:
 
     probe: shift of the probe crop, in roi sides (0 turns the lost-track test off);
     max_anchoring: a face whose anchoring exceeds it is lost; scale_range: so is one whose new landmark roi
-    is this much smaller or larger than the crop it came from (a collapsed or exploded fit);
+    is this much smaller or larger than the crop it came from (a collapsed or exploded fit), or under
+    min_size pixels;
     smooth: a one-euro filter's (min_cutoff, beta) applied to landmarks (in face sizes) and pose (radians)
     of what is reported; tracking itself always uses the raw landmarks.
     """
 
     def __init__(self, aligner: FaceAligner, probe: float = 0.1, max_anchoring: float = 0.3,
                  scale_range: tuple[float, float] = (0.5, 2.0), redetect_every: int = 0,
-                 smooth: tuple[float, float] | None = None, min_iou_new: float = 0.3, fps: float = 30.0):
+                 smooth: tuple[float, float] | None = None, min_iou_new: float = 0.3, fps: float = 30.0,
+                 min_size: float = 16.0):
         self.aligner = aligner
         self.probe, self.max_anchoring, self.scale_range = probe, max_anchoring, scale_range
+        self.min_size = min_size
         self.redetect_every, self.smooth, self.min_iou_new = redetect_every, smooth, min_iou_new
         self.fps = fps
         self.tracks: list[_Track] = []
@@ -151,8 +154,9 @@ class Tracker:
 
     def _scale_ok(self, faces: Faces, rois: np.ndarray) -> np.ndarray:
         new = runtime.roi_from_landmarks(faces.landmarks) if len(faces) else np.zeros((0, 4))
-        ratio = (new[:, 2] - new[:, 0]) / (rois[:, 2] - rois[:, 0])
-        return (ratio >= self.scale_range[0]) & (ratio <= self.scale_range[1])
+        side = new[:, 2] - new[:, 0]
+        ratio = side / (rois[:, 2] - rois[:, 0])
+        return (ratio >= self.scale_range[0]) & (ratio <= self.scale_range[1]) & (side >= self.min_size)
 
     def _detect(self, img: np.ndarray, keep_rois: np.ndarray) -> tuple[Faces, np.ndarray, np.ndarray]:
         """New faces away from the ones still tracked: detector roi, then upstream's refinement in the
