@@ -114,7 +114,7 @@ class Tracker:
     probe: shift of the probe crop, in roi sides (0 turns the lost-track test off);
     max_anchoring: a face whose anchoring exceeds it is lost; scale_range: so is one whose new landmark roi
     is this much smaller or larger than the crop it came from (a collapsed or exploded fit), or under
-    min_size pixels;
+    min_size pixels; of two tracks whose rois overlap by more than max_duplicate_iou, the younger one ends;
     smooth: a one-euro filter's (min_cutoff, beta) applied to landmarks (in face sizes) and pose (radians)
     of what is reported; tracking itself always uses the raw landmarks.
     """
@@ -122,19 +122,16 @@ class Tracker:
     def __init__(self, aligner: FaceAligner, probe: float = 0.1, max_anchoring: float = 0.3,
                  scale_range: tuple[float, float] = (0.5, 2.0), redetect_every: int = 0,
                  smooth: tuple[float, float] | None = None, min_iou_new: float = 0.3, fps: float = 30.0,
-                 min_size: float = 16.0):
+                 min_size: float = 16.0, max_duplicate_iou: float = 0.5):
         self.aligner = aligner
         self.probe, self.max_anchoring, self.scale_range = probe, max_anchoring, scale_range
-        self.min_size = min_size
+        self.min_size, self.max_duplicate_iou = min_size, max_duplicate_iou
         self.redetect_every, self.smooth, self.min_iou_new = redetect_every, smooth, min_iou_new
         self.fps = fps
         self.tracks: list[_Track] = []
         self.index = -1
         self._since_detect = 0
         self._next_id = 0
-
-    def reset(self) -> None:
-        self.tracks, self._since_detect = [], 0
 
     def _regress(self, img: np.ndarray, rois: np.ndarray, boxes: np.ndarray | None = None
                  ) -> tuple[Faces, np.ndarray, np.ndarray]:
@@ -179,12 +176,11 @@ class Tracker:
         if self.tracks:
             rois = runtime.roi_from_landmarks(np.stack([tr.landmarks for tr in self.tracks])).astype(np.float32)
             faces, a, ok = self._regress(img, rois)
-            boxes = np.c_[_bbox(faces.landmarks), [tr.score for tr in self.tracks]].astype(np.float32)
-            faces.boxes = boxes
-            keep = np.flatnonzero(ok)
+            faces.boxes = np.c_[_bbox(faces.landmarks), [tr.score for tr in self.tracks]].astype(np.float32)
+            detect = detect or not ok.all()
+            keep = np.flatnonzero(ok & ~self._duplicates(faces.landmarks, ok))
             self.tracks = [self.tracks[i] for i in keep]
             parts.append((_take(faces, keep), a[keep], self.tracks))
-            detect = detect or len(keep) < len(ok)
         if detect:
             keep_rois = runtime.roi_from_landmarks(parts[0][0].landmarks) if parts and len(parts[0][0]) else \
                 np.zeros((0, 4))
@@ -208,6 +204,11 @@ class Tracker:
         if self.smooth:
             faces = self._smoothed(faces, tracks, t)
         return TrackedFrame(self.index, DETECTED if detect else TRACKED, faces, [tr.id for tr in tracks], a)
+
+    def _duplicates(self, landmarks: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        """[K] True for a track that now sits on the same face as an older kept one (two crops drifted together)."""
+        iou = np.triu(box_iou(*[runtime.roi_from_landmarks(landmarks)] * 2), 1) * ok[:, None]
+        return (iou > self.max_duplicate_iou).any(0)
 
     def _new_track(self, faces: Faces, i: int) -> _Track:
         self._next_id += 1

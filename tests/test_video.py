@@ -269,6 +269,18 @@ def test_multi_face_ids_and_redetection(aligner):
     assert box_iou(out[0].faces.boxes, out[0].faces.boxes)[0, 1] == 0  # two distinct faces
 
 
+def test_two_tracks_on_one_face_merge(aligner, clip):
+    """Two crops that drifted onto the same face: the younger track ends, without a re-detection."""
+    import dataclasses
+
+    frames, _ = clip
+    tracker = Tracker(aligner)
+    tracker.update(frames[0])
+    tracker.tracks.append(dataclasses.replace(tracker.tracks[0], id=7, landmarks=tracker.tracks[0].landmarks + 4))
+    out = tracker.update(frames[1])
+    assert out.status == "tracked" and out.ids == [0]
+
+
 # --- CLI ---------------------------------------------------------------------------------------------------
 
 def _write(path, frames, fps=FPS):
