@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--probe", type=float, default=0.1, metavar="F",
                        help="lost-track test: also regress each face in its crop shifted by F x its side; a "
                             "face's landmarks stay, a hallucinated one moves with the crop (default 0.1; 0: "
-                            "off, ~1.5x faster, but a face that vanishes is reported until its fit collapses)")
+                            "off: 1.3-1.6x faster, but a face that vanishes is reported until its fit collapses)")
     video.add_argument("--smooth", action="store_true", help="one-euro smoothing of landmarks and pose")
     video.add_argument("--smooth-min-cutoff", type=float, default=SMOOTH[0], help=f"Hz at rest (default {SMOOTH[0]})")
     video.add_argument("--smooth-beta", type=float, default=SMOOTH[1],
