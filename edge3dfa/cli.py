@@ -15,6 +15,7 @@ import numpy as np
 from edge3dfa import __version__
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.fileio import atomic_path, write_json
+from edge3dfa.track import SMOOTH
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -57,12 +58,53 @@ def open_aligner(model: str = "mb05", arch: str | None = None, artifact: str | N
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from edge3dfa.video import VIDEO_SUFFIXES
+
+    if args.camera is None and not args.inputs:
+        raise Edge3dfaError("nothing to run: give images, folders or videos, or --camera N")
+    videos = [Path(p) for p in args.inputs if Path(p).suffix.lower() in VIDEO_SUFFIXES]
+    images = _images([p for p in args.inputs if Path(p).suffix.lower() not in VIDEO_SUFFIXES])
+    if (videos or args.camera is not None) and args.dense_bfm:
+        raise Edge3dfaError("--dense-bfm writes meshes for images only, not for videos or a camera")
+    for v in videos:
+        if not v.is_file():
+            raise Edge3dfaError(f"no such video file: {v}")
+    aligner = open_aligner(args.model, args.arch, args.artifact, args.detector, args.threads, args.dense_bfm)
+    failures = _run_images(args, aligner, images, single=len(images) == 1 and not videos and args.camera is None)
+    sources: list[str | int] = [str(v) for v in videos] + ([args.camera] if args.camera is not None else [])
+    for src in sources:
+        failures += _run_video(args, aligner, src, single=len(sources) == 1 and not images)
+    return 2 if failures else 0
+
+
+def _run_video(args: argparse.Namespace, aligner, source: str | int, single: bool) -> int:  # noqa: ANN001
+    """One video file or camera through the tracker -> NAME_overlay.mp4 + NAME.jsonl; 1 when it failed."""
+    from edge3dfa.track import Tracker
+    from edge3dfa.video import track_video
+
+    name = f"camera{source}" if isinstance(source, int) else Path(source).stem
+    out_dir = Path(args.out_dir) if args.out_dir else (Path.cwd() if isinstance(source, int) else Path(source).parent)
+    tracker = Tracker(aligner, probe=args.probe, redetect_every=args.redetect_every,
+                      smooth=(args.smooth_min_cutoff, args.smooth_beta) if args.smooth else None)
+    try:
+        summary = track_video(tracker, source, out_dir / name, max_frames=args.max_frames)
+    except Edge3dfaError as e:
+        if single:
+            raise
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
+    counts = ", ".join(f"{v} {k}" for k, v in summary["status"].items())
+    print(f"{name}: {summary['frames']} frames ({counts}), {summary['fps']:.1f} fps -> {summary['jsonl']}",
+          file=sys.stderr)
+    return 0
+
+
+def _run_images(args: argparse.Namespace, aligner, images: list[Path], single: bool) -> int:  # noqa: ANN001
+    """Each image -> NAME.json + NAME_overlay.png (+ meshes); returns the number of images that failed."""
     from edge3dfa.runtime import read_image
     from edge3dfa.runtime.draw import draw_faces
     from edge3dfa.runtime.export import write_obj, write_ply
 
-    images = _images(args.inputs)
-    aligner = open_aligner(args.model, args.arch, args.artifact, args.detector, args.threads, args.dense_bfm)
     failures = 0
     for i, path in enumerate(images, 1):
         try:
@@ -86,11 +128,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"[{i}/{len(images)}] {path.name}: {len(faces)} face(s) ({poses}) -> {stem}.json",
                   file=sys.stderr)
         except Edge3dfaError as e:
-            if len(images) == 1:
+            if single:
                 raise
             failures += 1
             print(f"[{i}/{len(images)}] {path.name}: error: {e}", file=sys.stderr)
-    return 2 if failures else 0
+    return failures
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -121,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edge3dfa {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="landmarks, pose and params for every face in images or folders")
-    run.add_argument("inputs", nargs="+", help="image files or folders of images")
+    run = sub.add_parser("run", help="landmarks, pose and params for every face in images, folders or videos")
+    run.add_argument("inputs", nargs="*", help="image files, folders of images, video files (.mp4, .avi, ...)")
     run.add_argument("--model", default="mb05", help="zoo name or 3DDFA_V2 checkpoint (default: mb05)")
     run.add_argument("--arch", help="architecture of --model when it is a checkpoint (default: inferred)")
     run.add_argument("--artifact", help="converted model (.onnx, .tflite, .mlpackage) to run instead of --model")
@@ -131,6 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out-dir", help="where to write NAME.json and NAME_overlay.png (default: beside the image)")
     run.add_argument("--dense-bfm", help="full BFM (upstream bfm_noneck_v3.pkl) to also write dense meshes")
     run.add_argument("--mesh", choices=("ply", "obj"), default="ply", help="mesh format with --dense-bfm")
+    video = run.add_argument_group("video and camera (-> NAME_overlay.mp4 + NAME.jsonl, one JSON line per frame)")
+    video.add_argument("--camera", type=int, metavar="N", help="track faces from camera N until Ctrl-C")
+    video.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
+    video.add_argument("--redetect-every", type=int, default=0, metavar="K",
+                       help="also run the detector every K frames to pick up new faces (default 0: only on "
+                            "the first frame and when a face is lost)")
+    video.add_argument("--probe", type=float, default=0.1, metavar="F",
+                       help="lost-track test: also regress each face in its crop shifted by F x its side; a "
+                            "face's landmarks stay, a hallucinated one moves with the crop (default 0.1; 0: "
+                            "off: 1.3-1.6x faster, but a face that vanishes is reported until its fit collapses)")
+    video.add_argument("--smooth", action="store_true", help="one-euro smoothing of landmarks and pose")
+    video.add_argument("--smooth-min-cutoff", type=float, default=SMOOTH[0], help=f"Hz at rest (default {SMOOTH[0]})")
+    video.add_argument("--smooth-beta", type=float, default=SMOOTH[1],
+                       help=f"cutoff rise per face size/s of speed (default {SMOOTH[1]:g})")
     run.set_defaults(func=cmd_run)
 
     models = sub.add_parser("models", help="the model zoo as a table")
