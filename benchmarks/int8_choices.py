@@ -35,6 +35,7 @@ ONNX_CHOICES = {  # name -> (options, calibration crops); one change from the de
     "u8 x u8": ({"activations": "u8", "weights": "u8"}, 256), "reduce_range": ({"reduce_range": True}, 256),
     "first conv int8": ({"float_input": False}, 256), "params layer int8": ({"float_output": False}, 256),
     "bias correction": ({"bias_correction": True}, 256),
+    "per-tensor + bias correction": ({"per_channel": False, "bias_correction": True}, 256),
 }
 TFLITE_CHOICES = {"default": ("float", 256), "calib 32": ("float", 32), "calib 64": ("float", 64),
                   "calib 128": ("float", 128), "head int8": ("int8", 256)}
