@@ -27,9 +27,12 @@ own converter would write, so such a runtime refuses the model, and ``min_runtim
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -317,7 +320,8 @@ def quantize(content: bytes, precision: str, calibration: np.ndarray | None, o: 
     if precision == "int8":
         q, notes = _int8_recipe(content, o, [])
         qsvs = _calibrate(content, q, calibration)
-        return bytes(q.quantize(qsvs, enable_progress_report=False).quantized_model), notes
+        with _bars():
+            return bytes(q.quantize(qsvs, enable_progress_report=False).quantized_model), notes
     ops = qtyping.TFLOperationName
     q = quantizer.Quantizer(bytearray(content))
     notes = []
@@ -333,7 +337,8 @@ def quantize(content: bytes, precision: str, calibration: np.ndarray | None, o: 
         notes.append("dyn-int8: int8 weights (per-channel conv, per-tensor FULLY_CONNECTED unless fc_per_channel), "
                      "activations quantized at run time; depthwise convs stay float (ai-edge-quantizer has no "
                      "dynamic depthwise kernel)")
-    return bytes(q.quantize(None, enable_progress_report=False).quantized_model), notes
+    with _bars():
+        return bytes(q.quantize(None, enable_progress_report=False).quantized_model), notes
 
 
 def _int8_recipe(content: bytes, o: dict[str, Any], float_tensors: list[str]) -> tuple[Any, list[str]]:
@@ -364,6 +369,12 @@ def _int8_recipe(content: bytes, o: dict[str, Any], float_tensors: list[str]) ->
     return q, notes
 
 
+def _bars() -> Any:
+    """ai-edge-quantizer draws tqdm bars on stderr for every quantize call: fine on a terminal (they vanish),
+    dozens of lines in a log when a search builds many variants; so they are shown only on a terminal."""
+    return contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(io.StringIO())
+
+
 def _calibrate(content: bytes, q: Any, calibration: np.ndarray) -> Any:
     """Tensor ranges: global min/max over the set (the default moving average (0.95) lets the last samples
     set the ranges and clips)."""
@@ -376,7 +387,8 @@ def _calibrate(content: bytes, q: Any, calibration: np.ndarray) -> Any:
     cal = calibrator.Calibrator(bytes(content), num_threads=os.cpu_count() or 1,
                                 qsv_update_func=qsv_utils.min_max_update)
     data = [{name: np.ascontiguousarray(x[None].transpose(0, 2, 3, 1))} for x in calibration]
-    cal.calibrate({"serving_default": data}, rm)
+    with _bars():
+        cal.calibrate({"serving_default": data}, rm)
     return cal.get_model_qsvs()
 
 
@@ -439,7 +451,8 @@ class Int8Builder:
         t0 = time.perf_counter()
         tensors = [t for k in keep_float for t in self.layers[k]]
         q, notes = _int8_recipe(self.content, self.o, tensors)
-        content = bytes(q.quantize(self.qsvs, enable_progress_report=False).quantized_model)
+        with _bars():
+            content = bytes(q.quantize(self.qsvs, enable_progress_report=False).quantized_model)
         fields = _write(content, Path(dest), "int8", self.o, self.detector, (120, 120),
                         notes, self.seconds + time.perf_counter() - t0)
         if keep_float:

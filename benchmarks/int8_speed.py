@@ -1,0 +1,94 @@
+"""How much of int8's speed-up survives the layers kept float: fp32 vs every-layer int8 vs the default / budget
+artifact, per model and format, batch 1, on 1 thread and on all threads.
+
+The variants are timed round-robin (``--rounds`` rounds of ``--runs`` calls each, median per round, then the
+median of rounds), so a change of machine load hits every variant alike. "kept" = (fp32 - mixed) /
+(fp32 - all int8): the share of the all-int8 speed-up the mixed artifact keeps. Usage:
+
+    python benchmarks/int8_speed.py [--models mb05,mbv3] [--formats onnx,tflite] [--keep LAYER ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge3dfa import assets
+from edge3dfa.converters import load_source
+from edge3dfa.converters.calibration import load_calibration
+from edge3dfa.target import open_target
+from edge3dfa.validation.latency import cpu_threads
+
+MODELS = {"mb05": ("mb05", None), "mbv3": ("mbv3_05_distilled", "mbv3_05")}
+#: every layer int8 (the starting point of the budget search) for each format
+ALL_INT8 = {"onnx": {"float_input": False, "float_output": False}, "tflite": {"head": "int8"}}
+
+
+def variants(fmt: str, src, calib, work: Path, keep: list[str]) -> dict[str, Path]:  # noqa: ANN001
+    from importlib import import_module
+
+    conv = import_module(f"edge3dfa.converters.{fmt}")
+    out = {"fp32": work / f"fp32.{fmt}"}
+    conv.export(src.model, out["fp32"], "fp32", source=src)
+    for name, opts in (("all int8", ALL_INT8[fmt]), ("default int8", {})):
+        sub = work / name.replace(" ", "_")
+        sub.mkdir()
+        builder = conv.Int8Builder(src.model, source=src, calibration=calib, work=sub, **opts)
+        out[name] = sub / f"m.{fmt}"
+        builder.export(out[name])
+        if keep and name == "default int8":
+            out[f"default + {len(keep)} float"] = sub / f"k.{fmt}"
+            builder.export(out[f"default + {len(keep)} float"], keep)
+    return out
+
+
+def time_round_robin(paths: dict[str, Path], threads: int, rounds: int, runs: int) -> dict[str, float]:
+    targets = {k: open_target(p, threads=threads) for k, p in paths.items()}
+    x = np.zeros((1, 3, 120, 120), np.float32)
+    for t in targets.values():
+        for _ in range(20):
+            t.predict(x)
+    medians: dict[str, list[float]] = {k: [] for k in targets}
+    for _ in range(rounds):
+        for k, t in targets.items():
+            ms = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                t.predict(x)
+                ms.append((time.perf_counter() - t0) * 1e3)
+            medians[k].append(float(np.median(ms)))
+    return {k: float(np.median(v)) for k, v in medians.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="mb05,mbv3")
+    ap.add_argument("--formats", default="onnx,tflite")
+    ap.add_argument("--keep", nargs="*", default=[], help="extra layers to keep float (names from a budget record)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--runs", type=int, default=100)
+    args = ap.parse_args()
+    calib = load_calibration(None, count=256)
+    print("| model | format | threads | fp32 ms | all int8 ms | variant | variant ms | kept of int8 speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key in args.models.split(","):
+        name, arch = MODELS[key]
+        src = load_source(name if arch is None else assets.fetch(name), arch)
+        for fmt in args.formats.split(","):
+            with tempfile.TemporaryDirectory() as tmp:
+                paths = variants(fmt, src, calib, Path(tmp), args.keep if fmt == "onnx" else [])
+                for threads in sorted({1, cpu_threads()}):
+                    ms = time_round_robin(paths, threads, args.rounds, args.runs)
+                    fp32, full = ms["fp32"], ms["all int8"]
+                    for variant in [k for k in ms if k not in ("fp32", "all int8")]:
+                        kept = (fp32 - ms[variant]) / (fp32 - full) if fp32 > full else float("nan")
+                        print(f"| {key} | {fmt} | {threads} | {fp32:.3f} | {full:.3f} | {variant} | "
+                              f"{ms[variant]:.3f} | {kept:.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
