@@ -112,6 +112,9 @@ def convert(model: str | os.PathLike | Source = "mb05", to: str | Sequence[str] 
         if bad:
             raise Edge3dfaError(f"{fmt} does not offer precision {', '.join(bad)}; "
                                 f"it offers {', '.join(mod.PRECISIONS)}")
+    if nme_budget is not None and (nme_budget < 0 or "int8" not in precisions):
+        raise Edge3dfaError(f"--nme-budget {nme_budget:g}: needs a budget >= 0 and int8 among the precisions "
+                            f"(asked: {', '.join(precisions)})")
     src = model if isinstance(model, Source) else load_source(model, arch)
     out = Path(out_dir) / src.name
     calib = calibration

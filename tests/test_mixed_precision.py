@@ -271,3 +271,13 @@ def test_bias_correction_repairs_per_tensor_weights(tmp_path):
         delta[corrected] = nme(OnnxTarget(work / "m.onnx", threads=1)) - ref
     assert delta[False] > 0.08, delta  # the problem is real
     assert delta[True] < delta[False] / 2, delta  # and mostly repaired
+
+
+def test_budget_arguments_are_checked(tmp_path):
+    from edge3dfa.converters import convert
+    from edge3dfa.errors import Edge3dfaError
+
+    for budget, precision in ((0.05, "fp32"), (-0.1, "int8")):
+        with pytest.raises(Edge3dfaError, match="nme-budget"):
+            convert("mb05", to="onnx", precision=precision, out_dir=tmp_path, nme_budget=budget, verbose=False)
+    assert not any(tmp_path.iterdir())
