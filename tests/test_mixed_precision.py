@@ -172,7 +172,7 @@ def test_budget_search_artifact_meets_budget_measured_independently(budget_mb05)
     art, held = budget_mb05
     q = art.manifest.quantization
     assert q["budget"] == {"nme": 0.05, "bin_nme": 0.1}
-    assert {c["name"] for c in q["candidates"]} == {"s8", "reduce_range", "u8u8"}
+    assert {c["name"] for c in q["candidates"]} == {"s8", "u8s8", "reduce_range", "u8u8"}
 
     def summary(p):
         return metrics.summarize(metrics.nme_aflw21(runtime.landmarks(p, held.roi_boxes), held.gt), held.yaw)
