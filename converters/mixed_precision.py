@@ -166,6 +166,11 @@ def export_within_budget(mod: Any, model: Any, dest: Path, *, source: Any, calib
                        f"{chosen['delta']['balanced']:+.3f} vs fp32, {chosen['latency_ms']:.2f} ms vs fp32 "
                        f"{fp32_ms:.2f} ms (batch 1, 1 thread, 10th percentile, "
                        f"{record['machine']}); search took {record['seconds']:.0f} s"]
+    if chosen["latency_ms"] >= fp32_ms:
+        fields["notes"].append(f"WARNING: on this machine ({record['machine']}) fp32 ran in {fp32_ms:.2f} ms, "
+                               f"no slower than this int8 artifact ({chosen['latency_ms']:.2f} ms): int8 only "
+                               "saves size here; measure on the target device")
+        log(f"  note: fp32 is as fast here ({fp32_ms:.2f} ms vs {chosen['latency_ms']:.2f} ms)")
     log(f"  chose {chosen['name']} with {len(chosen['float_layers'])} float layer(s): {verdict} "
         f"({record['seconds']:.0f} s)")
     return fields
