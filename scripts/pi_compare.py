@@ -94,8 +94,9 @@ def nme_summary(report: dict) -> dict[str, Any]:
         if row is None:
             continue
         n = row["nme"]
-        out[prec] = {"bins": {b: n["bins"][b]["mean"] for b in BINS}, "balanced": n["balanced"], "mean": n["mean"],
-                     "per_face": row["per_face"]}
+        out[prec] = {"bins": {b: n["bins"][b]["mean"] for b in BINS},
+                     "counts": {b: n["bins"][b]["count"] for b in BINS},
+                     "balanced": n["balanced"], "mean": n["mean"], "per_face": row["per_face"]}
     return out
 
 
@@ -219,7 +220,9 @@ def render(result: dict[str, Any]) -> str:
     lines.append(f"  {'':28s}{'x86_64':>10s}" + "".join(f"{a:>22s}" for a in arms))
     for p in PRECISIONS:
         x = sub["nme"]["x86"].get(p)
-        rows = [(b, lambda s, b=b: s["bins"][b]) for b in BINS] + [("balanced", lambda s: s["balanced"]),
+        counts = x["counts"] if x else {}
+        rows = [(f"{b} n={counts.get(b, '?')}", lambda s, b=b: s["bins"][b]) for b in BINS] + [
+                ("balanced", lambda s: s["balanced"]),
                                                                   ("all faces", lambda s: s["mean"])]
         for label, get in rows:
             xv = get(x) if x else None
@@ -234,7 +237,7 @@ def render(result: dict[str, Any]) -> str:
         for a in arms:
             d = sub["per_face_vs_x86"][a].get(p)
             cells += f"{_f(d and d['per_face_max_abs'], '12.4f')} ({d['faces_differing'] if d else '-':>4} faces)"
-        lines.append(f"  {p + ' per-face max |diff|':28s}{'':10s}{cells}")
+        lines.append(f"  {p + ' per-face max |diff|':28s}{'':10s}{cells}  (report.json keeps 4 decimals)")
     for name, s in result["sides"].items():
         v = s["versions"]
         lines.append(f"{name}: {s['machine']}, Python {s['python']}, XNNPACK {'yes' if s['xnnpack'] else 'NO'}, "
