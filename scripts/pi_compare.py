@@ -230,7 +230,7 @@ def render(result: dict[str, Any]) -> str:
             for a in arms:
                 s = sub["nme"][a].get(p)
                 av = get(s) if s else None
-                d = av - xv if av is not None and xv is not None else None
+                d = (round(av - xv, 4) or 0.0) if av is not None and xv is not None else None  # no "-0.0000"
                 cells += f"{_f(av, '12.4f')} ({_f(d, '+.4f')})"
             lines.append(f"  {p + ' ' + label:28s}{_f(xv, '10.4f')}{cells}")
         cells = ""
