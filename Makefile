@@ -6,7 +6,7 @@ EDGE3DFA_ASSETS ?= $(abspath ../shared/assets)
 export EDGE3DFA_ASSETS
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench pi-check clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/runtime_speed.py
+
+# arm64 end-to-end check under qemu-user emulation (needs root; not part of make test): README "Raspberry Pi check"
+pi-check: $(VENV)/.installed
+	VENV=$(VENV) scripts/pi-check.sh
 
 clean:
 	rm -rf out .pytest_cache

@@ -1,0 +1,277 @@
+"""Compare the arm64 (emulated) and x86 outputs of ``scripts/pi-check.sh``: a side-by-side table and result.json.
+
+Each side's folder holds what the check ran with the same .tflite files: ``landmarks-{fp32,int8}.json``
+(scripts/pi_landmarks.py: unrounded landmarks of the photos and of AFLW2000-3D crops), ``run-{fp32,int8}/``
+and ``run-{fp32,int8}.log`` (``edge3dfa run`` on the photos, landmarks rounded to 0.001 px, and its stderr)
+and ``validate/report.json`` (``edge3dfa validate --reference none`` on an AFLW2000-3D subset). There is one
+x86 side and one arm64 side per emulated CPU.
+
+The check fails (exit 1) when fp32 landmarks of the crops differ from x86 by more than the tolerance, when
+the sides did not see the same images, faces or crops, when an arm64 side did not run on aarch64, when torch
+or tensorflow was importable there, or when a side ran without the XNNPACK delegate (the Pi's default CPU
+path). The crops are the gate because their inputs are identical on both machines; the photos' are not
+(OpenCV's INTER_LINEAR resize rounds differently in its NEON and x86 code), so photo differences are
+reported beside it, as are int8 differences. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+PRECISIONS = ("fp32", "int8")
+BINS = ("[0,30]", "(30,60]", "(60,90]")
+XNNPACK_LINE = "Created TensorFlow Lite XNNPACK delegate"
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"pi_compare: cannot read {path}: {e}") from None
+
+
+def _points(face_landmarks: list) -> list[tuple[float, ...]]:
+    """[3][68] rows (x, y, z) or [68][3] points -> 68 (x, y, z) points."""
+    if len(face_landmarks) == 3 and len(face_landmarks[0]) != 3:
+        return list(zip(*face_landmarks))
+    return [tuple(p) for p in face_landmarks]
+
+
+def landmark_diff(a: dict[str, list], b: dict[str, list]) -> dict[str, Any]:
+    """Two {image: [face landmarks]} maps -> largest coordinate and 2-D point differences (px), and mismatches."""
+    problems = []
+    if sorted(a) != sorted(b):
+        problems.append(f"different images: {sorted(set(a) ^ set(b))}")
+    max_abs = max_point = total = 0.0
+    faces = points = 0
+    for name in sorted(set(a) & set(b)):
+        if len(a[name]) != len(b[name]):
+            problems.append(f"{name}: {len(a[name])} vs {len(b[name])} faces")
+            continue
+        for fa, fb in zip(a[name], b[name]):
+            faces += 1
+            for pa, pb in zip(_points(fa), _points(fb)):
+                max_abs = max(max_abs, *(abs(u - v) for u, v in zip(pa, pb)))
+                d = math.hypot(pa[0] - pb[0], pa[1] - pb[1])
+                max_point, total, points = max(max_point, d), total + d, points + 1
+    return {"images": len(set(a) & set(b)), "faces": faces, "max_abs_px": max_abs, "max_point_px": max_point,
+            "mean_point_px": total / points if points else None, "problems": problems}
+
+
+def _dump_faces(dump: dict) -> dict[str, list]:
+    return {name: img["landmarks"] for name, img in dump["images"].items()}
+
+
+def _same_detector_input(a: dict, b: dict) -> int:
+    """How many photos got a bit-identical detector input on both sides."""
+    return sum(a["images"][n].get("detector_input_sha256") == b["images"].get(n, {}).get("detector_input_sha256")
+               for n in a["images"])
+
+
+def _run_faces(folder: Path) -> dict[str, list]:
+    out = {}
+    for p in sorted(folder.glob("*.json")):
+        data = _read(p)
+        out[Path(data["image"]).name] = [f["landmarks"] for f in data["faces"]]
+    return out
+
+
+def _report_row(report: dict, precision: str) -> dict | None:
+    rows = [t for t in report.get("targets", []) if t.get("role") == "artifact" and t.get("precision") == precision]
+    return rows[0] if len(rows) == 1 and rows[0].get("status") == "ok" else None
+
+
+def nme_summary(report: dict) -> dict[str, Any]:
+    """One validation report -> per precision: NME per bin, balanced, all, and the per-face list."""
+    out: dict[str, Any] = {}
+    for prec in PRECISIONS:
+        row = _report_row(report, prec)
+        if row is None:
+            continue
+        n = row["nme"]
+        out[prec] = {"bins": {b: n["bins"][b]["mean"] for b in BINS},
+                     "counts": {b: n["bins"][b]["count"] for b in BINS},
+                     "balanced": n["balanced"], "mean": n["mean"], "per_face": row["per_face"]}
+    return out
+
+
+def nme_diff(x86: dict, arm: dict) -> dict[str, Any]:
+    """Per-face NME differences (points) of two nme_summary entries; a face scored on one side only counts."""
+    pairs = list(zip(x86["per_face"], arm["per_face"]))
+    bad = sum((u is None) != (v is None) or (u is None and v is None) for u, v in pairs)
+    diffs = [abs(u - v) for u, v in pairs if u is not None and v is not None]
+    return {"per_face_max_abs": max(diffs) if diffs else None, "faces_differing": sum(d > 0 for d in diffs),
+            "faces_unscored": bad}
+
+
+def _side(folder: Path) -> dict[str, Any]:
+    dumps = {p: _read(folder / f"landmarks-{p}.json") for p in PRECISIONS}
+    logs = {p: (folder / f"run-{p}.log").read_text(errors="replace") if (folder / f"run-{p}.log").is_file() else ""
+            for p in PRECISIONS}
+    report = _read(folder / "validate" / "report.json")
+    d = dumps["fp32"]
+    return {"machine": {dumps[p]["machine"] for p in PRECISIONS}, "python": d["python"], "versions": d["versions"],
+            "importable": sorted({m for p in PRECISIONS for m, ok in dumps[p]["importable"].items() if ok}
+                                 | {m for p in PRECISIONS for m in dumps[p]["loaded"]}),
+            "xnnpack": all(XNNPACK_LINE in logs[p] for p in PRECISIONS),
+            "dumps": dumps, "runs": {p: _run_faces(folder / f"run-{p}") for p in PRECISIONS},
+            "files": report["dataset"].get("files"), "dataset": report["dataset"], "nme": nme_summary(report)}
+
+
+def compare(x86_dir: Path, arm_dirs: dict[str, Path], tolerance: float = 1e-3) -> dict[str, Any]:
+    """Everything the check states, with ``failures`` listing why it fails (empty when it passes)."""
+    failures: list[str] = []
+    x86 = _side(x86_dir)
+    if x86["machine"] != {"x86_64"}:
+        failures.append(f"the x86 side ran on {', '.join(sorted(x86['machine']))}")
+    if not x86["xnnpack"]:
+        failures.append("x86: edge3dfa run did not report the XNNPACK delegate")
+    nme: dict[str, Any] = {"x86": {p: {k: v for k, v in s.items() if k != "per_face"} for p, s in x86["nme"].items()}}
+    sides: dict[str, Any] = {"x86": {k: x86[k] for k in ("python", "versions", "xnnpack")} | {"machine": "x86_64"}}
+    photos: dict[str, Any] = {}
+    crops: dict[str, Any] = {}
+    run_json: dict[str, Any] = {}
+    diffs: dict[str, Any] = {}
+    for p in PRECISIONS:
+        if p not in x86["nme"]:
+            failures.append(f"x86: {p} not scored on the subset")
+    for label, folder in arm_dirs.items():
+        arm = _side(folder)
+        sides[label] = {k: arm[k] for k in ("python", "versions", "xnnpack", "importable")}
+        sides[label]["machine"] = ", ".join(sorted(arm["machine"]))
+        if arm["machine"] != {"aarch64"}:
+            failures.append(f"{label} ran on {sides[label]['machine']}, not aarch64")
+        if arm["importable"]:
+            failures.append(f"{label}: {', '.join(arm['importable'])} importable; the Pi install must run without")
+        if not arm["xnnpack"]:
+            failures.append(f"{label}: edge3dfa run did not report the XNNPACK delegate (not the Pi's CPU path)")
+        if arm["files"] != x86["files"]:
+            failures.append(f"{label}: the subset evaluation scored other crops than x86")
+        photos[label], crops[label], run_json[label], diffs[label], nme[label] = {}, {}, {}, {}, {}
+        for p in PRECISIONS:
+            ph = photos[label][p] = landmark_diff(_dump_faces(x86["dumps"][p]), _dump_faces(arm["dumps"][p]))
+            ph["same_detector_input"] = _same_detector_input(x86["dumps"][p], arm["dumps"][p])
+            cr = crops[label][p] = landmark_diff(x86["dumps"][p]["crops"], arm["dumps"][p]["crops"])
+            rj = run_json[label][p] = landmark_diff(x86["runs"][p], arm["runs"][p])
+            failures += [f"{label} {p} photos: {m}" for m in ph["problems"]]
+            failures += [f"{label} {p} crops: {m}" for m in cr["problems"]]
+            failures += [f"{label} {p} edge3dfa run: {m}" for m in rj["problems"]]
+            if not ph["faces"] or not rj["faces"] or not cr["faces"]:
+                failures.append(f"{label} {p}: no faces to compare")
+            if p not in arm["nme"]:
+                failures.append(f"{label}: {p} not scored on the subset")
+                continue
+            nme[label][p] = {k: v for k, v in arm["nme"][p].items() if k != "per_face"}
+            if p in x86["nme"]:
+                diffs[label][p] = nme_diff(x86["nme"][p], arm["nme"][p])
+                if diffs[label][p]["faces_unscored"]:
+                    failures.append(f"{label} {p}: {diffs[label][p]['faces_unscored']} faces without a finite NME")
+        if crops[label]["fp32"]["max_abs_px"] > tolerance:
+            failures.append(f"{label}: fp32 landmarks differ from x86 by {crops[label]['fp32']['max_abs_px']:.3g} px "
+                            f"> {tolerance:g} px on the same crops")
+    ds = x86["dataset"]
+    return {"passed": not failures, "failures": failures, "tolerance_px": tolerance, "sides": sides,
+            "crops": {"count": len(x86["dumps"]["fp32"]["crops"]), "vs_x86": crops},
+            "photos": {"images": len(x86["dumps"]["fp32"]["images"]),
+                       "faces": sum(len(v) for v in _dump_faces(x86["dumps"]["fp32"]).values()),
+                       "vs_x86": photos},
+            "run_json_vs_x86": run_json,
+            "subset": {"dataset": {k: ds.get(k) for k in ("name", "count", "subset", "ground_truth")},
+                       "nme": nme, "per_face_vs_x86": diffs}}
+
+
+def _f(x: float | None, fmt: str) -> str:
+    if x is not None:
+        return format(x, fmt)
+    width = fmt.lstrip("+").split(".")[0]
+    return "-".rjust(int(width) if width else 1)
+
+
+def render(result: dict[str, Any]) -> str:
+    """The side-by-side table printed at the end of the check."""
+    arms = [s for s in result["sides"] if s != "x86"]
+    cr, ph = result["crops"], result["photos"]
+    head = f"  {'':28s}" + "".join(f"{a:>22s}" for a in arms)
+    lines = ["arm64 under qemu-user emulation vs x86_64: the same .tflite files, one thread, XNNPACK",
+             f"AFLW2000-3D crops, {cr['count']} (identical inputs): landmark |arm64 - x86| px", head]
+    for p in PRECISIONS:
+        gate = f"  (limit {result['tolerance_px']:g})" if p == "fp32" else "  (reported, not gated)"
+        lines.append(f"  {p + ' max coordinate':28s}" + "".join(f"{cr['vs_x86'][a][p]['max_abs_px']:22.6f}"
+                                                          for a in arms) + gate)
+    same = ", ".join(f"{a} {ph['vs_x86'][a]['fp32']['same_detector_input']}" for a in arms)
+    lines += [f"photos through edge3dfa run: {ph['images']} images, {ph['faces']} faces (FaceBoxes fp32 + mb05), "
+              f"landmark |arm64 - x86| px", f"  (bit-identical detector input on x86 and {same} of {ph['images']} "
+              "photos: OpenCV's INTER_LINEAR resize rounds differently on ARM)", head]
+    for p in PRECISIONS:
+        lines.append(f"  {p + ' max coordinate':28s}" + "".join(f"{ph['vs_x86'][a][p]['max_abs_px']:22.6f}"
+                                                          for a in arms) + "  (reported, not gated)")
+        lines.append(f"  {p + ' mean 2-D point':28s}" + "".join(f"{ph['vs_x86'][a][p]['mean_point_px'] or 0:22.6f}"
+                                                          for a in arms))
+        lines.append(f"  {p + ' edge3dfa run JSON':28s}" + "".join(
+            f"{result['run_json_vs_x86'][a][p]['max_abs_px']:22.3f}" for a in arms) + "  (JSON keeps 0.001 px)")
+    sub = result["subset"]
+    ds = sub["dataset"]
+    lines.append(f"{ds['name']}, {ds['subset']}, {ds['ground_truth']} ground truth: NME % (arm64 - x86 in brackets)")
+    lines.append(f"  {'':28s}{'x86_64':>10s}" + "".join(f"{a:>22s}" for a in arms))
+    for p in PRECISIONS:
+        x = sub["nme"]["x86"].get(p)
+        counts = x["counts"] if x else {}
+        rows = [(f"{b} n={counts.get(b, '?')}", lambda s, b=b: s["bins"][b]) for b in BINS] + [
+                ("balanced", lambda s: s["balanced"]),
+                                                                  ("all faces", lambda s: s["mean"])]
+        for label, get in rows:
+            xv = get(x) if x else None
+            cells = ""
+            for a in arms:
+                s = sub["nme"][a].get(p)
+                av = get(s) if s else None
+                d = (round(av - xv, 4) or 0.0) if av is not None and xv is not None else None  # no "-0.0000"
+                cells += f"{_f(av, '12.4f')} ({_f(d, '+.4f')})"
+            lines.append(f"  {p + ' ' + label:28s}{_f(xv, '10.4f')}{cells}")
+        cells = ""
+        for a in arms:
+            d = sub["per_face_vs_x86"][a].get(p)
+            cells += f"{_f(d and d['per_face_max_abs'], '12.4f')} ({d['faces_differing'] if d else '-':>4} faces)"
+        lines.append(f"  {p + ' per-face max |diff|':28s}{'':10s}{cells}  (report.json keeps 4 decimals)")
+    for name, s in result["sides"].items():
+        v = s["versions"]
+        lines.append(f"{name}: {s['machine']}, Python {s['python']}, XNNPACK {'yes' if s['xnnpack'] else 'NO'}, "
+                     + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
+    lines.append("PASS" if result["passed"] else "FAIL: " + "; ".join(result["failures"]))
+    return "\n".join(lines)
+
+
+def _labelled(text: str) -> tuple[str, Path]:
+    label, sep, folder = text.partition("=")
+    if not sep or not label or not folder:
+        raise argparse.ArgumentTypeError(f"expected LABEL=FOLDER, got {text!r}")
+    return label, Path(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--x86", required=True, type=Path, help="folder of the x86 outputs")
+    p.add_argument("--arm64", required=True, type=_labelled, action="append",
+                   help="LABEL=FOLDER of one emulated CPU's outputs (repeatable)")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="max fp32 landmark difference, px (default: 0.001)")
+    p.add_argument("--extra", type=Path, help="JSON object merged into result.json (root size, timings)")
+    p.add_argument("--out", required=True, type=Path, help="result.json to write")
+    args = p.parse_args(argv)
+
+    result = compare(args.x86, dict(args.arm64), args.tolerance)
+    if args.extra:
+        result.update(_read(args.extra))
+    print(render(result))
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(args.out)
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""scripts/pi_compare.py on hand-made outputs: the differences it reports and when ``make pi-check`` fails."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pi_compare.py"
+spec = importlib.util.spec_from_file_location("pi_compare", SCRIPT)
+pc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pc)
+
+
+def rows(dx: float = 0.0, dy: float = 0.0, at: int = 5) -> list[list[float]]:
+    """One face as [3][68] rows, all zero except point ``at`` moved by (dx, dy)."""
+    x, y, z = [0.0] * 68, [0.0] * 68, [0.0] * 68
+    x[at], y[at] = dx, dy
+    return [x, y, z]
+
+
+def test_landmark_diff_3_4_5_offset_in_either_layout():
+    moved = rows(0.0006, 0.0008)
+    as_points = [list(p) for p in zip(*moved)]  # [68][3], as edge3dfa run writes them
+    for b in ({"a.jpg": [moved]}, {"a.jpg": [as_points]}):
+        d = pc.landmark_diff({"a.jpg": [rows()]}, b)
+        assert d["faces"] == 1 and d["problems"] == []
+        assert d["max_abs_px"] == pytest.approx(0.0008)
+        assert d["max_point_px"] == pytest.approx(0.001)
+        assert d["mean_point_px"] == pytest.approx(0.001 / 68)
+
+
+def test_landmark_diff_names_missing_faces_and_images():
+    d = pc.landmark_diff({"a.jpg": [rows(), rows()], "b.jpg": []}, {"a.jpg": [rows()]})
+    assert d["faces"] == 0
+    assert d["problems"] == ["different images: ['b.jpg']", "a.jpg: 2 vs 1 faces"]
+
+
+def test_nme_diff_counts_unscored_faces():
+    d = pc.nme_diff({"per_face": [1.0, 2.0, None]}, {"per_face": [1.5, 2.0, 3.0]})
+    assert d == {"per_face_max_abs": 0.5, "faces_differing": 1, "faces_unscored": 1}
+
+
+def write_side(folder: Path, machine: str, dx: float = 0.0, nme_shift: float = 0.0, torch: bool = False) -> Path:
+    folder.mkdir(parents=True)
+    for p in ("fp32", "int8"):
+        shift = dx if p == "fp32" else 0.3
+        dump = {"machine": machine, "python": "3.11.2", "versions": {"numpy": "2.3.5"},
+                "importable": {"torch": torch, "tensorflow": False}, "loaded": [],
+                "images": {"a.jpg": {"landmarks": [rows(0.1)], "detector_input_sha256": machine}},
+                "crops": {"c1.jpg": [rows(shift)], "c2.jpg": [rows()]}}
+        (folder / f"landmarks-{p}.json").write_text(json.dumps(dump))
+        (folder / f"run-{p}").mkdir()
+        face = {"landmarks": [list(q) for q in zip(*rows(round(shift, 3)))]}
+        (folder / f"run-{p}" / "a.json").write_text(json.dumps({"image": "/x/a.jpg", "faces": [face]}))
+        (folder / f"run-{p}.log").write_text("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+    targets = [{"role": "artifact", "precision": p, "status": "ok", "per_face": [2.0, 4.0 + nme_shift],
+                "nme": {"bins": {b: {"mean": 3.0, "count": 1} for b in pc.BINS}, "balanced": 3.0 + nme_shift,
+                        "mean": 3.0}} for p in ("fp32", "int8")]
+    report = {"dataset": {"name": "AFLW2000-3D crops", "count": 2, "subset": "2 of 2000", "ground_truth": "original",
+                          "files": ["i1.jpg", "i2.jpg"]}, "targets": targets}
+    (folder / "validate").mkdir()
+    (folder / "validate" / "report.json").write_text(json.dumps(report))
+    return folder
+
+
+def test_compare_passes_within_tolerance_and_reports_nme(tmp_path):
+    x86 = write_side(tmp_path / "x86", "x86_64")
+    arm = write_side(tmp_path / "arm", "aarch64", dx=0.0004, nme_shift=0.02)
+    r = pc.compare(x86, {"cortex-a72": arm})
+    assert r["passed"], r["failures"]
+    assert r["crops"]["vs_x86"]["cortex-a72"]["fp32"]["max_abs_px"] == pytest.approx(0.0004)
+    assert r["photos"]["vs_x86"]["cortex-a72"]["fp32"]["same_detector_input"] == 0
+    assert r["subset"]["nme"]["cortex-a72"]["int8"]["balanced"] == pytest.approx(3.02)
+    assert r["subset"]["per_face_vs_x86"]["cortex-a72"]["int8"]["per_face_max_abs"] == pytest.approx(0.02)
+    assert "PASS" in pc.render(r)
+
+
+@pytest.mark.parametrize(("arm_kw", "why"), [
+    ({"machine": "aarch64", "dx": 0.002}, "fp32 landmarks differ from x86 by 0.002 px > 0.001 px on the same crops"),
+    ({"machine": "x86_64"}, "ran on x86_64, not aarch64"),
+    ({"machine": "aarch64", "torch": True}, "torch importable"),
+])
+def test_compare_fails(tmp_path, arm_kw, why):
+    r = pc.compare(write_side(tmp_path / "x86", "x86_64"), {"cortex-a72": write_side(tmp_path / "arm", **arm_kw)})
+    assert not r["passed"]
+    assert any(why in f for f in r["failures"]), r["failures"]
