@@ -509,7 +509,7 @@ def export(model: Any, dest: Path, precision: str, *, source: Any, calibration: 
     content = float_flatbuffer(model, hw)
     notes: list[str] = []
     if precision != "fp32":
-        data = crops_of(calibration)
+        data = crops_of(calibration) if calibration is not None else None  # only int8 calibrates
         content, qnotes = quantize(content, precision, data, o)
         notes += qnotes
     return _write(content, Path(dest), precision, o, detector, hw, notes, time.perf_counter() - t0)
