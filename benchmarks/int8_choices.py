@@ -26,6 +26,8 @@ from edge3dfa.targets.torch import TorchTarget
 from edge3dfa.validation import metrics
 from edge3dfa.validation.datasets import load_crops
 from edge3dfa.validation.datasets.aflw import load_heldout
+from edge3dfa.validation.harness import predict_all
+from edge3dfa.validation.latency import time_calls
 
 MODELS = {"mb05": ("mb05", None), "mbv3": (None, "mbv3_05")}  # mbv3: the distilled fixture
 ONNX_CHOICES = {  # name -> (options, calibration crops); one change from the default each
@@ -41,44 +43,28 @@ TFLITE_CHOICES = {"default": ("float", 256), "calib 32": ("float", 32), "calib 6
                   "calib 128": ("float", 128), "head int8": ("int8", 256)}
 
 
-def predict(target, x: np.ndarray) -> np.ndarray:  # noqa: ANN001
-    return np.concatenate([target.predict(x[i:i + 64]) for i in range(0, len(x), 64)])
-
-
 def scores(params: np.ndarray, data, aflw21: bool) -> dict:  # noqa: ANN001
     pts = runtime.landmarks(params, data.roi_boxes)
-    e = metrics.nme_aflw21(pts, data.gt) if aflw21 else metrics.nme(pts, data.gt)
-    s = metrics.summarize(e, data.yaw)
-    return {"balanced": s["balanced"], "bins": {k: v["mean"] for k, v in s["bins"].items()}}
-
-
-def delta(a: dict, b: dict) -> dict:
-    return {"balanced": a["balanced"] - b["balanced"], "bins": {k: a["bins"][k] - b["bins"][k] for k in a["bins"]}}
+    return metrics.summarize(metrics.nme_aflw21(pts, data.gt) if aflw21 else metrics.nme(pts, data.gt), data.yaw)
 
 
 def latency(path: Path) -> tuple[float, float]:
     t = open_target(path, threads=1)
     x = np.zeros((1, 3, 120, 120), np.float32)
-    for _ in range(20):
-        t.predict(x)
-    ms = []
-    for _ in range(300):
-        t0 = time.perf_counter()
-        t.predict(x)
-        ms.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(ms)), float(np.percentile(ms, 10))
+    r = time_calls(lambda: t.predict(x), 20, 300)
+    return r["median_ms"], r["p10_ms"]
 
 
 def measure(path: Path, ref: dict, held, aflw, fake_quant: bool) -> dict:  # noqa: ANN001
     from edge3dfa.targets.onnxruntime import OnnxTarget
 
     t = open_target(path, threads=1)
-    row = {"heldout": delta(scores(predict(t, held.inputs), held, True), ref["heldout"]),
-           "aflw2000": delta(scores(predict(t, aflw.inputs), aflw, False), ref["aflw2000"]),
+    row = {"heldout": metrics.delta(scores(predict_all(t, held.inputs), held, True), ref["heldout"]),
+           "aflw2000": metrics.delta(scores(predict_all(t, aflw.inputs), aflw, False), ref["aflw2000"]),
            "size_mb": path.stat().st_size / 1e6}
     if fake_quant:
         fq = OnnxTarget(path, threads=1, optimization="disable")
-        row["aflw2000_fake_quant"] = delta(scores(predict(fq, aflw.inputs), aflw, False), ref["aflw2000"])
+        row["aflw2000_fake_quant"] = metrics.delta(scores(predict_all(fq, aflw.inputs), aflw, False), ref["aflw2000"])
     row["median_ms"], row["p10_ms"] = latency(path)
     return row
 
@@ -96,8 +82,8 @@ def main() -> None:
         zoo, arch = MODELS[key]
         src = load_source(zoo or assets.fetch("mbv3_05_distilled"), arch)
         torch_t = TorchTarget(src.path, threads=1, model=src.model)
-        ref = {"heldout": scores(predict(torch_t, held.inputs), held, True),
-               "aflw2000": scores(predict(torch_t, aflw.inputs), aflw, False)}
+        ref = {"heldout": scores(predict_all(torch_t, held.inputs), held, True),
+               "aflw2000": scores(predict_all(torch_t, aflw.inputs), aflw, False)}
         results[key] = {"fp32": ref}
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
@@ -125,7 +111,8 @@ def main() -> None:
                 builder = conv.Int8Builder(src.model, source=src, calibration=pool.data)
                 for name, (head, n) in TFLITE_CHOICES.items():
                     builder.o["head"] = head
-                    q, _ = conv._int8_recipe(builder.content, builder.o, [])  # noqa: SLF001 - benchmark internals
+                    builder.head = conv._head_tensors(builder.content) if head == "float" else []  # noqa: SLF001
+                    q, _ = builder._recipe([])  # noqa: SLF001 - benchmark internals
                     builder.qsvs = conv._calibrate(builder.content, q, pool.data[:n])  # noqa: SLF001
                     path = work / f"{len(results[key])}.tflite"
                     builder.export(path)

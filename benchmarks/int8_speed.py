@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from edge3dfa import assets
 from edge3dfa.converters import load_source
 from edge3dfa.converters.calibration import load_calibration
 from edge3dfa.target import open_target
-from edge3dfa.validation.latency import cpu_threads
+from edge3dfa.validation.latency import cpu_threads, time_calls
 
 MODELS = {"mb05": ("mb05", None), "mbv3": ("mbv3_05_distilled", "mbv3_05")}
 #: every layer int8 (the starting point of the budget search) for each format
@@ -55,12 +54,7 @@ def time_round_robin(paths: dict[str, Path], threads: int, rounds: int, runs: in
     medians: dict[str, list[float]] = {k: [] for k in targets}
     for _ in range(rounds):
         for k, t in targets.items():
-            ms = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                t.predict(x)
-                ms.append((time.perf_counter() - t0) * 1e3)
-            medians[k].append(float(np.median(ms)))
+            medians[k].append(time_calls(lambda t=t: t.predict(x), 0, runs)["median_ms"])
     return {k: float(np.median(v)) for k, v in medians.items()}
 
 

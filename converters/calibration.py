@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -35,10 +34,6 @@ class CalibrationSet:
 
     def __len__(self) -> int:
         return len(self.data)
-
-    def batches(self, batch_size: int = 1) -> Iterator[np.ndarray]:
-        for i in range(0, len(self.data), batch_size):
-            yield self.data[i:i + batch_size]
 
     def split(self, n_first: int) -> tuple[CalibrationSet, CalibrationSet]:
         """Two disjoint sets (e.g. calibrate on one, choose options on the other)."""

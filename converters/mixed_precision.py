@@ -20,6 +20,7 @@ The budget: balanced NME (mean of the three yaw-bin means) at most ``nme`` above
 from __future__ import annotations
 
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -54,54 +55,45 @@ class Budget:
 def _summary(params: np.ndarray, data: Any) -> dict[str, Any]:
     from edge3dfa.validation import metrics
 
-    s = metrics.summarize(metrics.nme_aflw21(runtime.landmarks(params, data.roi_boxes), data.gt), data.yaw)
-    return {"balanced": s["balanced"], "mean": s["mean"], "bins": {k: v["mean"] for k, v in s["bins"].items()}}
-
-
-def _delta(a: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
-    return {"balanced": a["balanced"] - ref["balanced"], "bins": {k: a["bins"][k] - ref["bins"][k] for k in a["bins"]}}
-
-
-def _predict(target: Any, x: np.ndarray) -> np.ndarray:
-    return np.concatenate([target.predict(x[i:i + 64]) for i in range(0, len(x), 64)])
+    return metrics.summarize(metrics.nme_aflw21(runtime.landmarks(params, data.roi_boxes), data.gt), data.yaw)
 
 
 class _Judge:
     """Scores artifacts on the held-out crops against the fp32 reference, and times them."""
 
     def __init__(self, reference: Any, data: Any, budget: Budget) -> None:
+        from edge3dfa.validation.harness import predict_all
+
         self.data, self.budget = data, budget
-        self.fp32 = _summary(_predict(reference, data.inputs), data)
+        self.fp32 = _summary(predict_all(reference, data.inputs), data)
 
     def score(self, path: Path) -> dict[str, Any]:
         from edge3dfa.target import open_target
+        from edge3dfa.validation import metrics
+        from edge3dfa.validation.harness import predict_all
 
-        s = _summary(_predict(open_target(path, threads=1), self.data.inputs), self.data)
-        d = _delta(s, self.fp32)
+        s = _summary(predict_all(open_target(path, threads=1), self.data.inputs), self.data)
+        d = metrics.delta(s, self.fp32)
         return {"heldout": s, "delta": d, "within_budget": self.budget.met(d)}
 
     def latency_ms(self, path: Path) -> float:
         """10th percentile of batch-1, one-thread calls: on a shared machine the median follows the load of
         the moment, which would decide between candidates measured a minute apart; the fast tail does not."""
         from edge3dfa.target import open_target
+        from edge3dfa.validation.latency import time_calls
 
         t = open_target(path, threads=1)
         x = np.ascontiguousarray(self.data.inputs[:1])
-        for _ in range(20):
-            t.predict(x)
-        ms = []
-        for _ in range(LATENCY_RUNS):
-            t0 = time.perf_counter()
-            t.predict(x)
-            ms.append((time.perf_counter() - t0) * 1e3)
-        return float(np.percentile(ms, 10))
+        return time_calls(lambda: t.predict(x), 20, LATENCY_RUNS)["p10_ms"]
 
 
 def _check_disjoint(calibration: Any, data: Any) -> None:
+    from edge3dfa.validation.datasets.aflw import CALIBRATION_POOL
+
     shared = set(getattr(calibration, "files", ())) & set(data.files)
     if shared and str(getattr(calibration, "folder", "")) == str(data.source):
         raise Edge3dfaError(f"{len(shared)} calibration crops are also held-out crops (e.g. {sorted(shared)[0]}): "
-                            f"with --nme-budget calibrate on at most the first {512 - len(data)} crops")
+                            f"with --nme-budget calibrate on at most the first {CALIBRATION_POOL - len(data)} crops")
 
 
 def export_within_budget(mod: Any, model: Any, dest: Path, *, source: Any, calibration: Any, reference: Any,
@@ -133,9 +125,8 @@ def export_within_budget(mod: Any, model: Any, dest: Path, *, source: Any, calib
             cwork.mkdir()
             builders[name] = mod.Int8Builder(model, source=source, calibration=calibration, work=cwork, **opts)
             path = cwork / f"all-int8{mod.SUFFIX}"
-            builders[name].export(path)
-            c = {"name": name, "options": opts, **judge.score(path), "latency_ms": judge.latency_ms(path),
-                 "path": path, "float_layers": []}
+            c = {"name": name, "options": opts, "fields": builders[name].export(path), **judge.score(path),
+                 "latency_ms": judge.latency_ms(path), "path": path, "float_layers": []}
             candidates.append(c)
             log(f"  candidate {name:14s} NME {c['heldout']['balanced']:.3f} ({c['delta']['balanced']:+.3f}) "
                 f"{c['latency_ms']:.2f} ms{'  within budget' if c['within_budget'] else ''}")
@@ -153,8 +144,9 @@ def export_within_budget(mod: Any, model: Any, dest: Path, *, source: Any, calib
                 chosen = mixed
         if sensitivity and not record["sensitivity"]:
             record["sensitivity"] = _sensitivity(mod, builders[chosen["name"]], chosen, judge, work, log)
-        fields = builders[chosen["name"]].export(dest, chosen["float_layers"])
-    record.update(candidates=[{k: v for k, v in c.items() if k != "path"} for c in candidates],
+        shutil.move(chosen["path"], dest)  # built and scored already: the artifact the record describes
+        fields = chosen["fields"]
+    record.update(candidates=[{k: v for k, v in c.items() if k not in ("path", "fields")} for c in candidates],
                   chosen=chosen["name"], float_layers=chosen["float_layers"], met=chosen["within_budget"],
                   heldout_nme=chosen["heldout"], delta=chosen["delta"], latency_ms=chosen["latency_ms"],
                   seconds=round(time.perf_counter() - t0, 1))
@@ -193,11 +185,10 @@ def _sensitivity(mod: Any, builder: Any, base: dict[str, Any], judge: _Judge, wo
         path = work / f"alone-{i}{mod.SUFFIX}"
         builder.export(path, [layer])
         s = judge.score(path)
-        rows.append({"layer": layer, "sqnr_db": sqnr.get(layer), "nme_alone_float": s["heldout"]["balanced"],
+        rows.append({"layer": layer, "index": i, "sqnr_db": sqnr.get(layer),  # index: graph order, for plots
+                     "nme_alone_float": s["heldout"]["balanced"],
                      "gain": base["heldout"]["balanced"] - s["heldout"]["balanced"]})
         path.unlink()
-    for i, r in enumerate(rows):
-        r["index"] = i  # graph order, for plots
     rows.sort(key=lambda r: -r["gain"])
     return rows
 
@@ -212,9 +203,8 @@ def _mixed(mod: Any, builder: Any, base: dict[str, Any], judge: _Judge, work: Pa
             break
         keep.append(r["layer"])
         path = work / f"greedy-{len(keep)}{mod.SUFFIX}"
-        builder.export(path, keep)
-        cand = {**base, **judge.score(path), "latency_ms": judge.latency_ms(path), "path": path,
-                "float_layers": list(keep)}
+        cand = {**base, "fields": builder.export(path, keep), **judge.score(path),
+                "latency_ms": judge.latency_ms(path), "path": path, "float_layers": list(keep)}
         steps.append({"float_layers": len(keep), "added": r["layer"], "delta": cand["delta"],
                       "latency_ms": cand["latency_ms"]})
         log(f"    + {r['layer']}: NME {cand['delta']['balanced']:+.3f}, {cand['latency_ms']:.2f} ms")

@@ -281,12 +281,9 @@ def float_tail(graph: Any, head_prefix: str = HEAD_PREFIX) -> list[str]:
     return []  # no weighted op near the output: nothing to keep in float
 
 
-def _check_exclude(model_path: Path, names: list[str], o: dict[str, Any]) -> list[str]:
+def _check_exclude(graph: Any, names: list[str], o: dict[str, Any]) -> list[str]:
     """``exclude`` must name nodes of this graph (a typo would silently quantize everything); adds the
-    fused head and, with ``float_output``, the output layer."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+    fused head and, with ``float_output`` / ``float_input``, the output layer / the first layer."""
     nodes = [n.name for n in graph.node]
     for name in names:
         if name not in nodes:
@@ -369,13 +366,12 @@ class Int8Builder:
         if self.o["preprocess"]:
             src, pre = self.work / "pre.onnx", src
             quant_pre_process(str(pre), str(src), skip_symbolic_shape=False)
-        self.src = src
-        self.always_float = _check_exclude(src, self.o["exclude"], self.o)
+        self.src, self.graph = src, onnx_graph(src)  # bias correction changes values, never the graph's nodes
+        self.always_float = _check_exclude(self.graph, self.o["exclude"], self.o)
+        self.layers = layer_units(self.graph, set(self.always_float))
         self.cache = _calibrate(src, calibration, self.o, self.work)
         if self.o["bias_correction"]:
             self.src = self._correct_biases(calibration)
-        graph = onnx_graph(self.src)
-        self.layers = layer_units(graph, set(self.always_float))
         self._builds = 0
 
     def _correct_biases(self, calibration: Any, count: int = 128) -> Path:
@@ -389,19 +385,13 @@ class Int8Builder:
         """
         import onnx
         from onnx import numpy_helper
-        from onnxruntime.quantization.qdq_loss_debug import (
-            collect_activations,
-            create_weight_matching,
-            modify_model_output_intermediate_tensors,
-        )
+        from onnxruntime.quantization.qdq_loss_debug import create_weight_matching
 
         qdq = self.work / "bias-probe.onnx"
         self.quantize(qdq)
         x = crops_of(calibration)[:count]
         sizes = [len(x[i:i + 16]) for i in range(0, len(x), 16)]
-        aug = self.work / "bias-probe-aug.onnx"
-        modify_model_output_intermediate_tensors(str(qdq), str(aug))
-        acts = collect_activations(str(aug), calibration_reader(x, "input", 16))
+        acts = _activations(qdq, x, self.work)
         weights = create_weight_matching(str(self.src), str(qdq))
         qdq_nodes = {n.name: n for n in onnx.load(str(qdq), load_external_data=False).graph.node}
         model = onnx.load(str(self.src))
@@ -415,21 +405,18 @@ class Int8Builder:
             if w is None or qnode.input[0] not in acts or node.input[2] not in inits:
                 continue  # layer kept float, or a graph shape this correction does not know
             bias = numpy_helper.to_array(inits[node.input[2]])
-            c_in = w["float"].shape[1] * _attr(node, "group", 1) if node.op_type == "Conv" else None
-            if node.op_type == "Gemm":
-                trans_b = _attr(node, "transB", 0)
-                c_in = w["float"].shape[1] if trans_b else w["float"].shape[0]
-            mean_in = np.concatenate([a.reshape(n, c_in, -1) for a, n in zip(acts[qnode.input[0]], sizes)])
-            mean_in = mean_in.mean(axis=(0, 2))  # [C_in]
             dw = (w["dequantized"] - w["float"]).astype(np.float64)
             if node.op_type == "Gemm":
-                shift = (dw if _attr(node, "transB", 0) else dw.T) @ mean_in
+                dw = dw if _attr(node, "transB", 0) else dw.T  # [C_out, C_in]
+                groups, c_in = 1, dw.shape[1]
             else:  # grouped conv: each output channel sees its group's input channels
                 groups = _attr(node, "group", 1)
-                taps = dw.reshape(dw.shape[0], dw.shape[1], -1).sum(axis=2)  # [C_out, C_in / groups]
-                per_group = mean_in.reshape(groups, -1)  # [groups, C_in / groups]
-                group_of = np.arange(dw.shape[0]) // (dw.shape[0] // groups)
-                shift = (taps * per_group[group_of]).sum(axis=1)
+                c_in = dw.shape[1] * groups
+            mean_in = np.concatenate([a.reshape(n, c_in, -1) for a, n in zip(acts[qnode.input[0]], sizes)])
+            per_group = mean_in.mean(axis=(0, 2)).reshape(groups, -1)  # [groups, C_in / groups]
+            taps = dw.reshape(dw.shape[0], dw.shape[1], -1).sum(axis=2)  # [C_out, C_in / groups]
+            group_of = np.arange(dw.shape[0]) // (dw.shape[0] // groups)
+            shift = (taps * per_group[group_of]).sum(axis=1)
             inits[node.input[2]].CopyFrom(numpy_helper.from_array((bias - shift).astype(bias.dtype), node.input[2]))
             corrected += 1
         if not corrected:
@@ -474,29 +461,30 @@ class Int8Builder:
 def layer_sqnr(builder: Int8Builder, quantized: Path, x: np.ndarray) -> dict[str, float]:
     """SQNR (dB) of each layer's output in ``quantized`` against the float graph, on crops ``x``
     (onnxruntime's qdq_loss_debug: both graphs run with optimisations off, every tensor kept)."""
-    from onnxruntime.quantization.qdq_loss_debug import (
-        collect_activations,
-        compute_activation_error,
-        create_activation_matching,
-        modify_model_output_intermediate_tensors,
-    )
+    from onnxruntime.quantization.qdq_loss_debug import compute_activation_error, create_activation_matching
 
-    work = builder.work
-    acts = {}
-    for name, path in (("float", builder.src), ("qdq", quantized)):
-        aug = work / f"debug-{name}.onnx"
-        modify_model_output_intermediate_tensors(str(path), str(aug))
-        acts[name] = collect_activations(str(aug), calibration_reader(x, "input", 16))
-        aug.unlink()
-    errors = compute_activation_error(create_activation_matching(acts["qdq"], acts["float"]))
-    graph = onnx_graph(builder.src)
-    out_of = {n.name: n.output[0] for n in graph.node}
+    qdq, flt = (_activations(p, x, builder.work) for p in (quantized, builder.src))
+    errors = compute_activation_error(create_activation_matching(qdq, flt))
+    out_of = {n.name: n.output[0] for n in builder.graph.node}
     result = {}
     for layer, nodes in builder.layers.items():
         tensor = out_of.get(nodes[-1])
         if tensor in errors and "xmodel_err" in errors[tensor]:
             result[layer] = float(errors[tensor]["xmodel_err"])
     return result
+
+
+def _activations(model: Path, x: np.ndarray, work: Path) -> dict[str, list[np.ndarray]]:
+    """Every float tensor of ``model`` on crops ``x`` (16 per run, flattened per run), by tensor name: onnxruntime's
+    qdq_loss_debug, which runs the graph with optimisations off, so a QDQ graph computes as fake-quant."""
+    from onnxruntime.quantization.qdq_loss_debug import collect_activations, modify_model_output_intermediate_tensors
+
+    aug = work / f"{model.stem}-debug.onnx"
+    modify_model_output_intermediate_tensors(str(model), str(aug))
+    try:
+        return collect_activations(str(aug), calibration_reader(x, "input", 16))
+    finally:
+        aug.unlink()
 
 
 def _attr(node: Any, name: str, default: int) -> int:
@@ -516,7 +504,7 @@ def _quantize_dynamic(fp32: Path, dest: Path, o: dict[str, Any], work: Path) -> 
     if o["preprocess"]:
         src = work / "pre.onnx"
         quant_pre_process(str(fp32), str(src), skip_symbolic_shape=False)
-    excluded = _check_exclude(src, o["exclude"], o)
+    excluded = _check_exclude(onnx_graph(src), o["exclude"], o)
     # onnxruntime's CPU ConvInteger only has a uint8 x uint8 kernel, so weights are uint8 here.
     quantize_dynamic(str(src), str(dest), per_channel=o["per_channel"], reduce_range=o["reduce_range"],
                      weight_type=QuantType.QUInt8, nodes_to_exclude=excluded or None)

@@ -312,16 +312,12 @@ def _head_tensors(content: bytes) -> list[str]:
     return []
 
 
-def quantize(content: bytes, precision: str, calibration: np.ndarray | None, o: dict[str, Any]) -> tuple[bytes, list]:
-    """fp32 flatbuffer -> fp16 / dyn-int8 / int8 flatbuffer with ai-edge-quantizer; returns notes too."""
+def quantize(content: bytes, precision: str, o: dict[str, Any]) -> tuple[bytes, list]:
+    """fp32 flatbuffer -> fp16 / dyn-int8 flatbuffer with ai-edge-quantizer; returns notes too (int8, which
+    needs calibration: ``Int8Builder``)."""
     from ai_edge_quantizer import qtyping, quantizer
     from ai_edge_quantizer.algorithm_manager import AlgorithmName
 
-    if precision == "int8":
-        q, notes = _int8_recipe(content, o, [])
-        qsvs = _calibrate(content, q, calibration)
-        with _bars():
-            return bytes(q.quantize(qsvs, enable_progress_report=False).quantized_model), notes
     ops = qtyping.TFLOperationName
     q = quantizer.Quantizer(bytearray(content))
     notes = []
@@ -341,8 +337,10 @@ def quantize(content: bytes, precision: str, calibration: np.ndarray | None, o: 
         return bytes(q.quantize(None, enable_progress_report=False).quantized_model), notes
 
 
-def _int8_recipe(content: bytes, o: dict[str, Any], float_tensors: list[str]) -> tuple[Any, list[str]]:
-    """A Quantizer for static int8 with the head, hard-swish and the ops writing ``float_tensors`` left float."""
+def _int8_recipe(content: bytes, o: dict[str, Any], head: list[str], hard_swish: bool,
+                 float_tensors: list[str]) -> tuple[Any, list[str]]:
+    """A Quantizer for static int8 with the ``head`` tensors, hard-swish (if the graph has it) and the ops writing
+    ``float_tensors`` left float."""
     from ai_edge_quantizer import qtyping, quantizer
 
     ops = qtyping.TFLOperationName
@@ -354,10 +352,9 @@ def _int8_recipe(content: bytes, o: dict[str, Any], float_tensors: list[str]) ->
         _no_quantize(q, ops.OUTPUT)
     if o["hard_swish"] == "float":
         _no_quantize(q, ops.HARD_SWISH)
-        if _has_op(content, "HARD_SWISH"):
+        if hard_swish:
             notes.append("int8: HARD_SWISH kept float (DEQUANTIZE/QUANTIZE around it): XNNPACK runs no int8 "
                          "hard-swish, and the reference kernel made int8 MobileNet-V3 3.7x slower than this")
-    head = _head_tensors(content) if o["head"] == "float" else []
     if head or float_tensors:
         # ai-edge-quantizer matches an op's scope: its output tensor names, each followed by ";"
         _no_quantize(q, ops.ALL_SUPPORTED, regex="|".join(f"^{re.escape(name)};" for name in head + float_tensors))
@@ -395,9 +392,7 @@ def _calibrate(content: bytes, q: Any, calibration: np.ndarray) -> Any:
 def _short_name(tensor: str) -> str:
     """``.../DepthWiseBlock_dw2_1/torch.nn.modules.conv.Conv2d_conv_dw;1`` -> ``dw2_1/conv_dw``: the module
     path of the last scope in a litert-torch tensor name, as attribute names (ONNX's names say the same)."""
-    scope = [p for p in tensor.split(";") if p][-1] if tensor.strip(";") else tensor
-    if scope.isdigit():
-        scope = [p for p in tensor.split(";") if p and not p.isdigit()][-1]
+    scope = next((p for p in reversed(tensor.split(";")) if p and not p.isdigit()), tensor)
     attrs = [c.rsplit(".", 1)[-1].split("_", 1)[1] for c in scope.split("/") if "_" in c.rsplit(".", 1)[-1]]
     return "/".join(attrs[1:]) or scope  # attrs[0] is the wrapped model itself
 
@@ -437,11 +432,16 @@ class Int8Builder:
             raise Edge3dfaError("int8 needs a calibration set")
         t0 = time.perf_counter()
         self.content = float_flatbuffer(model, (120, 120))
-        q, _ = _int8_recipe(self.content, self.o, [])
+        self.head = _head_tensors(self.content) if self.o["head"] == "float" else []
+        self.hard_swish = _has_op(self.content, "HARD_SWISH")
+        self.layers = layer_units(self.content, set(self.head))
+        q, _ = self._recipe([])
         self.qsvs = _calibrate(self.content, q, crops_of(calibration))
-        head = set(_head_tensors(self.content)) if self.o["head"] == "float" else set()
-        self.layers = layer_units(self.content, head)
         self.seconds = time.perf_counter() - t0
+
+    def _recipe(self, keep_float: Any) -> tuple[Any, list[str]]:
+        tensors = [t for k in keep_float for t in self.layers[k]]
+        return _int8_recipe(self.content, self.o, self.head, self.hard_swish, tensors)
 
     def export(self, dest: str | os.PathLike, keep_float: Any = ()) -> dict[str, Any]:
         """Write ``dest`` with ``keep_float`` layers float; returns its manifest fields (as ``export`` does)."""
@@ -449,8 +449,7 @@ class Int8Builder:
         if unknown:
             raise Edge3dfaError(f"no layer {unknown[0]!r} in the graph; e.g. {', '.join(list(self.layers)[:3])}")
         t0 = time.perf_counter()
-        tensors = [t for k in keep_float for t in self.layers[k]]
-        q, notes = _int8_recipe(self.content, self.o, tensors)
+        q, notes = self._recipe(keep_float)
         with _bars():
             content = bytes(q.quantize(self.qsvs, enable_progress_report=False).quantized_model)
         fields = _write(content, Path(dest), "int8", self.o, self.detector, (120, 120),
@@ -502,16 +501,14 @@ def export(model: Any, dest: Path, precision: str, *, source: Any, calibration: 
         raise Edge3dfaError(f"tflite offers {', '.join(PRECISIONS)}, not {precision!r}")
     detector = bool(getattr(source, "is_detector", False))
     o = parse_options(precision, detector, options)
-    if precision == "int8" and calibration is None:
-        raise Edge3dfaError("int8 needs a calibration set")
+    if precision == "int8":
+        return Int8Builder(model, source=source, calibration=calibration, **options).export(dest)
     hw = o["input_size"] if detector else (120, 120)
     t0 = time.perf_counter()
     content = float_flatbuffer(model, hw)
     notes: list[str] = []
     if precision != "fp32":
-        data = crops_of(calibration) if calibration is not None else None  # only int8 calibrates
-        content, qnotes = quantize(content, precision, data, o)
-        notes += qnotes
+        content, notes = quantize(content, precision, o)
     return _write(content, Path(dest), precision, o, detector, hw, notes, time.perf_counter() - t0)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from edge3dfa import runtime
 from edge3dfa.pipeline import FaceAligner, Faces
+from edge3dfa.runtime.detect import box_iou
 
 DETECTED, TRACKED, LOST = "detected", "tracked", "lost"
 #: one-euro (min_cutoff Hz, beta per face size/s) chosen on the test clip: 4x less jitter at rest, +0.3% NME
@@ -68,15 +69,6 @@ def anchoring(main: np.ndarray, probe: np.ndarray, shift: np.ndarray) -> np.ndar
     delta = (np.asarray(probe)[:, :2] - np.asarray(main)[:, :2]).mean(2)
     shift = np.asarray(shift, np.float64)
     return (delta * shift).sum(1) / (shift * shift).sum(1)
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix [N,M] of boxes a [N,>=4] and b [M,>=4] (x1, y1, x2, y2)."""
-    a, b = np.asarray(a, np.float64)[:, None, :4], np.asarray(b, np.float64)[None, :, :4]
-    wh = np.clip(np.minimum(a[..., 2:], b[..., 2:]) - np.maximum(a[..., :2], b[..., :2]), 0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    area = lambda r: (r[..., 2] - r[..., 0]) * (r[..., 3] - r[..., 1])  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
 
 
 @dataclass

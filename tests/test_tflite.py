@@ -166,7 +166,7 @@ def test_dynamic_range_fc_versions_guard_old_runtimes(mb05):
     """Per-channel dynamic-range FC needs FULLY_CONNECTED v12 (TFLite 2.17); the default stays Pi-loadable."""
     fp32 = mb05["fp32"].path.read_bytes()
     opts = {"io": "float", "head": "float", "fc_per_channel": True}
-    per_channel, _ = conv.quantize(fp32, "dyn-int8", None, opts)
+    per_channel, _ = conv.quantize(fp32, "dyn-int8", opts)
     _, before = conv.inspect_ops(per_channel)
     assert before["op_versions"]["FULLY_CONNECTED"] < 12  # what ai-edge-quantizer writes: an old runtime loads it
     assert before["required_versions"]["FULLY_CONNECTED"] == 12

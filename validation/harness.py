@@ -142,14 +142,6 @@ def predict_all(target: Target, x: np.ndarray, batch: int = BATCH, desc: str = "
     return np.concatenate(out)
 
 
-def _delta(a: dict, b: dict) -> dict[str, Any]:
-    def sub(u: float | None, v: float | None) -> float | None:
-        return None if u is None or v is None else float(u - v)
-
-    return {"balanced": sub(a["balanced"], b["balanced"]), "mean": sub(a["mean"], b["mean"]),
-            "bins": {k: sub(a["bins"][k]["mean"], b["bins"][k]["mean"]) for k in metrics.BIN_LABELS}}
-
-
 def _score(params: np.ndarray, data: EvalSet) -> np.ndarray:
     pred = runtime.landmarks(params, data.roi_boxes)[:, :2]
     return metrics.nme(pred, data.gt)
@@ -238,7 +230,7 @@ def evaluate(entries: list[Entry], data: EvalSet, *, latency: LatencyConfig | No
             fp32 = next((r for r in group_rows if r["format"] == row["format"] and r["precision"] == "fp32"
                          and r["status"] == "ok"), None)
             ok = row["status"] == "ok" and fp32 is not None and fp32 is not row
-            row["delta_vs_fp32"] = _delta(row["nme"], fp32["nme"]) if ok else None
+            row["delta_vs_fp32"] = metrics.delta(row["nme"], fp32["nme"]) if ok else None
         rows += group_rows
     for e in others:
         m = e.manifest
@@ -276,7 +268,7 @@ def _evaluate_one(e: Entry, data: EvalSet, sha: str, rel: Callable[[Path], str],
     nme = _score(params, data)
     summary = metrics.summarize(nme, data.yaw)
     row.update(nme=summary, per_face=nme,
-               delta_vs_reference=_delta(summary, ref_summary) if ref_summary else None,
+               delta_vs_reference=metrics.delta(summary, ref_summary) if ref_summary else None,
                parity=compare(ref_params, params) if ref_params is not None else None)
     if target.runtime in NOT_TIMED:
         row["latency_note"] = NOT_TIMED[target.runtime]

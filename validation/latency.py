@@ -46,7 +46,7 @@ class LatencyConfig:
 
 
 def time_calls(fn: Callable[[], object], warmup: int, runs: int, budget_s: float | None = None) -> dict[str, float]:
-    """Median, p90, min of up to ``runs`` timed calls after ``warmup`` untimed ones, in milliseconds.
+    """Median, p10, p90, min of up to ``runs`` timed calls after ``warmup`` untimed ones, in milliseconds.
 
     With ``budget_s``, timing stops once the timed calls have taken that long and ``MIN_RUNS`` are done,
     and warm-up stops after half of it (one warm-up call at least).
@@ -66,8 +66,8 @@ def time_calls(fn: Callable[[], object], warmup: int, runs: int, budget_s: float
         if budget_s is not None and spent >= budget_s and len(t) >= min(MIN_RUNS, runs):
             break
     ms = np.asarray(t) * 1e3
-    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "min_ms": float(ms.min()),
-            "runs": len(ms)}
+    return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
+            "p90_ms": float(np.percentile(ms, 90)), "min_ms": float(ms.min()), "runs": len(ms)}
 
 
 def measure(open_at: Callable[[int], Target], crops: np.ndarray, config: LatencyConfig) -> list[dict]:

@@ -108,3 +108,12 @@ def summarize(errors: np.ndarray, yaw: np.ndarray) -> dict:
         "failure10": failure_rate(e),
         "count": int(len(e)),
     }
+
+
+def delta(a: dict, b: dict) -> dict:
+    """``a`` minus ``b`` for two ``summarize`` results: balanced, mean and each bin's mean (None where missing)."""
+    def sub(u: float | None, v: float | None) -> float | None:
+        return None if u is None or v is None else float(u - v)
+
+    return {"balanced": sub(a["balanced"], b["balanced"]), "mean": sub(a["mean"], b["mean"]),
+            "bins": {k: sub(a["bins"][k]["mean"], b["bins"][k]["mean"]) for k in BIN_LABELS}}

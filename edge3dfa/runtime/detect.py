@@ -68,6 +68,15 @@ def decode(loc: np.ndarray, priors: np.ndarray, variances: tuple[float, float] =
     return np.concatenate([top_left, size + top_left], axis=1)
 
 
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix [N,M] of boxes a [N,>=4] and b [M,>=4] (x1, y1, x2, y2)."""
+    a, b = np.asarray(a, np.float64)[:, None, :4], np.asarray(b, np.float64)[None, :, :4]
+    wh = np.clip(np.minimum(a[..., 2:], b[..., 2:]) - np.maximum(a[..., :2], b[..., :2]), 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    area = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / np.maximum(area - inter, 1e-9)
+
+
 def nms(dets: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Greedy NMS on dets [N,5] (x1,y1,x2,y2,score) -> kept indices, best score first.
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from edge3dfa import assets, runtime
 from edge3dfa.errors import Edge3dfaError
+from edge3dfa.runtime.detect import box_iou
 
 N_FACES = 2000
 #: ground-truth choice -> asset: the original fits, or the re-annotated 2-D landmarks (3DDFA's "re")
@@ -123,14 +124,6 @@ def load_crops(samples: int | str | None = None, ground_truth: str = "original",
                    subset=_subset(idx))
 
 
-def _iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
-    x0, y0 = np.maximum(boxes[:, 0], box[0]), np.maximum(boxes[:, 1], box[1])
-    x1, y1 = np.minimum(boxes[:, 2], box[2]), np.minimum(boxes[:, 3], box[3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) + (box[2] - box[0]) * (box[3] - box[1])
-    return inter / np.maximum(area - inter, 1e-9)
-
-
 def load_pipeline(detect: Callable[[np.ndarray], np.ndarray], samples: int | str | None = None,
                   ground_truth: str = "original", images_dir: str | os.PathLike | None = None) -> EvalSet:
     """Original photos -> ``detect`` (img -> boxes [K,5]) -> best-matching face -> roi -> 120x120 crop."""
@@ -145,7 +138,7 @@ def load_pipeline(detect: Callable[[np.ndarray], np.ndarray], samples: int | str
         boxes = np.asarray(detect(img), np.float32).reshape(-1, 5)
         g = gt[i]
         gt_box = np.array([g[0].min(), g[1].min(), g[0].max(), g[1].max()], np.float32)
-        overlap = _iou(boxes[:, :4], gt_box) if len(boxes) else np.zeros(0)
+        overlap = box_iou(boxes[:, :4], gt_box[None])[:, 0] if len(boxes) else np.zeros(0)
         if not len(overlap) or overlap.max() <= 0:
             missed.append(names[i])
             continue
