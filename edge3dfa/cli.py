@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import NoReturn
 
 import cv2
 import numpy as np
 
 from edge3dfa import __version__
-from edge3dfa.errors import Edge3dfaError
+from edge3dfa.errors import INTERNAL_ERROR, USER_ERROR, Edge3dfaError, Interrupted, handle_termination
 from edge3dfa.fileio import atomic_path, write_json
+from edge3dfa.logs import one_line, write_crash_log
 from edge3dfa.track import SMOOTH
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -158,11 +161,27 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge3dfa", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"edge3dfa {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+EXIT_CODES = """exit codes:
+  0    ok (validate/export: verdict PASSED)
+  1    a gate failed or a budget was not met (verdict FAILED or NOT VERIFIED)
+  2    user error: bad input, option, missing or corrupt file, full disk, no permission
+  3    internal error: one line plus the path of a log with the traceback (--debug prints it)
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM)"""
 
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2), like every other user error of edge3dfa."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="edge3dfa", description=__doc__.splitlines()[0], epilog=EXIT_CODES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"edge3dfa {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an internal error")
+    sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="landmarks, pose and params for every face in images, folders or videos")
     run.add_argument("inputs", nargs="*", help="image files, folders of images, video files (.mp4, .avi, ...)")
     run.add_argument("--model", default="mb05", help="zoo name or 3DDFA_V2 checkpoint (default: mb05)")
@@ -197,19 +216,59 @@ def build_parser() -> argparse.ArgumentParser:
             ep.load()(sub)
         except ImportError:
             continue  # the command's extra is not installed
+    for command in sub.choices.values():  # --debug and the exit codes on every command, before or after it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        command.epilog = command.epilog or EXIT_CODES
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command; every outcome is one of the exit codes in ``EXIT_CODES``, never a traceback."""
+    handle_termination()
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except Edge3dfaError as e:
-        print(f"edge3dfa: error: {e}", file=sys.stderr)
-        return 2
+        _say(f"error: {e}")
+        return e.exit_code
     except KeyboardInterrupt:
+        _say("interrupted")
         return 130
+    except Interrupted as e:
+        _say(f"interrupted ({e})")
+        return e.exit_code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
+    except MemoryError:
+        _say("error: out of memory (try a smaller --batch or fewer --samples)")
+        return USER_ERROR
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        _say(f"error: cannot use{where}: {e.strerror or e}")
+        return USER_ERROR
+    except Exception as e:  # noqa: BLE001 - the last line of defence: a bug, reported with its log
+        log = write_crash_log(e, None if argv is None else list(argv))
+        if args.debug:
+            traceback.print_exception(e)
+        _say(f"internal error: {type(e).__name__}: {one_line(e)} (traceback: {log}; rerun with --debug to "
+             "print it; please report it)")
+        return INTERNAL_ERROR
+
+
+def _say(message: str) -> None:
+    print(f"edge3dfa: {message}", file=sys.stderr, flush=True)
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe (``edge3dfa ... | head``), send what is still buffered nowhere instead of raising again."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

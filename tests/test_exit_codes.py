@@ -1,0 +1,95 @@
+"""The exit-code contract (edge3dfa.errors): every outcome of the CLI is one line and a documented code.
+
+Faults are real: a subprocess with a bug injected into a command, real signals, a closed pipe.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+PY = sys.executable
+
+
+def _cli(code: str, *args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run ``edge3dfa.cli.main(args)`` in a fresh interpreter after ``code`` (which may patch the CLI)."""
+    script = f"import sys\nimport edge3dfa.cli as cli\n{code}\nsys.exit(cli.main({list(args)!r}))\n"
+    return subprocess.run([PY, "-c", script], capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          timeout=120, **kw)
+
+
+def test_usage_error_is_one_line_exit_2():
+    r = _cli("", "run", "--no-such-option")
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--no-such-option" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_user_error_is_one_line_exit_2(tmp_path):
+    r = _cli("", "run", str(tmp_path / "missing.jpg"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"edge3dfa: error: no such file or folder: {tmp_path / 'missing.jpg'}"]
+
+
+def test_internal_error_exit_3_with_a_log_and_no_traceback(tmp_path):
+    bug = "def boom(args):\n    return {}['no such key']\ncli.cmd_models = boom"
+    r = _cli(bug, "models", env={"EDGE3DFA_CACHE": str(tmp_path)})
+    assert r.returncode == 3
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("edge3dfa: internal error: KeyError")
+    log = Path(lines[0].split("traceback: ", 1)[1].split(";", 1)[0])
+    assert log.parent == tmp_path / "logs"
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "boom" in text and "models" in text
+
+
+def test_debug_prints_the_traceback_anywhere_on_the_line(tmp_path):
+    bug = "def boom(args):\n    raise RuntimeError('bug')\ncli.cmd_models = boom"
+    for argv in (("--debug", "models"), ("models", "--debug")):
+        r = _cli(bug, *argv, env={"EDGE3DFA_CACHE": str(tmp_path)})
+        assert r.returncode == 3
+        assert "Traceback (most recent call last)" in r.stderr and "RuntimeError: bug" in r.stderr
+
+
+def test_disk_full_or_no_permission_is_a_user_error(tmp_path):
+    bug = ("import errno\ndef full(args):\n    raise OSError(errno.ENOSPC, 'No space left on device', '/x/out.json')\n"
+           "cli.cmd_models = full")
+    r = _cli(bug, "models")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["edge3dfa: error: cannot use /x/out.json: No space left on device"]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signals_exit_128_plus_signal_and_run_cleanup(tmp_path, sig, code):
+    marker = tmp_path / "cleaned"
+    slow = (f"import time, pathlib\ndef slow(args):\n    try:\n        print('ready', flush=True)\n"
+            f"        time.sleep(60)\n    finally:\n        pathlib.Path({str(marker)!r}).write_text('yes')\n"
+            "cli.cmd_models = slow")
+    script = f"import sys\nimport edge3dfa.cli as cli\n{slow}\nsys.exit(cli.main(['models']))\n"
+    p = subprocess.Popen([PY, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == code
+    assert "Traceback" not in err and err.strip().startswith("edge3dfa: interrupted")
+    assert marker.read_text() == "yes"
+
+
+def test_closed_pipe_is_quiet():
+    chatty = "def chatty(args):\n    for i in range(10**6):\n        print('x' * 100)\ncli.cmd_models = chatty"
+    script = f"import sys\nimport edge3dfa.cli as cli\n{chatty}\nsys.exit(cli.main(['models']))\n"
+    p = subprocess.Popen([PY, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(1000)
+    p.stdout.close()
+    t0 = time.time()
+    err = p.stderr.read().decode()
+    p.wait(timeout=60)
+    assert time.time() - t0 < 60
+    assert p.returncode == 141 and "Traceback" not in err, err
