@@ -93,4 +93,5 @@ def open_target(path_or_name: str | os.PathLike, threads: int | None = None, **o
 
 
 def _extra(suffix: str) -> str:
-    return {".pth": "torch", ".onnx": "onnx", ".tflite": "pi", ".mlpackage": "coreml"}.get(suffix, "all")
+    return {".pth": "torch", ".onnx": "onnx", ".tflite": "pi", ".mlpackage": "coreml",
+            ".pte": "executorch"}.get(suffix, "all")
