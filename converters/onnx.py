@@ -122,6 +122,11 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     return o
 
 
+def check_options(precision: str, detector: bool, options: dict[str, Any]) -> None:
+    """Unknown keys and bad values as user errors, before anything is converted (``convert`` asks every format)."""
+    parse_options(options)
+
+
 # ------------------------------------------------------------------------------------------ torch -> onnx
 def landmark_head_module(model: Any) -> Any:
     """``model`` followed by de-normalisation and the 68-point reconstruction: [N,3,120,120] -> [N,3,68].
