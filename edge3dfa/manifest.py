@@ -95,6 +95,8 @@ class Manifest:
             raise Edge3dfaError(f"manifest missing: {path}") from e
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise Edge3dfaError(f"manifest {path} is not valid JSON ({e})") from e
+        except RecursionError:
+            raise Edge3dfaError(f"manifest {path} is not a manifest: JSON nested too deeply to read") from None
         validate(d, path)
         return cls.from_dict(d)
 

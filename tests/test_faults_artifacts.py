@@ -195,6 +195,7 @@ def test_manifest_that_does_not_describe_the_file_is_exit_2(pair, photo, capsys,
 # ---------------------------------------------------------------------------------- malformed manifests
 MALFORMED = {
     "not json": ("{broken", "is not valid JSON"),
+    "nested too deeply": ("[" * 100_000, "nested too deeply"),
     "a list": ([1, 2], "holds a list, not an object"),
     "no schema": ({"schema": None}, "field 'schema'"),
     "foreign schema": ({"schema": "other.manifest/1"}, "not an edge3dfa manifest"),
@@ -386,6 +387,7 @@ def test_wide_float_outputs_that_overflow_float32_are_rejected(tmp_path):
     ("coreml", "fp32", "input=img", "coreml option input must be one of tensor, image, got 'img'"),
     ("coreml", "w8", "target=ios18", "coreml option target: w8 needs deployment target iOS16 or later"),
     ("onnx,tflite", "fp32", "head=landmarks", "tflite option head='landmarks' is not one of"),  # valid for onnx
+    ("onnx", "fp32", "opset=17.5", "onnx option opset must be a whole number, got 17.5"),  # was silently 17
 ])
 def test_option_typos_are_exit_2_before_anything_is_converted(tmp_path, capsys, to, precision, option, needle):
     out = tmp_path / "out"

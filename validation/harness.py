@@ -81,10 +81,8 @@ def _is_manifest(mpath: Path) -> bool:
     beside = any(mpath.with_suffix(s).exists() for s in target_suffixes() if s not in CHECKPOINT_SUFFIXES)
     try:
         data = json.loads(mpath.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        if beside:
-            raise Edge3dfaError(f"manifest {mpath} is not valid JSON") from None
-        return False
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return beside  # beside an artifact, Manifest.read then says what is wrong with it
     schema = data.get("schema") if isinstance(data, dict) else None
     return beside or (isinstance(schema, str) and schema.startswith(SCHEMA_NAME + "/"))
 
