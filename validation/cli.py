@@ -144,11 +144,12 @@ def _dataset(args: argparse.Namespace):  # noqa: ANN202
     if args.mode == "crops":
         return load_crops(args.samples, args.ground_truth, args.crops_dir)
     from edge3dfa import assets
+    from edge3dfa.cli import open_artifact
     from edge3dfa.runtime.detect import FaceBoxesDetector
-    from edge3dfa.target import open_target
 
-    path = args.detector or assets.fetch("faceboxes")
-    net = open_target(path, threads=args.threads, **({"arch": "faceboxes"} if str(path).endswith(".pth") else {}))
+    path = str(args.detector or assets.fetch("faceboxes"))
+    net = open_artifact(path, args.threads, not getattr(args, "no_verify", False),
+                        **({"arch": "faceboxes"} if path.endswith(".pth") else {}))
     detector = FaceBoxesDetector(lambda blob: tuple(net.run(blob)[:2]))  # upstream's thresholds and NMS
     return load_pipeline(detector, args.samples, args.ground_truth, args.images_dir)
 
