@@ -2,8 +2,9 @@
 
 Each format is a module (``onnx``, ``tflite``, ``coreml``) exposing ``PRECISIONS``, ``SUFFIX`` and
 ``export(model, dest, precision, *, source, calibration, **options) -> dict`` (manifest fields it fills:
-options, input, output, notes, min_runtime, tools), and optionally ``extra_parity(path, reference, sets,
-threads) -> dict`` for figures only that format has. ``convert`` does the rest once for every format: load the
+options, input, output, notes, min_runtime, tools), and optionally ``check_options(precision, detector,
+options)`` (unknown keys and bad values raise, before any format converts) and ``extra_parity(path, reference,
+sets, threads) -> dict`` for figures only that format has. ``convert`` does the rest once for every format: load the
 model, calibrate, export to a temp path, open it with its target, measure parity against PyTorch, write
 the manifest, and move both into place (a failure leaves neither).
 """
@@ -116,6 +117,10 @@ def convert(model: str | os.PathLike | Source = "mb05", to: str | Sequence[str] 
         raise Edge3dfaError(f"--nme-budget {nme_budget:g}: needs a budget >= 0 and int8 among the precisions "
                             f"(asked: {', '.join(precisions)})")
     src = model if isinstance(model, Source) else load_source(model, arch)
+    for mod in modules.values():  # a typo in an option fails here, before anything is converted or written
+        for prec in precisions:
+            if hasattr(mod, "check_options"):
+                mod.check_options(prec, src.is_detector, options)
     out = Path(out_dir) / src.name
     calib = calibration
     if any(p in CALIBRATED for p in precisions) and not isinstance(calib, CalibrationSet):

@@ -80,6 +80,15 @@ def _bool(key: str, value: Any) -> bool:
     raise Edge3dfaError(f"onnx option {key} must be true or false, got {value!r}")
 
 
+def _whole(key: str, value: Any) -> int:
+    """A whole number (17, 17.0, "17"); 17.5 or true are errors, not silently 17 or 1."""
+    whole = (isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+             or (isinstance(value, str) and value.strip().isdigit()))
+    if isinstance(value, bool) or not whole:
+        raise Edge3dfaError(f"onnx option {key} must be a whole number, got {value!r}")
+    return int(value)
+
+
 def _choice(key: str, value: Any, allowed: Any) -> str:
     v = str(value).lower().replace("_", "-")
     if v not in allowed:
@@ -102,12 +111,12 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     for key in ("reduce_range", "per_channel", "activation_symmetric", "preprocess", "float_output", "float_input",
                 "bias_correction"):
         o[key] = _bool(key, o[key])
+    for key in ("opset", "calib_batch", "num_bins", "num_quantized_bins"):
+        o[key] = _whole(key, o[key])
     try:
-        for key in ("opset", "calib_batch", "num_bins", "num_quantized_bins"):
-            o[key] = int(o[key])
         o["percentile"] = float(o["percentile"])
-    except (TypeError, ValueError) as e:
-        raise Edge3dfaError(f"onnx options opset, calib_batch, num_bins, percentile must be numbers ({e})") from None
+    except (TypeError, ValueError):
+        raise Edge3dfaError(f"onnx option percentile must be a number, got {o['percentile']!r}") from None
     if o["calib_batch"] < 1 or not 128 <= o["num_quantized_bins"] < o["num_bins"]:
         raise Edge3dfaError("onnx options: calib_batch >= 1 and 128 <= num_quantized_bins < num_bins")
     top = 20 if o["exporter"] == "torchscript" else 21  # the TorchScript exporter stops at opset 20
@@ -120,6 +129,11 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
         exclude = [n.strip() for n in exclude.split(",") if n.strip()]
     o["exclude"] = sorted(set(map(str, exclude or [])))
     return o
+
+
+def check_options(precision: str, detector: bool, options: dict[str, Any]) -> None:
+    """Unknown keys and bad values as user errors, before anything is converted (``convert`` asks every format)."""
+    parse_options(options)
 
 
 # ------------------------------------------------------------------------------------------ torch -> onnx

@@ -39,17 +39,33 @@ def _images(inputs: Sequence[str]) -> list[Path]:
     return out
 
 
+def open_artifact(path: str, threads: int | None = None, verify: bool = True, **options):  # noqa: ANN201
+    """``open_target`` plus the one-line warning a person should see: an artifact used unchecked (``--no-verify``)
+    or one without a manifest, whose provenance nothing vouches for. Checkpoints and zoo names have no manifest."""
+    from edge3dfa.target import is_checkpoint, open_target
+
+    target = open_target(path, threads=threads, verify=verify, **options)
+    if not is_checkpoint(path):
+        if not verify:
+            _say(f"warning: --no-verify: {path} is used without checking it against its manifest")
+        elif target.manifest is None:
+            _say(f"warning: {path} has no manifest beside it: its origin and integrity are not verified")
+    return target
+
+
 def open_aligner(model: str = "mb05", arch: str | None = None, artifact: str | None = None,
-                 detector: str | None = None, threads: int | None = None, dense_bfm: str | None = None):  # noqa: ANN201
-    """The FaceAligner the CLI uses: the artifact (or PyTorch checkpoint) plus FaceBoxes."""
+                 detector: str | None = None, threads: int | None = None, dense_bfm: str | None = None,
+                 verify: bool = True):  # noqa: ANN201
+    """The FaceAligner the CLI uses: the artifact (or PyTorch checkpoint) plus FaceBoxes; ``verify=False``
+    uses artifacts that do not match their manifests (with a warning)."""
     from edge3dfa import assets
     from edge3dfa.pipeline import FaceAligner
     from edge3dfa.runtime import load_dense_bfm
     from edge3dfa.target import open_target
 
-    regressor = open_target(artifact, threads=threads) if artifact else open_target(model, threads, arch=arch)
+    regressor = open_artifact(artifact, threads, verify) if artifact else open_target(model, threads, arch=arch)
     if detector:
-        det = open_target(detector, threads=threads, **({"arch": "faceboxes"} if detector.endswith(".pth") else {}))
+        det = open_artifact(detector, threads, verify, **({"arch": "faceboxes"} if detector.endswith(".pth") else {}))
     else:
         try:
             import torch  # noqa: F401
@@ -72,7 +88,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for v in videos:
         if not v.is_file():
             raise Edge3dfaError(f"no such video file: {v}")
-    aligner = open_aligner(args.model, args.arch, args.artifact, args.detector, args.threads, args.dense_bfm)
+    aligner = open_aligner(args.model, args.arch, args.artifact, args.detector, args.threads, args.dense_bfm,
+                           verify=not args.no_verify)
     failures = _run_images(args, aligner, images, single=len(images) == 1 and not videos and args.camera is None)
     sources: list[str | int] = [str(v) for v in videos] + ([args.camera] if args.camera is not None else [])
     for src in sources:
@@ -188,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--arch", help="architecture of --model when it is a checkpoint (default: inferred)")
     run.add_argument("--artifact", help="converted model (.onnx, .tflite, .mlpackage) to run instead of --model")
     run.add_argument("--detector", help="FaceBoxes artifact or checkpoint (default: FaceBoxesProd.pth)")
+    run.add_argument("--no-verify", action="store_true",
+                     help="use --artifact/--detector even when they do not match the manifest beside them "
+                          "(sha256, format, precision, input); by default a mismatch is exit 2")
     run.add_argument("--threads", type=int, help="threads per runtime (default: the runtime's own)")
     run.add_argument("--out-dir", help="where to write NAME.json and NAME_overlay.png (default: beside the image)")
     run.add_argument("--dense-bfm", help="full BFM (upstream bfm_noneck_v3.pkl) to also write dense meshes")
