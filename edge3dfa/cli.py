@@ -49,6 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.camera is None and not args.inputs:
         raise Edge3dfaError("nothing to run: give images, folders or videos, or --camera N")
+    _check_run_options(args)
     jobs = plan(args.inputs, args.out_dir, args.camera)  # every input found and named before any work
     images = [j for j in jobs if j.kind == "image"]
     if len(images) < len(jobs) and args.dense_bfm:
@@ -58,6 +59,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     for job in jobs[len(images):]:
         failures += _run_video(args, aligner, job, single=len(jobs) == 1)
     return 2 if failures else 0
+
+
+def _check_run_options(args: argparse.Namespace) -> None:
+    """Numeric options in range before any work (a negative thread count crashed torch, a NaN probe the tracker)."""
+    import math
+
+    checks = [("--threads", args.threads, args.threads is None or args.threads >= 1, "a whole number >= 1"),
+              ("--max-frames", args.max_frames, args.max_frames is None or args.max_frames >= 1, "a whole number >= 1"),
+              ("--redetect-every", args.redetect_every, args.redetect_every >= 0, "a whole number >= 0 (0: off)"),
+              ("--probe", args.probe, math.isfinite(args.probe) and 0 <= args.probe < 1, "from 0 (off) to below 1"),
+              ("--smooth-min-cutoff", args.smooth_min_cutoff,
+               math.isfinite(args.smooth_min_cutoff) and args.smooth_min_cutoff > 0, "a number of Hz > 0"),
+              ("--smooth-beta", args.smooth_beta, math.isfinite(args.smooth_beta) and args.smooth_beta >= 0,
+               "a number >= 0")]
+    for flag, value, ok, expected in checks:
+        if not ok:
+            raise Edge3dfaError(f"{flag} must be {expected}, got {value}")
 
 
 def _run_video(args: argparse.Namespace, aligner, job: Job, single: bool) -> int:  # noqa: ANN001

@@ -145,9 +145,9 @@ def write_together(files: Sequence[tuple[Path, bytes]]) -> None:
     records the overlay's sha256 so a reader can tell.
     """
     temps: dict[Path, Path] = {}
-    backups: dict[Path, Path] = {}
+    backups: dict[Path, tuple[Path, bool]] = {}  # dest -> (backup, whether dest was moved away to make it)
     placed: list[Path] = []
-    done = False
+    done, dest = False, None
     try:
         for dest, data in files:
             temps[dest] = _write_temp(dest, data)
@@ -155,18 +155,24 @@ def write_together(files: Sequence[tuple[Path, bytes]]) -> None:
             if dest.exists():
                 backups[dest] = _backup(dest)
         for dest, _ in files:
-            os.replace(temps.pop(dest), dest)
+            os.replace(temps[dest], dest)
+            del temps[dest]
             placed.append(dest)
         done = True
+    except OSError as e:  # name the output, not a temp file (full disk, no permission, read-only folder)
+        raise OSError(e.errno, e.strerror or str(e), os.fspath(dest)) from None
     finally:
-        if not done:
-            for dest in placed:
+        for dest, (bak, moved) in backups.items():
+            with suppress(OSError):
+                if not done and (moved or dest in placed):
+                    os.replace(bak, dest)  # the old file back
+                else:
+                    os.unlink(bak)  # a hard link: the old file is still in place, or was replaced on purpose
+        for dest in placed if not done else ():
+            if dest not in backups:
                 with suppress(OSError):
                     os.unlink(dest)
-            for dest, bak in backups.items():
-                with suppress(OSError):
-                    os.replace(bak, dest)
-        for tmp in [*temps.values(), *(backups.values() if done else ())]:
+        for tmp in temps.values():
             with suppress(OSError):
                 os.unlink(tmp)
 
@@ -190,15 +196,18 @@ def _write_temp(dest: Path, data: bytes) -> Path:
     return tmp
 
 
-def _backup(dest: Path) -> Path:
+def _backup(dest: Path) -> tuple[Path, bool]:
+    """A second name for ``dest``'s current file: a hard link (``dest`` stays in place), or on a disk without
+    hard links (FAT on an SD card) ``dest`` itself moved aside; returns (backup, moved)."""
     bak = _temp_name(dest, "old")
     with suppress(FileNotFoundError):
         os.unlink(bak)
     try:
         os.link(dest, bak)
-    except OSError:  # a disk without hard links (FAT on an SD card): move it aside instead
+        return bak, False
+    except OSError:
         os.replace(dest, bak)
-    return bak
+        return bak, True
 
 
 def sha256_bytes(data: bytes) -> str:
