@@ -44,7 +44,8 @@ def resized(img: np.ndarray, f: float) -> np.ndarray:
 
 
 def row(name: str, d: np.ndarray) -> None:
-    print(f"  {name:42s} max {d.max():4d}  p99 {np.percentile(d, 99):5.1f}  median {np.median(d):5.1f}  (n={len(d)})")
+    print(f"  {name:42s} min {d.min():4d}  median {np.median(d):5.1f}  p99 {np.percentile(d, 99):5.1f}  "
+          f"max {d.max():4d}  (n={len(d)})")
 
 
 def copies(crops: list[np.ndarray], originals: list[np.ndarray]) -> None:
