@@ -62,8 +62,10 @@ def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
             if not found:
                 raise Edge3dfaError(f"no images in folder {printable(item)}")
             out += found
-        elif item.exists():
+        elif item.is_file():
             out.append(item)
+        elif item.exists():  # a device or pipe (/dev/zero would be read forever)
+            raise Edge3dfaError(f"not an image file or a folder: {printable(item)}")
         else:
             raise Edge3dfaError(f"no such file or folder: {printable(item)}")
     return _unique(out)
@@ -147,6 +149,8 @@ def write_together(files: Sequence[tuple[Path, bytes]]) -> None:
     temps: dict[Path, Path] = {}
     backups: dict[Path, tuple[Path, bool]] = {}  # dest -> (backup, whether dest was moved away to make it)
     placed: list[Path] = []
+    for folder in dict.fromkeys(dest.parent for dest, _ in files):
+        folder.mkdir(parents=True, exist_ok=True)  # an error names the folder
     done, dest = False, None
     try:
         for dest, data in files:
@@ -182,7 +186,6 @@ def _temp_name(dest: Path, tag: str) -> Path:
 
 
 def _write_temp(dest: Path, data: bytes) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(dest, "tmp")
     written = False
     try:

@@ -150,17 +150,39 @@ def test_non_utf8_names_never_crash_and_the_folder_goes_on(tmp_path):
     with open(os.path.join(bfolder, b"bad\xff.jpg"), "wb") as f:
         f.write(b"not an image")
     write(folder / "z.jpg", photo("trump_hillary"))
+    (folder / "bomb.png").write_bytes(png_header_only(100_000, 100_000))  # 10 gigapixels claimed
     open(os.path.join(bfolder, b"v\xe9.mp4"), "wb").close()
     r = cli("run", bfolder, os.path.join(bfolder, b"v\xe9.mp4"))
     assert r.returncode == 2, r.stderr  # two inputs failed, not a crash (a segfault is 139)
     lines = err_lines(r)
     assert any("bad\\xff.jpg: error: cannot read image" in ln for ln in lines), lines
     assert any("v\\xe9.mp4" in ln and "UTF-8" in ln for ln in lines), lines
+    assert any("bomb.png: error: cannot decode image" in ln and "larger than" in ln for ln in lines), lines
     assert faces_in(Path(os.fsdecode(os.path.join(bfolder, b"caf\xe9.json")))) == EXAMPLES["JianzhuGuo"]
     assert faces_in(folder / "z.json") == EXAMPLES["trump_hillary"]
     overlay = np.fromfile(os.fsdecode(os.path.join(bfolder, b"caf\xe9_overlay.png")), np.uint8)
     assert cv2.imdecode(overlay, cv2.IMREAD_COLOR).shape == photo("JianzhuGuo").shape
     assert not [n for n in listing(folder) if n.startswith(".")]  # no temp files left
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` gray pixels, with a tiny body (a decompression bomb)."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) \
+        + chunk(b"IEND", b"")
+
+
+def test_a_device_is_not_read_as_an_image(tmp_path):
+    if not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero here")
+    r = cli("run", "/dev/zero", "--out-dir", tmp_path / "o", timeout=60)  # would be read forever
+    assert r.returncode == 2
+    assert err_lines(r) == ["edge3dfa: error: not an image file or a folder: /dev/zero"]
 
 
 # ------------------------------------------------------------------------------------------------- EXIF

@@ -53,8 +53,10 @@ def decode_image(data: bytes | np.ndarray, name: str | os.PathLike = "image") ->
     buf = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     try:
         img = cv2.imdecode(buf, DECODE_FLAGS) if buf.size else None
-    except cv2.error as e:  # e.g. dimensions over OpenCV's pixel limit
-        raise Edge3dfaError(f"cannot decode image {printable(name)}: {' '.join(str(e).split())[-120:]}") from None
+    except cv2.error as e:  # e.g. a header claiming more pixels than OpenCV's limit (a decompression bomb)
+        why = ("larger than OpenCV decodes (CV_IO_MAX_IMAGE_PIXELS)" if "MAX_IMAGE_PIXELS" in str(e)
+               else " ".join(str(e).split(" error: ", 1)[-1].split())[:160])
+        raise Edge3dfaError(f"cannot decode image {printable(name)}: {why}") from None
     if img is None:
         raise Edge3dfaError(f"cannot read image {printable(name)}: empty, truncated or not an image")
     return as_bgr_uint8(img)
