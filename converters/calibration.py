@@ -72,7 +72,10 @@ def load_calibration(folder: str | os.PathLike | None = None, count: int = 256, 
     crops, used, h = [], [], hashlib.sha256()
     for f in files:
         blob = _read_bytes(f)
-        img = runtime.decode_image(blob, f)
+        try:
+            img = runtime.decode_image(blob, f)
+        except Edge3dfaError as e:
+            raise Edge3dfaError(f"unreadable calibration image: {e}") from None
         crop = img
         if img.shape[:2] != (runtime.INPUT_SIZE, runtime.INPUT_SIZE):
             if detector is None:

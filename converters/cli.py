@@ -41,7 +41,7 @@ def _value(v: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge3dfa.converters import convert
+    from edge3dfa.converters import convert, over_budget
     from edge3dfa.errors import Edge3dfaError
 
     options = {}
@@ -50,8 +50,6 @@ def run(args: argparse.Namespace) -> int:
             raise Edge3dfaError(f"--option takes KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         options[k.replace("-", "_")] = _value(v)
-    from edge3dfa.converters import over_budget
-
     arts = convert(args.checkpoint or args.model, to=args.to, precision=args.precision, out_dir=args.out,
                    arch=args.arch if args.checkpoint else None, calibration=args.calib_dir,
                    calib_count=args.calib_count, threads=args.threads, nme_budget=args.nme_budget,

@@ -62,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _check_run_options(args: argparse.Namespace) -> None:
-    """Numeric options in range before any work (a negative thread count crashed torch, a NaN probe the tracker)."""
+    """Numeric options in range before any work (a negative thread count crashed torch)."""
     import math
 
     checks = [("--threads", args.threads, args.threads is None or args.threads >= 1, "a whole number >= 1"),
