@@ -324,9 +324,7 @@ def extra_parity(path: Path, reference: Any, sets: dict[str, np.ndarray], thread
     out: dict[str, Any] = {"evaluated_by": "coreml" if coreml_runtime_available() else "mil-numpy"}
     if sets:
         return out
-    import cv2
-
-    from edge3dfa import assets
+    from edge3dfa import assets, runtime
     from edge3dfa.runtime.detect import prepare
     from edge3dfa.target import open_target
     from edge3dfa.targets.torch import TorchTarget
@@ -334,7 +332,7 @@ def extra_parity(path: Path, reference: Any, sets: dict[str, np.ndarray], thread
     target = open_target(path, threads=threads)
     reference = TorchTarget(reference.path, threads=threads, arch="faceboxes", model=reference.model)
     for name in ("emma", "trump_hillary"):
-        blob, _ = prepare(cv2.imread(str(assets.fetch(name))))
+        blob, _ = prepare(runtime.read_image(assets.fetch(name)))
         ref, cand = reference.run(blob), target.run(blob)
         out[f"detector_{name}"] = {"shape": list(blob.shape), "loc_max_abs": float(np.abs(ref[0] - cand[0]).max()),
                                    "conf_max_abs": float(np.abs(ref[1] - cand[1]).max())}

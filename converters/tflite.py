@@ -566,9 +566,7 @@ def extra_parity(path: str | os.PathLike, reference: Any, sets: dict[str, np.nda
 
     Both run on the same blob, shrunk and padded to the artifact's fixed size as the pipeline does.
     """
-    import cv2
-
-    from edge3dfa import assets
+    from edge3dfa import assets, runtime
     from edge3dfa.runtime.detect import FaceBoxesDetector, prepare
     from edge3dfa.targets.tflite import TFLiteTarget
     from edge3dfa.targets.torch import TorchTarget
@@ -580,7 +578,7 @@ def extra_parity(path: str | os.PathLike, reference: Any, sets: dict[str, np.nda
     size = tuple(cand.input_shape[1:])
     out = {}
     for name in ("trump_hillary", "emma"):
-        img = cv2.imread(str(assets.fetch(name)))
+        img = runtime.read_image(assets.fetch(name))
         blob, _ = prepare(img, size)
         r, c = ref.run(blob), cand.run(blob)
         boxes = [FaceBoxesDetector(lambda b, t=t: tuple(t.run(b)[:2]), input_size=size)(img) for t in (ref, cand)]
