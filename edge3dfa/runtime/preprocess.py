@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from edge3dfa.errors import Edge3dfaError
+from edge3dfa.logs import printable
 
 INPUT_SIZE = 120
 
@@ -40,12 +41,6 @@ def as_bgr_uint8(img: np.ndarray) -> np.ndarray:
 #: IMREAD_UNCHANGED would keep alpha but ignores EXIF orientation (OpenCV applies it for every other flag),
 #: so a portrait phone photo would be read lying on its side, where the detector finds no face.
 DECODE_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
-
-
-def printable(path: str | os.PathLike) -> str:
-    """A file name as text that can always be printed or logged: bytes that are not UTF-8 (kept by Python as
-    surrogate escapes) are shown as ``\\xNN``."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def decode_image(data: bytes | np.ndarray, name: str | os.PathLike = "image") -> np.ndarray:
