@@ -18,8 +18,7 @@ import numpy as np
 from edge3dfa import __version__
 from edge3dfa.errors import INTERNAL_ERROR, USER_ERROR, Edge3dfaError, Interrupted, handle_termination
 from edge3dfa.jobs import Job
-from edge3dfa.logs import one_line, write_crash_log
-from edge3dfa.runtime.preprocess import printable
+from edge3dfa.logs import one_line, printable, write_crash_log
 from edge3dfa.track import SMOOTH
 
 

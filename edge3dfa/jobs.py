@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edge3dfa.errors import Edge3dfaError
-from edge3dfa.runtime.preprocess import printable
+from edge3dfa.logs import printable
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 

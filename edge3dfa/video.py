@@ -30,7 +30,7 @@ def check_camera_index(index: int) -> None:
 
 def open_capture(source: str | int) -> cv2.VideoCapture:
     """A video file path or a camera index -> an opened cv2.VideoCapture."""
-    from edge3dfa.runtime.preprocess import printable
+    from edge3dfa.logs import printable
 
     if isinstance(source, int):
         check_camera_index(source)
