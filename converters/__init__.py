@@ -2,8 +2,9 @@
 
 Each format is a module (``onnx``, ``tflite``, ``coreml``) exposing ``PRECISIONS``, ``SUFFIX`` and
 ``export(model, dest, precision, *, source, calibration, **options) -> dict`` (manifest fields it fills:
-options, input, output, notes, min_runtime, tools), and optionally ``extra_parity(path, reference, sets,
-threads) -> dict`` for figures only that format has. ``convert`` does the rest once for every format: load the
+options, input, output, notes, min_runtime, tools), and optionally ``check_options(precision, detector,
+options)`` (unknown keys and bad values raise, before any format converts) and ``extra_parity(path, reference,
+sets, threads) -> dict`` for figures only that format has. ``convert`` does the rest once for every format: load the
 model, calibrate, export to a temp path, open it with its target, measure parity against PyTorch, write
 the manifest, and move both into place (a failure leaves neither).
 """
@@ -11,6 +12,7 @@ the manifest, and move both into place (a failure leaves neither).
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 import tempfile
@@ -62,6 +64,40 @@ def format_module(fmt: str):  # noqa: ANN201
         raise Edge3dfaError(f"the {fmt} converter is not available ({e}); pip install 'edge3dfa[{fmt}]'") from e
 
 
+def plan_list(value: str | Sequence[str] | None, what: str) -> list[str]:
+    """``"onnx,tflite"`` or ``["onnx", "tflite"]`` -> ``["onnx", "tflite"]`` (blanks and repeats dropped); an
+    empty list is an error: a plan that would build nothing must not look like success."""
+    items = value.split(",") if isinstance(value, str) else list(value or [])
+    out = list(dict.fromkeys(str(v).strip() for v in items if str(v).strip()))
+    if not out:
+        known = ", ".join(FORMATS) if what == "format" else "e.g. fp32, fp16, int8"
+        raise Edge3dfaError(f"no {what} given ({known}); nothing to convert")
+    return out
+
+
+def check_budget(nme_budget: float | None, precisions: Sequence[str]) -> None:
+    """``--nme-budget``: a finite number >= 0, and int8 among the precisions."""
+    if nme_budget is None:
+        return
+    if isinstance(nme_budget, bool) or not isinstance(nme_budget, (int, float)) or not math.isfinite(nme_budget) \
+            or nme_budget < 0:
+        raise Edge3dfaError(f"--nme-budget must be a finite number >= 0 (NME points, e.g. 0.05), got {nme_budget}")
+    if "int8" not in precisions:
+        raise Edge3dfaError(f"--nme-budget {nme_budget:g} chooses among int8 artifacts: add int8 to the precisions "
+                            f"(asked: {', '.join(precisions)})")
+
+
+def over_budget(artifacts: Sequence[Artifact]) -> list[Artifact]:
+    """The artifacts built with ``nme_budget`` whose search did not meet it (``quantization.met`` false)."""
+    return [a for a in artifacts if (a.manifest.quantization or {}).get("met") is False]
+
+
+def _is_calibration_set(calibration: Any) -> bool:
+    from edge3dfa.converters.calibration import CalibrationSet
+
+    return isinstance(calibration, CalibrationSet)
+
+
 def load_source(model: str | os.PathLike = "mb05", arch: str | None = None) -> Source:
     """A zoo name, a checkpoint path (arch given or inferred), or ``faceboxes`` (the detector)."""
     from edge3dfa import assets
@@ -104,18 +140,25 @@ def convert(model: str | os.PathLike | Source = "mb05", to: str | Sequence[str] 
     from edge3dfa.target import open_target
     from edge3dfa.targets.torch import TorchTarget
 
-    formats = [to] if isinstance(to, str) else list(to)
-    precisions = [precision] if isinstance(precision, str) else list(precision)
+    formats, precisions = plan_list(to, "format"), plan_list(precision, "precision")
     modules = {fmt: format_module(fmt) for fmt in formats}
     for fmt, mod in modules.items():
         bad = [p for p in precisions if p not in mod.PRECISIONS]
         if bad:
             raise Edge3dfaError(f"{fmt} does not offer precision {', '.join(bad)}; "
                                 f"it offers {', '.join(mod.PRECISIONS)}")
-    if nme_budget is not None and (nme_budget < 0 or "int8" not in precisions):
-        raise Edge3dfaError(f"--nme-budget {nme_budget:g}: needs a budget >= 0 and int8 among the precisions "
-                            f"(asked: {', '.join(precisions)})")
+    check_budget(nme_budget, precisions)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise Edge3dfaError(f"--threads must be a whole number >= 1, got {threads}")
+    if any(p in CALIBRATED for p in precisions) and not _is_calibration_set(calibration):
+        from edge3dfa.converters.calibration import calibration_files
+
+        calibration_files(calibration, calib_count)  # a bad folder or count fails now, not after loading the model
     src = model if isinstance(model, Source) else load_source(model, arch)
+    for mod in modules.values():  # a typo in an option fails here, before anything is converted or written
+        for prec in precisions:
+            if hasattr(mod, "check_options"):
+                mod.check_options(prec, src.is_detector, options)
     out = Path(out_dir) / src.name
     calib = calibration
     if any(p in CALIBRATED for p in precisions) and not isinstance(calib, CalibrationSet):
@@ -126,7 +169,7 @@ def convert(model: str | os.PathLike | Source = "mb05", to: str | Sequence[str] 
         # "calibration": the LAST crops of the default calibration folder, which int8 calibration (the first
         # calib_count in sorted order) does not see unless it asks for nearly all 512: figures stay held out
         sets = {"aflw2000": load_eval_crops(parity_count),
-                "calibration": load_calibration(None, count=512).data[-parity_count:]}
+                "calibration": load_calibration(None, count=512, check_disjoint=False).data[-parity_count:]}
     results = []
     for fmt, mod in modules.items():
         for prec in precisions:

@@ -2,8 +2,9 @@
 
 Two sources: a folder of ready crops (default: the 512 AFLW crops disjoint from AFLW2000-3D), or a folder
 of photos run through detector -> roi -> crop. Order is sorted by file name, so a set (and its digest) is
-reproducible. A set that shares a file name or a file's bytes with AFLW2000-3D is refused: calibrating on
-the evaluation set would flatter every int8 figure.
+reproducible. An image that is a copy of an AFLW2000-3D crop or photo, in any format, re-encoded, resized or
+mirrored, is refused (``converters.overlap``): calibrating on the evaluation set would flatter every int8
+figure.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -45,56 +45,86 @@ class CalibrationSet:
         return {"folder": self.folder, "count": len(self), "digest": self.digest}
 
 
-@lru_cache(maxsize=1)
-def _evaluation_fingerprint() -> tuple[frozenset[str], frozenset[str]]:
-    names = frozenset(assets.fetch("aflw2000_crop_list").read_text().split())
-    crops = assets.fetch("aflw2000_crops")
-    digests = frozenset(assets.sha256_file(p) for p in crops.iterdir() if p.is_file())
-    return names, digests
+def _check_disjoint(name: Path, img: np.ndarray, crop: np.ndarray) -> None:
+    """Refuse an image whose pixels copy the evaluation set: the crop calibration uses against the AFLW2000-3D
+    crops; a photo also as a whole, against the crops (resized copies) and the original photos."""
+    from edge3dfa.converters.overlap import reference
 
-
-def _check_disjoint(files: list[Path], blobs: list[bytes]) -> None:
-    names, digests = _evaluation_fingerprint()
-    for f, blob in zip(files, blobs):
-        if f.name in names or hashlib.sha256(blob).hexdigest() in digests:
-            raise Edge3dfaError(f"calibration file {f} is part of the AFLW2000-3D evaluation set; "
-                                "calibrate on disjoint images (default: images/calibration/aflw_gt_crop_disjoint512)")
+    found = reference("aflw2000_crops").match(crop)
+    if found is None and img.shape[:2] != crop.shape[:2]:
+        found = reference("aflw2000_crops").match(img, exact=False) or reference("aflw2000_original").match(img)
+    if found:
+        raise Edge3dfaError(f"calibration image {runtime.printable(name)} is {found}; calibrate on images disjoint "
+                            "from the evaluation set (default: images/calibration/aflw_gt_crop_disjoint512)")
 
 
 def load_calibration(folder: str | os.PathLike | None = None, count: int = 256, detector=None,  # noqa: ANN001
                      check_disjoint: bool = True) -> CalibrationSet:
-    """Up to ``count`` crops from ``folder`` (default: asset ``calibration_crops``) in sorted order.
+    """The first ``count`` crops from ``folder`` (default: asset ``calibration_crops``) in sorted order.
 
     Images that are not 120x120 are treated as photos and need ``detector`` (a FaceAligner-compatible
-    callable ``img -> boxes [K,5]``); the most confident face of each photo is used.
+    callable ``img -> boxes [K,5]``); the most confident face of each photo is used, photos without one are
+    skipped. Fewer than ``count`` images or faces is an error, never a smaller set than asked for.
+    ``check_disjoint=False`` is for callers that use the default folder for something other than
+    calibration (held-out scoring, parity figures).
     """
-    folder = Path(folder) if folder is not None else assets.fetch("calibration_crops")
-    if not folder.is_dir():
-        raise Edge3dfaError(f"calibration folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
-    if not files:
-        raise Edge3dfaError(f"no images in calibration folder {folder}")
-    blobs = [p.read_bytes() for p in files]
-    if check_disjoint:
-        _check_disjoint(files, blobs)
-    crops, h = [], hashlib.sha256()
-    for f, blob in zip(files, blobs):
-        img = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise Edge3dfaError(f"unreadable calibration image {f}")
-        img = runtime.as_bgr_uint8(img)
+    folder, files = calibration_files(folder, count)
+    crops, used, h = [], [], hashlib.sha256()
+    for f in files:
+        blob = _read_bytes(f)
+        try:
+            img = runtime.decode_image(blob, f)
+        except Edge3dfaError as e:
+            raise Edge3dfaError(f"unreadable calibration image: {e}") from None
+        crop = img
         if img.shape[:2] != (runtime.INPUT_SIZE, runtime.INPUT_SIZE):
             if detector is None:
-                raise Edge3dfaError(f"{f} is not a 120x120 crop; pass a detector to crop faces from photos")
+                raise Edge3dfaError(f"{runtime.printable(f)} is not a 120x120 crop; pass a detector to crop faces "
+                                    "from photos")
             boxes = detector(img)
             if not len(boxes):
                 continue
-            img = cv2.resize(runtime.crop(img, runtime.roi_from_box(boxes[:1])[0]), (120, 120))
-        crops.append(img)
-        h.update(f.name.encode() + b"\0" + blob)
-    if not crops:
-        raise Edge3dfaError(f"no face found in any calibration image of {folder}")
-    return CalibrationSet(runtime.normalise(np.stack(crops)), str(folder), tuple(f.name for f in files), h.hexdigest())
+            crop = cv2.resize(runtime.crop(img, runtime.roi_from_box(boxes[:1])[0]), (120, 120))
+        if check_disjoint:
+            _check_disjoint(f, img, crop)
+        crops.append(crop)
+        used.append(f.name)
+        h.update(os.fsencode(f.name) + b"\0" + blob)
+        if len(crops) == count:
+            break
+    if len(crops) < count:
+        raise Edge3dfaError(f"only {len(crops)} of the {len(files)} images in {runtime.printable(folder)} have a "
+                            f"face; ask for at most {len(crops)} calibration crops" if crops else
+                            f"no face found in any calibration image of {runtime.printable(folder)}")
+    return CalibrationSet(runtime.normalise(np.stack(crops)), str(folder), tuple(used), h.hexdigest())
+
+
+def calibration_files(folder: str | os.PathLike | None, count: object) -> tuple[Path, list[Path]]:
+    """The calibration folder (default: asset ``calibration_crops``) and its images in sorted order, after
+    checking that ``count`` of them can be asked for (nothing is decoded: cheap enough to run up front)."""
+    folder = Path(folder) if folder is not None else assets.fetch("calibration_crops")
+    if not folder.is_dir():
+        raise Edge3dfaError(f"calibration folder not found: {runtime.printable(folder)}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    check_count(count, len(files), folder)
+    return folder, files
+
+
+def check_count(count: object, available: int | None = None, folder: object = "the calibration folder") -> None:
+    """A calibration count is a whole number from 1 to the images there are (when known)."""
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise Edge3dfaError(f"calibration count must be a whole number of at least 1, got {count}")
+    if available is not None and count > available:
+        where = runtime.printable(folder) if isinstance(folder, (str, os.PathLike)) else folder
+        raise Edge3dfaError(f"calibration count {count} is more than the {available} images in {where}"
+                            if available else f"no images in calibration folder {where}")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise Edge3dfaError(f"cannot read calibration image {runtime.printable(path)}: {e.strerror or e}") from None
 
 
 def crops_of(calibration: CalibrationSet | np.ndarray) -> np.ndarray:
@@ -107,4 +137,4 @@ def load_eval_crops(count: int = 64) -> np.ndarray:
     """The first ``count`` AFLW2000-3D crops (protocol order) as network input: for parity, never calibration."""
     folder = assets.fetch("aflw2000_crops")
     names = assets.fetch("aflw2000_crop_list").read_text().split()[:count]
-    return runtime.normalise(np.stack([cv2.imread(str(folder / n)) for n in names]))
+    return runtime.normalise(np.stack([runtime.read_image(folder / n) for n in names]))

@@ -81,30 +81,14 @@ def export(model: Any, dest: Path, precision: str, *, source: Any, calibration: 
     compressed variants, default fp16), ``target`` iOS16|iOS17|iOS18 (raise the deployment target; iOS18 gives
     the blockwise / grouped compression ops).
     """
-    if precision not in PRECISIONS:
-        raise Edge3dfaError(f"coreml precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if input not in INPUTS:
-        raise Edge3dfaError(f"coreml option input must be one of {', '.join(INPUTS)}, got {input!r}")
-    if route not in ROUTES:
-        raise Edge3dfaError(f"coreml option route must be one of {', '.join(ROUTES)}, got {route!r}")
-    if compute not in (None, "fp16", "fp32") or (compute is not None and precision in ("fp32", "fp16")):
-        raise Edge3dfaError(f"coreml option compute takes fp16|fp32 for compressed precisions, got {compute!r} "
-                            f"with {precision}")
-    floor = _MIN_TARGET.get(precision, "iOS16")
-    target = target or _DEFAULT_TARGET.get(precision, floor)
-    if target not in TARGETS or TARGETS.index(target) < TARGETS.index(floor):
-        raise Edge3dfaError(f"coreml {precision} needs deployment target {floor} or later "
-                            f"({', '.join(TARGETS[TARGETS.index(floor):])}), got {target!r}")
     detector = source.is_detector
-    if detector and input == "image":
-        raise Edge3dfaError("input=image is for the 120x120 regressors; the detector takes a mean-subtracted tensor")
-    if detector and precision == "w8a8":
-        raise Edge3dfaError("w8a8 calibrates on face crops; convert the detector at fp32, fp16, w8, pal6 or pal4")
+    o = check_options(precision, detector, {"input": input, "route": route, "compute": compute, "target": target,
+                                            **options})
+    input, route, compute, target = o["input"], o["route"], o["compute"], o["target"]
     if precision == "w8a8" and calibration is None:
         raise Edge3dfaError("coreml w8a8 needs a calibration set (real face crops)")
-    compute = compute or ("fp32" if precision == "fp32" else "fp16")
     ct = import_coremltools()
-    notes: list[str] = [f"ignored options (not coreml's): {', '.join(sorted(options))}"] if options else []
+    notes: list[str] = []
 
     mlmodel = _convert(ct, model, detector, input, route, compute, target)
     compression: dict[str, Any] = {}
@@ -146,6 +130,36 @@ def export(model: Any, dest: Path, precision: str, *, source: Any, calibration: 
         "min_runtime": dict(_OS_VERSIONS[target]),
         "tools": tool_versions("coremltools", "torch"),
     }
+
+
+def check_options(precision: str, detector: bool, options: dict[str, Any]) -> dict[str, Any]:
+    """``export``'s options (input, route, compute, target) checked, with defaults filled in; unknown keys and bad
+    values are user errors, raised before anything is converted (``convert`` asks every format first)."""
+    unknown = sorted(set(options) - {"input", "route", "compute", "target"})
+    if unknown:
+        raise Edge3dfaError(f"unknown coreml option(s) {', '.join(unknown)}; known: compute, input, route, target")
+    input, route = options.get("input", "tensor"), options.get("route", DEFAULT_ROUTE)
+    compute, target = options.get("compute"), options.get("target")
+    if precision not in PRECISIONS:
+        raise Edge3dfaError(f"coreml precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if input not in INPUTS:
+        raise Edge3dfaError(f"coreml option input must be one of {', '.join(INPUTS)}, got {input!r}")
+    if route not in ROUTES:
+        raise Edge3dfaError(f"coreml option route must be one of {', '.join(ROUTES)}, got {route!r}")
+    if compute not in (None, "fp16", "fp32") or (compute is not None and precision in ("fp32", "fp16")):
+        raise Edge3dfaError(f"coreml option compute takes fp16|fp32 for compressed precisions, got {compute!r} "
+                            f"with {precision}")
+    floor = _MIN_TARGET.get(precision, "iOS16")
+    target = target or _DEFAULT_TARGET.get(precision, floor)
+    if target not in TARGETS or TARGETS.index(target) < TARGETS.index(floor):
+        raise Edge3dfaError(f"coreml option target: {precision} needs deployment target {floor} or later "
+                            f"({', '.join(TARGETS[TARGETS.index(floor):])}), got {target!r}")
+    if detector and input == "image":
+        raise Edge3dfaError("input=image is for the 120x120 regressors; the detector takes a mean-subtracted tensor")
+    if detector and precision == "w8a8":
+        raise Edge3dfaError("w8a8 calibrates on face crops; convert the detector at fp32, fp16, w8, pal6 or pal4")
+    return {"input": input, "route": route, "target": target,
+            "compute": compute or ("fp32" if precision == "fp32" else "fp16")}
 
 
 def _convert(ct: Any, model: Any, detector: bool, input: str, route: str, compute: str, target: str) -> Any:
@@ -310,9 +324,7 @@ def extra_parity(path: Path, reference: Any, sets: dict[str, np.ndarray], thread
     out: dict[str, Any] = {"evaluated_by": "coreml" if coreml_runtime_available() else "mil-numpy"}
     if sets:
         return out
-    import cv2
-
-    from edge3dfa import assets
+    from edge3dfa import assets, runtime
     from edge3dfa.runtime.detect import prepare
     from edge3dfa.target import open_target
     from edge3dfa.targets.torch import TorchTarget
@@ -320,7 +332,7 @@ def extra_parity(path: Path, reference: Any, sets: dict[str, np.ndarray], thread
     target = open_target(path, threads=threads)
     reference = TorchTarget(reference.path, threads=threads, arch="faceboxes", model=reference.model)
     for name in ("emma", "trump_hillary"):
-        blob, _ = prepare(cv2.imread(str(assets.fetch(name))))
+        blob, _ = prepare(runtime.read_image(assets.fetch(name)))
         ref, cand = reference.run(blob), target.run(blob)
         out[f"detector_{name}"] = {"shape": list(blob.shape), "loc_max_abs": float(np.abs(ref[0] - cand[0]).max()),
                                    "conf_max_abs": float(np.abs(ref[1] - cand[1]).max())}

@@ -80,6 +80,15 @@ def _bool(key: str, value: Any) -> bool:
     raise Edge3dfaError(f"onnx option {key} must be true or false, got {value!r}")
 
 
+def _whole(key: str, value: Any) -> int:
+    """A whole number (17, 17.0, "17"); 17.5 or true are errors, not silently 17 or 1."""
+    whole = (isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+             or (isinstance(value, str) and value.strip().isdigit()))
+    if isinstance(value, bool) or not whole:
+        raise Edge3dfaError(f"onnx option {key} must be a whole number, got {value!r}")
+    return int(value)
+
+
 def _choice(key: str, value: Any, allowed: Any) -> str:
     v = str(value).lower().replace("_", "-")
     if v not in allowed:
@@ -102,12 +111,12 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     for key in ("reduce_range", "per_channel", "activation_symmetric", "preprocess", "float_output", "float_input",
                 "bias_correction"):
         o[key] = _bool(key, o[key])
+    for key in ("opset", "calib_batch", "num_bins", "num_quantized_bins"):
+        o[key] = _whole(key, o[key])
     try:
-        for key in ("opset", "calib_batch", "num_bins", "num_quantized_bins"):
-            o[key] = int(o[key])
         o["percentile"] = float(o["percentile"])
-    except (TypeError, ValueError) as e:
-        raise Edge3dfaError(f"onnx options opset, calib_batch, num_bins, percentile must be numbers ({e})") from None
+    except (TypeError, ValueError):
+        raise Edge3dfaError(f"onnx option percentile must be a number, got {o['percentile']!r}") from None
     if o["calib_batch"] < 1 or not 128 <= o["num_quantized_bins"] < o["num_bins"]:
         raise Edge3dfaError("onnx options: calib_batch >= 1 and 128 <= num_quantized_bins < num_bins")
     top = 20 if o["exporter"] == "torchscript" else 21  # the TorchScript exporter stops at opset 20
@@ -120,6 +129,11 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
         exclude = [n.strip() for n in exclude.split(",") if n.strip()]
     o["exclude"] = sorted(set(map(str, exclude or [])))
     return o
+
+
+def check_options(precision: str, detector: bool, options: dict[str, Any]) -> None:
+    """Unknown keys and bad values as user errors, before anything is converted (``convert`` asks every format)."""
+    parse_options(options)
 
 
 # ------------------------------------------------------------------------------------------ torch -> onnx
@@ -230,11 +244,24 @@ def _finalise(src: Path, dest: Path, meta: dict[str, str]) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- quantize
+def equal_batch(count: int, batch: int) -> int:
+    """The largest batch size <= ``batch`` that splits ``count`` crops into equal batches.
+
+    onnxruntime's calibrators stack every batch's outputs into one array (``np.asarray`` of the list), which
+    fails on a shorter last batch: 33 crops in batches of 32 crashed int8 conversion. The ranges do not depend on
+    how the crops are split (the histogram calibrators see all outputs at once; MinMax takes the min/max of the
+    per-batch min/max), so any count works with equal batches, at worst of one crop each.
+    """
+    return max(d for d in range(1, max(1, min(batch, count)) + 1) if count % d == 0) if count > 0 else 1
+
+
 def calibration_reader(calibration: Any, input_name: str = "input", batch: int = 32) -> Any:
-    """An onnxruntime CalibrationDataReader over a CalibrationSet (or crops array), in its reproducible order."""
+    """An onnxruntime CalibrationDataReader over a CalibrationSet (or crops array), in its reproducible order,
+    in equal batches of at most ``batch`` crops (``equal_batch``)."""
     from onnxruntime.quantization import CalibrationDataReader
 
     data = crops_of(calibration)
+    batch = equal_batch(len(data), batch)
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -390,7 +417,7 @@ class Int8Builder:
         qdq = self.work / "bias-probe.onnx"
         self.quantize(qdq)
         x = crops_of(calibration)[:count]
-        sizes = [len(x[i:i + 16]) for i in range(0, len(x), 16)]
+        sizes = [equal_batch(len(x), 16)] * (len(x) // equal_batch(len(x), 16))  # as calibration_reader splits x
         acts = _activations(qdq, x, self.work)
         weights = create_weight_matching(str(self.src), str(qdq))
         qdq_nodes = {n.name: n for n in onnx.load(str(qdq), load_external_data=False).graph.node}
@@ -658,8 +685,6 @@ def _landmark_compare(ref_params: np.ndarray, cand: np.ndarray) -> dict[str, flo
 
 
 def _faceboxes_parity(path: Path, reference: Any, threads: int | None) -> dict[str, Any]:
-    import cv2
-
     from edge3dfa import assets
     from edge3dfa.runtime.detect import prepare
     from edge3dfa.targets.onnxruntime import OnnxTarget
@@ -669,7 +694,7 @@ def _faceboxes_parity(path: Path, reference: Any, threads: int | None) -> dict[s
     cand = OnnxTarget(path, threads=threads)
     out = {}
     for name in ("trump_hillary", "emma"):
-        blob, _ = prepare(cv2.imread(str(assets.fetch(name))))
+        blob, _ = prepare(runtime.read_image(assets.fetch(name)))
         r, c = ref.run(blob), cand.run(blob)
         out[f"photo {name}"] = {"loc_max_abs": float(np.abs(r[0] - c[0]).max()),
                                 "conf_max_abs": float(np.abs(r[1] - c[1]).max()),

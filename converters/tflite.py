@@ -189,6 +189,16 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     return v
 
 
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise Edge3dfaError(f"tflite option {key} must be true or false, got {value!r}")
+
+
 def _size(value: Any) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in (re.split(r"[x,]", value) if isinstance(value, str) else value))
@@ -215,11 +225,16 @@ def parse_options(precision: str, detector: bool, options: dict[str, Any]) -> di
     if "input_size" in options and not detector:
         raise Edge3dfaError("tflite option input_size is for the detector; regressors take 120x120")
     o["input_size"] = _size(options["input_size"]) if "input_size" in options else DETECTOR_SIZE
-    o["fc_per_channel"] = str(options.get("fc_per_channel", False)).lower() in ("true", "1", "yes")
+    o["fc_per_channel"] = _bool("fc_per_channel", options.get("fc_per_channel", False))
     if detector and precision == "int8":
         raise Edge3dfaError("int8 FaceBoxes needs calibration photos, which the shared set (face crops) is not; "
                             "use fp32, fp16 or dyn-int8 for the detector")
     return o
+
+
+def check_options(precision: str, detector: bool, options: dict[str, Any]) -> None:
+    """Unknown keys and bad values as user errors, before anything is converted (``convert`` asks every format)."""
+    parse_options(precision, detector, options)
 
 
 # ------------------------------------------------------------------------------------------- conversion
@@ -551,9 +566,7 @@ def extra_parity(path: str | os.PathLike, reference: Any, sets: dict[str, np.nda
 
     Both run on the same blob, shrunk and padded to the artifact's fixed size as the pipeline does.
     """
-    import cv2
-
-    from edge3dfa import assets
+    from edge3dfa import assets, runtime
     from edge3dfa.runtime.detect import FaceBoxesDetector, prepare
     from edge3dfa.targets.tflite import TFLiteTarget
     from edge3dfa.targets.torch import TorchTarget
@@ -565,7 +578,7 @@ def extra_parity(path: str | os.PathLike, reference: Any, sets: dict[str, np.nda
     size = tuple(cand.input_shape[1:])
     out = {}
     for name in ("trump_hillary", "emma"):
-        img = cv2.imread(str(assets.fetch(name)))
+        img = runtime.read_image(assets.fetch(name))
         blob, _ = prepare(img, size)
         r, c = ref.run(blob), cand.run(blob)
         boxes = [FaceBoxesDetector(lambda b, t=t: tuple(t.run(b)[:2]), input_size=size)(img) for t in (ref, cand)]

@@ -4,6 +4,7 @@ through the ``edge3dfa.commands`` entry-point group (each exposes ``register(sub
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 from collections.abc import Sequence
@@ -16,40 +17,38 @@ import numpy as np
 
 from edge3dfa import __version__
 from edge3dfa.errors import INTERNAL_ERROR, USER_ERROR, Edge3dfaError, Interrupted, handle_termination
-from edge3dfa.fileio import atomic_path, write_json
-from edge3dfa.logs import one_line, write_crash_log
+from edge3dfa.jobs import Job
+from edge3dfa.logs import one_line, printable, write_crash_log
 from edge3dfa.track import SMOOTH
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
+def open_artifact(path: str, threads: int | None = None, verify: bool = True, **options):  # noqa: ANN201
+    """``open_target`` plus the one-line warning a person should see: an artifact used unchecked (``--no-verify``)
+    or one without a manifest, whose provenance nothing vouches for. Checkpoints and zoo names have no manifest."""
+    from edge3dfa.target import is_checkpoint, open_target
 
-def _images(inputs: Sequence[str]) -> list[Path]:
-    out: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                           and not p.stem.endswith("_overlay"))
-            if not found:
-                raise Edge3dfaError(f"no images in folder {item}")
-            out += found
-        elif item.exists():
-            out.append(item)
-        else:
-            raise Edge3dfaError(f"no such file or folder: {item}")
-    return out
+    target = open_target(path, threads=threads, verify=verify, **options)
+    if not is_checkpoint(path):
+        if not verify:
+            _say(f"warning: --no-verify: {path} is used without checking it against its manifest")
+        elif target.manifest is None:
+            _say(f"warning: {path} has no manifest beside it: its origin and integrity are not verified")
+    return target
 
 
 def open_aligner(model: str = "mb05", arch: str | None = None, artifact: str | None = None,
-                 detector: str | None = None, threads: int | None = None, dense_bfm: str | None = None):  # noqa: ANN201
-    """The FaceAligner the CLI uses: the artifact (or PyTorch checkpoint) plus FaceBoxes."""
+                 detector: str | None = None, threads: int | None = None, dense_bfm: str | None = None,
+                 verify: bool = True):  # noqa: ANN201
+    """The FaceAligner the CLI uses: the artifact (or PyTorch checkpoint) plus FaceBoxes; ``verify=False``
+    uses artifacts that do not match their manifests (with a warning)."""
     from edge3dfa import assets
     from edge3dfa.pipeline import FaceAligner
     from edge3dfa.runtime import load_dense_bfm
     from edge3dfa.target import open_target
 
-    regressor = open_target(artifact, threads=threads) if artifact else open_target(model, threads, arch=arch)
+    regressor = open_artifact(artifact, threads, verify) if artifact else open_target(model, threads, arch=arch)
     if detector:
-        det = open_target(detector, threads=threads, **({"arch": "faceboxes"} if detector.endswith(".pth") else {}))
+        det = open_artifact(detector, threads, verify, **({"arch": "faceboxes"} if detector.endswith(".pth") else {}))
     else:
         try:
             import torch  # noqa: F401
@@ -61,81 +60,109 @@ def open_aligner(model: str = "mb05", arch: str | None = None, artifact: str | N
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from edge3dfa.video import VIDEO_SUFFIXES
+    from edge3dfa.jobs import plan
 
     if args.camera is None and not args.inputs:
         raise Edge3dfaError("nothing to run: give images, folders or videos, or --camera N")
-    videos = [Path(p) for p in args.inputs if Path(p).suffix.lower() in VIDEO_SUFFIXES]
-    images = _images([p for p in args.inputs if Path(p).suffix.lower() not in VIDEO_SUFFIXES])
-    if (videos or args.camera is not None) and args.dense_bfm:
+    _check_run_options(args)
+    jobs = plan(args.inputs, args.out_dir, args.camera)  # every input found and named before any work
+    images = [j for j in jobs if j.kind == "image"]
+    if len(images) < len(jobs) and args.dense_bfm:
         raise Edge3dfaError("--dense-bfm writes meshes for images only, not for videos or a camera")
-    for v in videos:
-        if not v.is_file():
-            raise Edge3dfaError(f"no such video file: {v}")
-    aligner = open_aligner(args.model, args.arch, args.artifact, args.detector, args.threads, args.dense_bfm)
-    failures = _run_images(args, aligner, images, single=len(images) == 1 and not videos and args.camera is None)
-    sources: list[str | int] = [str(v) for v in videos] + ([args.camera] if args.camera is not None else [])
-    for src in sources:
-        failures += _run_video(args, aligner, src, single=len(sources) == 1 and not images)
+    aligner = open_aligner(args.model, args.arch, args.artifact, args.detector, args.threads, args.dense_bfm,
+                           verify=not args.no_verify)
+    failures = _run_images(args, aligner, images, single=len(jobs) == 1)
+    for job in jobs[len(images):]:
+        failures += _run_video(args, aligner, job, single=len(jobs) == 1)
     return 2 if failures else 0
 
 
-def _run_video(args: argparse.Namespace, aligner, source: str | int, single: bool) -> int:  # noqa: ANN001
+def _check_run_options(args: argparse.Namespace) -> None:
+    """Numeric options in range before any work (a negative thread count crashed torch)."""
+    import math
+
+    checks = [("--threads", args.threads, args.threads is None or args.threads >= 1, "a whole number >= 1"),
+              ("--max-frames", args.max_frames, args.max_frames is None or args.max_frames >= 1, "a whole number >= 1"),
+              ("--redetect-every", args.redetect_every, args.redetect_every >= 0, "a whole number >= 0 (0: off)"),
+              ("--probe", args.probe, math.isfinite(args.probe) and 0 <= args.probe < 1, "from 0 (off) to below 1"),
+              ("--smooth-min-cutoff", args.smooth_min_cutoff,
+               math.isfinite(args.smooth_min_cutoff) and args.smooth_min_cutoff > 0, "a number of Hz > 0"),
+              ("--smooth-beta", args.smooth_beta, math.isfinite(args.smooth_beta) and args.smooth_beta >= 0,
+               "a number >= 0")]
+    for flag, value, ok, expected in checks:
+        if not ok:
+            raise Edge3dfaError(f"{flag} must be {expected}, got {value}")
+
+
+def _run_video(args: argparse.Namespace, aligner, job: Job, single: bool) -> int:  # noqa: ANN001
     """One video file or camera through the tracker -> NAME_overlay.mp4 + NAME.jsonl; 1 when it failed."""
     from edge3dfa.track import Tracker
     from edge3dfa.video import track_video
 
-    name = f"camera{source}" if isinstance(source, int) else Path(source).stem
-    out_dir = Path(args.out_dir) if args.out_dir else (Path.cwd() if isinstance(source, int) else Path(source).parent)
     tracker = Tracker(aligner, probe=args.probe, redetect_every=args.redetect_every,
                       smooth=(args.smooth_min_cutoff, args.smooth_beta) if args.smooth else None)
     try:
-        summary = track_video(tracker, source, out_dir / name, max_frames=args.max_frames)
+        if printable(job.stem) != str(job.stem):  # OpenCV's video writer takes UTF-8 names only (else it crashes)
+            raise Edge3dfaError(f"cannot write {printable(job.outputs[1])}: OpenCV needs file names in UTF-8; "
+                                "rename the video or use another --out-dir")
+        summary = track_video(tracker, str(job.source) if job.kind == "video" else job.source, job.stem,
+                              max_frames=args.max_frames)
     except Edge3dfaError as e:
         if single:
             raise
-        print(f"{name}: error: {e}", file=sys.stderr)
+        print(f"{job.label}: error: {e}", file=sys.stderr)
         return 1
     counts = ", ".join(f"{v} {k}" for k, v in summary["status"].items())
-    print(f"{name}: {summary['frames']} frames ({counts}), {summary['fps']:.1f} fps -> {summary['jsonl']}",
-          file=sys.stderr)
+    print(f"{job.label}: {summary['frames']} frames ({counts}), {summary['fps']:.1f} fps -> "
+          f"{printable(summary['jsonl'])}", file=sys.stderr)
     return 0
 
 
-def _run_images(args: argparse.Namespace, aligner, images: list[Path], single: bool) -> int:  # noqa: ANN001
-    """Each image -> NAME.json + NAME_overlay.png (+ meshes); returns the number of images that failed."""
+def _run_images(args: argparse.Namespace, aligner, images: list[Job], single: bool) -> int:  # noqa: ANN001
+    """Each image -> NAME.json + NAME_overlay.png (+ meshes), written together; returns how many failed."""
+    from edge3dfa.jobs import write_together
     from edge3dfa.runtime import read_image
-    from edge3dfa.runtime.draw import draw_faces
-    from edge3dfa.runtime.export import write_obj, write_ply
 
     failures = 0
-    for i, path in enumerate(images, 1):
+    for i, job in enumerate(images, 1):
         try:
-            img = read_image(path)
+            img = read_image(job.source)
             faces = aligner(img)
             if not len(faces):
-                raise Edge3dfaError(f"no face found in {path}")
-            out_dir = Path(args.out_dir) if args.out_dir else path.parent
-            stem = out_dir / path.stem
-            meta = {"image": str(path), "size": list(img.shape[1::-1]), "target": aligner.regressor.name}
-            overlay = draw_faces(img, faces.landmarks, faces.params, faces.boxes)
-            if faces.vertices is not None:
-                writer = write_obj if args.mesh == "obj" else write_ply
-                for k in range(len(faces)):
-                    writer(f"{stem}_{k}.{args.mesh}", faces.vertices[k], aligner.dense.tri)
-            write_json(f"{stem}.json", {**meta, "faces": faces.to_json()})
-            with atomic_path(f"{stem}_overlay.png") as tmp:
-                if not cv2.imwrite(str(tmp), overlay):
-                    raise Edge3dfaError(f"cannot write {stem}_overlay.png")
+                raise Edge3dfaError(f"no face found in {job.label}")
+            write_together(_image_files(args, aligner, job, img, faces))
             poses = "; ".join(f"yaw {p[0]:.0f} pitch {p[1]:.0f} roll {p[2]:.0f}" for p in faces.pose)
-            print(f"[{i}/{len(images)}] {path.name}: {len(faces)} face(s) ({poses}) -> {stem}.json",
-                  file=sys.stderr)
+            print(f"[{i}/{len(images)}] {printable(job.source.name)}: {len(faces)} face(s) ({poses}) -> "
+                  f"{printable(job.outputs[0])}", file=sys.stderr)
         except Edge3dfaError as e:
             if single:
                 raise
             failures += 1
-            print(f"[{i}/{len(images)}] {path.name}: error: {e}", file=sys.stderr)
+            print(f"[{i}/{len(images)}] {printable(job.source.name)}: error: {e}", file=sys.stderr)
     return failures
+
+
+def _image_files(args: argparse.Namespace, aligner, job: Job, img: np.ndarray, faces) -> list[tuple[Path, bytes]]:  # noqa: ANN001
+    """The bytes of an image's outputs, the JSON last: meshes, the overlay, and the JSON naming both."""
+    from edge3dfa.jobs import sha256_bytes
+    from edge3dfa.runtime.draw import draw_faces
+    from edge3dfa.runtime.export import obj_bytes, ply_bytes
+
+    files = []
+    if faces.vertices is not None:
+        encode = obj_bytes if args.mesh == "obj" else ply_bytes
+        files += [(Path(f"{job.stem}_{k}.{args.mesh}"), encode(faces.vertices[k], aligner.dense.tri))
+                  for k in range(len(faces))]
+    json_path, overlay_path = job.outputs
+    ok, png = cv2.imencode(".png", draw_faces(img, faces.landmarks, faces.params, faces.boxes))
+    if not ok:
+        raise Edge3dfaError(f"cannot encode the overlay of {job.label} as PNG")
+    files.append((overlay_path, png.tobytes()))
+    meta = {"image": str(job.source), "size": list(img.shape[1::-1]), "target": aligner.regressor.name,
+            "overlay": overlay_path.name, "overlay_sha256": sha256_bytes(files[-1][1]),
+            **({"meshes": [p.name for p, _ in files[:-1]]} if faces.vertices is not None else {})}
+    text = json.dumps({**meta, "faces": faces.to_json()}, indent=2) + "\n"
+    return [*files, (json_path, text.encode())]
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -161,6 +188,17 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+RUN_OUTPUTS = """Landmarks, pose and params for every face in images, folders or videos.
+
+outputs, named after each input's file name without its suffix (NAME):
+  image  NAME.json (faces: box, 68x3 landmarks, pose, params) + NAME_overlay.png (+ NAME_K.ply with
+         --dense-bfm), written together: all or none, an earlier result stays until the new one is complete
+  video  NAME.jsonl (one line per frame) + NAME_overlay.mp4; --camera N: cameraN.jsonl + cameraN_overlay.mp4
+  Two inputs that would write the same file (face.jpg and face.png) both keep their suffix instead:
+  face_jpg.json, face_png.json. Inputs that still clash (p.jpg from two folders into one --out-dir) stop the
+  run before it starts, naming both. Unreadable images are reported and the rest are still processed."""
+
+
 EXIT_CODES = """exit codes:
   0    ok (validate/export: verdict PASSED)
   1    a gate failed or a budget was not met (verdict FAILED or NOT VERIFIED)
@@ -182,14 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edge3dfa {__version__}")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an internal error")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="landmarks, pose and params for every face in images, folders or videos")
+    run = sub.add_parser("run", help="landmarks, pose and params for every face in images, folders or videos",
+                         description=RUN_OUTPUTS)
     run.add_argument("inputs", nargs="*", help="image files, folders of images, video files (.mp4, .avi, ...)")
     run.add_argument("--model", default="mb05", help="zoo name or 3DDFA_V2 checkpoint (default: mb05)")
     run.add_argument("--arch", help="architecture of --model when it is a checkpoint (default: inferred)")
     run.add_argument("--artifact", help="converted model (.onnx, .tflite, .mlpackage) to run instead of --model")
     run.add_argument("--detector", help="FaceBoxes artifact or checkpoint (default: FaceBoxesProd.pth)")
+    run.add_argument("--no-verify", action="store_true",
+                     help="use --artifact/--detector even when they do not match the manifest beside them "
+                          "(sha256, format, precision, input); by default a mismatch is exit 2")
     run.add_argument("--threads", type=int, help="threads per runtime (default: the runtime's own)")
-    run.add_argument("--out-dir", help="where to write NAME.json and NAME_overlay.png (default: beside the image)")
+    run.add_argument("--out-dir", help="where to write the outputs (default: beside each input; a camera's: here)")
     run.add_argument("--dense-bfm", help="full BFM (upstream bfm_noneck_v3.pkl) to also write dense meshes")
     run.add_argument("--mesh", choices=("ply", "obj"), default="ply", help="mesh format with --dense-bfm")
     video = run.add_argument_group("video and camera (-> NAME_overlay.mp4 + NAME.jsonl, one JSON line per frame)")

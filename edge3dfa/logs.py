@@ -22,6 +22,11 @@ def one_line(e: object, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def printable(text: str | os.PathLike) -> str:
+    """A command-line argument or file name as readable text: bytes that are not UTF-8 shown as ``\\xNN``."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
 def log_dir() -> Path:
     cache = os.environ.get("EDGE3DFA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "edge3dfa"
     return Path(cache).expanduser() / "logs"
@@ -32,7 +37,7 @@ def write_crash_log(exc: BaseException, argv: list[str] | None = None) -> Path:
     from edge3dfa import __version__
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    command = " ".join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(printable(a) for a in (sys.argv[1:] if argv is None else argv))
     text = (f"edge3dfa {__version__} internal error at {datetime.now().isoformat(timespec='seconds')}\n"
             f"command: edge3dfa {command}\npython {platform.python_version()} on {platform.platform()}\n\n"
             + "".join(traceback.format_exception(exc)))
@@ -40,7 +45,7 @@ def write_crash_log(exc: BaseException, argv: list[str] | None = None) -> Path:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"edge3dfa-crash-{stamp}-{os.getpid()}.log"
-            path.write_text(text)
+            path.write_text(text, errors="backslashreplace")  # argv may hold non-UTF-8 file names
             return path
         except OSError:
             continue

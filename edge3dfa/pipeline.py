@@ -60,12 +60,23 @@ class FaceAligner:
         roi_boxes = np.asarray(roi_boxes, np.float32).reshape(-1, 4)
         x = runtime.crops_from_rois(img, roi_boxes)
         params_norm = self.regressor.predict(x) if len(x) else np.zeros((0, 62), np.float32)
-        params = runtime.denormalise(params_norm, self.bfm)
-        pts = runtime.to_image(runtime.reconstruct(params, self.bfm), roi_boxes)
-        dense = runtime.to_image(runtime.reconstruct(params, self.dense), roi_boxes) if self.dense else None
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, as one error
+            params = runtime.denormalise(params_norm, self.bfm)
+            pts = runtime.to_image(runtime.reconstruct(params, self.bfm), roi_boxes)
+            dense = runtime.to_image(runtime.reconstruct(params, self.dense), roi_boxes) if self.dense else None
+            pose = runtime.pose(params)
+        self._check_finite(params_norm, pts, pose)
         if boxes is None:
             boxes = np.c_[roi_boxes, np.ones(len(roi_boxes), np.float32)]
-        return Faces(np.asarray(boxes, np.float32), roi_boxes, params, pts, runtime.pose(params), dense)
+        return Faces(np.asarray(boxes, np.float32), roi_boxes, params, pts, pose, dense)
+
+    def _check_finite(self, params_norm: np.ndarray, pts: np.ndarray, pose: np.ndarray) -> None:
+        """Finite but huge params (e.g. 1e30) overflow float32 in the 3DMM: an error naming the regressor."""
+        bad = ~(np.isfinite(pts).all(axis=(1, 2)) & np.isfinite(pose).all(axis=1))
+        if bad.any():
+            raise Edge3dfaError(f"{self.regressor.name}: params out of range (largest |output| "
+                                f"{float(np.abs(params_norm).max()):.3g}) give non-finite landmarks or pose for "
+                                f"{int(bad.sum())} of {len(bad)} faces; the artifact is broken (re-convert it)")
 
     def __call__(self, img: np.ndarray) -> Faces:
         """Detect every face, then regress all of them in one batch."""

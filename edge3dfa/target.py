@@ -6,6 +6,14 @@ or dtype the artifact wants inside: NHWC transposes and int8 scaling are the tar
 
 Runtimes plug in through the ``edge3dfa.targets`` entry-point group (name = file suffix, e.g. ``.onnx``),
 so this core module never imports them: a Pi install without torch still opens a .tflite.
+
+``open_target`` checks a converted artifact against the manifest beside it before returning it: the manifest
+names this file, its format is this runtime's, its precision is one the format offers and the file holds
+(float vs quantized, as far as the file tells cheaply), its sha256 matches and the input the runtime sees is
+the one the manifest describes. A mismatch is an Edge3dfaError naming the file and the field (exit 2) unless
+the caller passes ``verify=False``. An artifact without a manifest (a third-party .onnx) still opens, with
+``target.manifest`` None: its provenance is unverified, which the command line says once. Outputs are checked
+on every call: NaN or Inf from a runtime is an Edge3dfaError naming the target, never a number passed on.
 """
 
 from __future__ import annotations
@@ -14,12 +22,17 @@ import os
 from abc import ABC, abstractmethod
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edge3dfa.errors import Edge3dfaError
+from edge3dfa.manifest import Manifest, manifest_path
 
 N_PARAMS = 62
+#: what a manifest's precision says the file computes with (see ``Target.stored_precision``)
+FLOAT_PRECISIONS = {"fp32": ("float32", "float"), "fp16": ("float16", "float")}
+CHECKPOINT_SUFFIXES = (".pth", ".pt")
 
 
 class Target(ABC):
@@ -27,12 +40,26 @@ class Target(ABC):
 
     #: short runtime name for reports, e.g. "torch", "onnxruntime"
     runtime: str = "?"
+    #: the manifest ``format`` of this runtime's artifacts, and the precisions such an artifact can have
+    format: str = "?"
+    precisions: tuple[str, ...] = ()
 
     def __init__(self, path: str | os.PathLike | None, threads: int | None = None):
         self.path = Path(path) if path is not None else None
         self.threads = threads
         #: expected shape of one sample; None entries accept any size (the detector takes any H, W)
         self.input_shape: tuple[int | None, ...] = (3, 120, 120)
+        #: the verified manifest beside the artifact (set by ``open_target``); None: none, or not checked
+        self.manifest: Manifest | None = None
+
+    def input_contract(self) -> dict[str, Any]:
+        """The input as the artifact stores it: shape in its own layout (None = any size), layout, dtype, kind."""
+        return {"shape": [None, *self.input_shape], "layout": "NCHW", "dtype": "float32", "kind": "tensor"}
+
+    def stored_precision(self) -> str | None:
+        """What the artifact computes with, as far as its file tells cheaply: "float32", "float16", "float"
+        (either), "quantized" (integer weights or activations), or None when the runtime cannot tell."""
+        return None
 
     @property
     def name(self) -> str:
@@ -52,11 +79,30 @@ class Target(ABC):
             raise Edge3dfaError(f"{self.name}: input must be {want}, got {list(x.shape)}")
         if len(x) == 0:
             raise Edge3dfaError(f"{self.name}: empty batch")
-        return self._run(np.ascontiguousarray(x))
+        outs = self._run(np.ascontiguousarray(x))
+        self._check_finite(outs, len(x))
+        return outs
+
+    def _check_finite(self, outs: list[np.ndarray], n: int) -> None:
+        """NaN/Inf in any float output is a broken artifact (or a runtime fault), never a result."""
+        bad = np.zeros(n, bool)
+        for out in outs:
+            a = np.asarray(out)
+            if a.dtype.kind != "f":
+                continue
+            per_sample = a.ndim >= 1 and len(a) == n
+            finite = np.isfinite(a).all(axis=tuple(range(1, a.ndim))) if per_sample else np.isfinite(a).all()
+            bad |= ~finite
+        if bad.any():
+            raise Edge3dfaError(f"{self.name}: produced NaN/Inf for {int(bad.sum())} of {n} samples; the artifact "
+                                "is corrupt or numerically broken (re-convert it)")
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """float32 [N,3,120,120] crops -> float32 [N,62] normalised params."""
-        out = np.asarray(self.run(x)[0], dtype=np.float32).reshape(len(x), -1)
+        raw = self.run(x)[0]
+        with np.errstate(over="ignore"):  # a wider float output may overflow float32: reported just below
+            out = np.asarray(raw, dtype=np.float32).reshape(len(x), -1)
+        self._check_finite([out], len(x))
         if out.shape[1] != N_PARAMS:
             raise Edge3dfaError(f"{self.name}: model outputs {out.shape[1]} values, not {N_PARAMS} params")
         return out
@@ -70,26 +116,108 @@ def target_suffixes() -> dict[str, object]:
     return {ep.name: ep for ep in entry_points(group="edge3dfa.targets")}
 
 
-def open_target(path_or_name: str | os.PathLike, threads: int | None = None, **options) -> Target:
-    """Open an artifact with the runtime its suffix names; a zoo name (``mb05``) opens the PyTorch reference."""
+def open_target(path_or_name: str | os.PathLike, threads: int | None = None, *, verify: bool = True,
+                **options) -> Target:
+    """Open an artifact with the runtime its suffix names; a zoo name (``mb05``) opens the PyTorch reference.
+
+    A converted artifact is checked against the manifest beside it (see the module docstring) unless
+    ``verify=False``; ``target.manifest`` is then the manifest, or None when there is none (or when not verified).
+    """
     p = Path(path_or_name)
-    suffix = p.suffix.lower() if p.suffix else ".pth"
-    if not p.suffix and not p.exists():
-        suffix = ".pth"  # a zoo name
-    elif not p.exists():
+    if p.suffix and not p.exists():
         raise Edge3dfaError(f"artifact not found: {p}")
+    cls = runtime_class(p)
+    manifest = check_manifest(p, cls) if verify and not is_checkpoint(p) else None
+    target = cls(path_or_name, threads=threads, **options)
+    if manifest is not None:
+        check_contract(target, manifest, manifest_path(p))
+        target.manifest = manifest
+    return target
+
+
+def is_checkpoint(path_or_name: str | os.PathLike) -> bool:
+    """A PyTorch checkpoint or zoo name (the reference, opened by torch: no manifest), not a converted artifact."""
+    p = Path(path_or_name)
+    return not p.suffix or p.suffix.lower() in CHECKPOINT_SUFFIXES
+
+
+def runtime_class(path_or_name: str | os.PathLike) -> type[Target]:
+    """The installed Target class for an artifact, by its suffix (loading the class imports no framework)."""
+    p = Path(path_or_name)
+    suffix = ".pth" if is_checkpoint(p) else p.suffix.lower()
     eps = target_suffixes()
-    if suffix == ".pt":
-        suffix = ".pth"
     if suffix not in eps:
         known = ", ".join(sorted(eps)) or "none (is edge3dfa installed?)"
         raise Edge3dfaError(f"no runtime for {suffix!r} files ({p.name}); installed runtimes take: {known}")
     try:
-        cls = eps[suffix].load()
+        return eps[suffix].load()
     except ImportError as e:
         raise Edge3dfaError(f"the runtime for {suffix} files is not installed ({e.name or e}); "
                             f"install the matching extra, e.g. pip install 'edge3dfa[{_extra(suffix)}]'") from e
-    return cls(path_or_name, threads=threads, **options)
+
+
+def check_manifest(path: str | os.PathLike, cls: type[Target] | None = None) -> Manifest | None:
+    """The manifest beside artifact ``path`` once it is checked to describe this file; None when there is none.
+
+    Checks what needs no runtime: the manifest is valid, names this file, has the runtime's format and a
+    precision that format offers, and the file's sha256 is the manifest's (hashed once per process while the
+    file is unchanged).
+    """
+    p = Path(path)
+    mpath = manifest_path(p)
+    if not mpath.exists():
+        return None
+    m = Manifest.read(mpath)
+    cls = cls or runtime_class(p)
+    where = f"{p} does not match its manifest {mpath}"
+    if m.artifact != p.name:
+        raise Edge3dfaError(f"{where}: field 'artifact' names {m.artifact!r} (were files renamed or swapped?)")
+    if m.format != cls.format:
+        raise Edge3dfaError(f"{where}: field 'format' is {m.format!r}, but {p.suffix} files are {cls.format}")
+    if m.precision not in cls.precisions:
+        raise Edge3dfaError(f"{where}: field 'precision' is {m.precision!r}, which {cls.format} does not offer "
+                            f"({', '.join(cls.precisions)})")
+    m.check_artifact(mpath)
+    return m
+
+
+def verify_artifact(path: str | os.PathLike) -> Manifest:
+    """Everything ``open_target`` checks, for an artifact that must have a manifest (``validate``).
+
+    Mismatches raise. An artifact this machine cannot open (its runtime is not installed, or the file does not
+    load) is checked as far as its manifest and sha256 go; opening it again reports why it cannot be used.
+    """
+    p = Path(path)
+    m = check_manifest(p)
+    if m is None:
+        raise Edge3dfaError(f"{p} has no manifest ({manifest_path(p).name}); re-run edge3dfa convert")
+    try:
+        target = runtime_class(p)(p, threads=1)
+    except Edge3dfaError:
+        return m
+    check_contract(target, m, manifest_path(p))
+    return m
+
+
+def check_contract(target: Target, m: Manifest, mpath: str | os.PathLike) -> None:
+    """What only the opened artifact tells: its precision (float or quantized) and its input, vs manifest ``m``."""
+    where = f"{target.path} does not match its manifest {mpath}"
+    stored = target.stored_precision()
+    expected = FLOAT_PRECISIONS.get(m.precision, ("quantized",))
+    if stored is not None and stored not in expected:
+        holds = "integer-quantized weights or ops" if stored == "quantized" else f"{stored} weights, not quantized"
+        raise Edge3dfaError(f"{where}: field 'precision' is {m.precision!r}, but the file holds {holds}")
+    have, want = target.input_contract(), m.input
+    shape = want.get("shape")
+    got = have.get("shape")
+    if isinstance(shape, list) and got is not None and (len(shape) != len(got) or any(
+            isinstance(w, int) and g is not None and w != g for w, g in zip(shape, got))):
+        shown = "[" + ", ".join("?" if g is None else str(g) for g in got) + "]"
+        raise Edge3dfaError(f"{where}: field 'input.shape' is {shape}, but the artifact takes {shown}")
+    for key in ("layout", "dtype", "kind"):
+        if key in want and have.get(key) is not None and want[key] != have[key]:
+            raise Edge3dfaError(f"{where}: field 'input.{key}' is {want[key]!r}, but the artifact's input is "
+                                f"{have[key]!r}")
 
 
 def _extra(suffix: str) -> str:

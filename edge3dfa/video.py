@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +19,53 @@ from edge3dfa.runtime.draw import draw_faces
 from edge3dfa.track import TrackedFrame, Tracker
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
+MAX_CAMERA_INDEX = 2**31 - 1  # OpenCV takes a C int; a negative index crashes it (segfault in OpenCV 5.1)
+
+
+def check_camera_index(index: int) -> None:
+    """Refuse an index OpenCV cannot take before it is handed one (``cv2.VideoCapture(-1)`` segfaults)."""
+    if not isinstance(index, int) or not 0 <= index <= MAX_CAMERA_INDEX:
+        raise Edge3dfaError(f"camera index must be a number from 0 (the first camera), got {index}")
 
 
 def open_capture(source: str | int) -> cv2.VideoCapture:
     """A video file path or a camera index -> an opened cv2.VideoCapture."""
-    if isinstance(source, str) and not Path(source).is_file():
-        raise Edge3dfaError(f"no such video file: {source}")
-    cap = cv2.VideoCapture(source)
+    from edge3dfa.logs import printable
+
+    if isinstance(source, int):
+        check_camera_index(source)
+        with _quiet_opencv():  # its "can't open camera by index" warnings: the error below says it once
+            cap = cv2.VideoCapture(source)
+        if not cap.isOpened():
+            raise Edge3dfaError(f"cannot open camera {source}: no such camera, or it is in use{_cameras_here()}")
+        return cap
+    if not Path(source).is_file():
+        raise Edge3dfaError(f"no such video file: {printable(source)}")
+    if printable(source) != str(source):  # OpenCV takes file names as UTF-8 text (a non-UTF-8 one crashes it)
+        raise Edge3dfaError(f"cannot open video {printable(source)}: OpenCV needs file names in UTF-8; rename it")
+    cap = cv2.VideoCapture(str(source))
     if not cap.isOpened():
-        what = f"camera {source}" if isinstance(source, int) else f"video {source}"
-        raise Edge3dfaError(f"cannot open {what}")
+        raise Edge3dfaError(f"cannot open video {printable(source)}")
     return cap
+
+
+@contextmanager
+def _quiet_opencv() -> Iterator[None]:
+    log = cv2.utils.logging
+    level = log.getLogLevel()
+    log.setLogLevel(log.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        log.setLogLevel(level)
+
+
+def _cameras_here() -> str:
+    """Linux: the camera devices there are, as a hint."""
+    if not sys.platform.startswith("linux"):
+        return ""
+    found = sorted(int(p.name[5:]) for p in Path("/dev").glob("video*") if p.name[5:].isdigit())
+    return f" (cameras here: {', '.join(map(str, found))})" if found else " (no /dev/video* here)"
 
 
 def annotate(frame: Any, result: TrackedFrame, fps: float | None) -> Any:

@@ -18,8 +18,9 @@ import platform
 import sys
 
 from edge3dfa import runtime
-from edge3dfa.cli import _images, open_aligner
+from edge3dfa.cli import open_aligner
 from edge3dfa.fileio import write_json
+from edge3dfa.jobs import list_images
 from edge3dfa.manifest import tool_versions
 from edge3dfa.runtime.detect import prepare
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     aligner = open_aligner(artifact=args.artifact, detector=args.detector, threads=args.threads)
     images = {}
-    for path in _images(args.inputs):
+    for path in list_images(args.inputs):
         img = runtime.read_image(path)
         blob, _ = prepare(runtime.as_bgr_uint8(img), aligner.detector.input_size)
         faces = aligner(img)

@@ -24,6 +24,9 @@ from edge3dfa.target import Target
 from edge3dfa.targets.mil_eval import MILEvaluator, blas_threads, import_coremltools, quiet_coremltools
 
 BACKENDS = ("auto", "coreml", "mil")
+#: MIL op types of compressed programs (linear/blockwise int8 weights, palettes, int8 activations); the program
+#: protobuf stores op types and dtypes as plain strings, so a byte search finds them
+_QUANTIZED_OPS = (b"quantize", b"constexpr_")
 COMPUTE_UNITS = ("all", "cpu_only", "cpu_and_gpu", "cpu_and_ne")
 
 
@@ -62,6 +65,9 @@ class CoreMLTarget(Target):
     thread, 133 vs 15 ms per crop).
     """
 
+    format = "coreml"
+    precisions = ("fp32", "fp16", "w8", "pal6", "pal4", "w8a8")
+
     def __init__(self, path: str | os.PathLike, threads: int | None = None, backend: str = "auto",
                  compute_units: str = "all"):
         super().__init__(path, threads)
@@ -95,6 +101,8 @@ class CoreMLTarget(Target):
             raise Edge3dfaError(f"{p.name}: expected one input, the model has {len(inputs)}")
         self.input_name = inputs[0].name
         self.image_input = inputs[0].type.WhichOneof("Type") == "imageType"
+        array = inputs[0].type.multiArrayType
+        self._input_dtype = None if self.image_input else array.ArrayDataType.Name(array.dataType).lower()
         self.output_names = [o.name for o in spec.description.output]
         #: per dim (lower, upper) as CoreML enforces them; upper None = unbounded
         self.bounds = _input_bounds(inputs[0].type)
@@ -107,6 +115,18 @@ class CoreMLTarget(Target):
             units = getattr(ct.ComputeUnit, compute_units.upper())
             with quiet_coremltools():
                 self._model = ct.models.MLModel(str(p), compute_units=units)
+
+    def input_contract(self) -> dict:
+        return {"shape": [self.fixed_batch, *self.input_shape], "layout": "NCHW",
+                "dtype": {"double": "float64"}.get(self._input_dtype, self._input_dtype),
+                "kind": "image" if self.image_input else "tensor"}
+
+    def stored_precision(self) -> str:
+        """Compressed ops anywhere = quantized; else fp16 casts (what coremltools emits for fp16 compute) = fp16."""
+        data = b"".join(f.read_bytes() for f in sorted(Path(self.path).rglob("*.mlmodel")))
+        if any(op in data for op in _QUANTIZED_OPS):
+            return "quantized"
+        return "float16" if b"fp16" in data else "float32"
 
     def _feed(self, x: np.ndarray) -> np.ndarray:
         return x * np.float32(128.0) + np.float32(127.5) if self.image_input else x

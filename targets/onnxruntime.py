@@ -33,10 +33,17 @@ def _one_line(e: BaseException, limit: int = 160) -> str:
 _SINGLE_THREAD_CHUNK = 8
 
 
+#: op types of quantized graphs: QDQ (Q/DequantizeLinear), dynamic (DynamicQuantizeLinear, Conv/MatMulInteger),
+#: QOperator (QLinearConv ...); ONNX protobuf stores op types as plain strings, so a byte search finds them
+_QUANTIZED_OPS = (b"QuantizeLinear", b"ConvInteger", b"MatMulInteger", b"QLinear")
+
+
 class OnnxTarget(Target):
     """An .onnx file on onnxruntime's CPU provider (or ``providers`` given)."""
 
     runtime = "onnxruntime"
+    format = "onnx"
+    precisions = ("fp32", "int8", "dyn-int8")
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, optimization: str = "all",
                  providers: Sequence[str] | None = None):
@@ -55,7 +62,9 @@ class OnnxTarget(Target):
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION[optimization])
-        so.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
+        # warnings about unused initializers etc. are not the user's business, and errors arrive as exceptions
+        # (reported in one line) after onnxruntime logged them too: log only what is fatal
+        so.log_severity_level = 4
         try:
             self.session = ort.InferenceSession(str(self.path), so,
                                                 providers=list(providers or ["CPUExecutionProvider"]))
@@ -71,6 +80,14 @@ class OnnxTarget(Target):
         self.input_shape = tuple(dims[1:])
         self.output_names = [o.name for o in self.session.get_outputs()]
 
+    def input_contract(self) -> dict:
+        return {**super().input_contract(), "shape": [self.fixed_batch, *self.input_shape]}
+
+    def stored_precision(self) -> str:
+        """"quantized" when the graph has quantization ops, else "float" (fp32 or fp16 weights alike)."""
+        data = self.path.read_bytes()
+        return "quantized" if any(op in data for op in _QUANTIZED_OPS) else "float"
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         if self.output_names[0] in ("landmarks", "loc"):
             raise Edge3dfaError(f"{self.name}: outputs {self.output_names[0]!r}, not 62 params (a fused landmark head "
@@ -81,11 +98,20 @@ class OnnxTarget(Target):
         b = self.fixed_batch
         if b is None and self.threads == 1 and len(x) > _SINGLE_THREAD_CHUNK:
             b = _SINGLE_THREAD_CHUNK  # measured: mb05 fp32 0.90 ms/face in chunks of 8 vs 0.96 as one batch of 64
-            parts = [self.session.run(None, {self.input_name: x[i:i + b]}) for i in range(0, len(x), b)]
+            parts = [self._session_run(x[i:i + b]) for i in range(0, len(x), b)]
             return [np.concatenate(outs) for outs in zip(*parts)]
         if b is None or b == len(x):
-            return self.session.run(None, {self.input_name: x})
+            return self._session_run(x)
         if len(x) % b:
             raise Edge3dfaError(f"{self.name}: the model takes batches of exactly {b}, got {len(x)}")
-        parts = [self.session.run(None, {self.input_name: x[i:i + b]}) for i in range(0, len(x), b)]
+        parts = [self._session_run(x[i:i + b]) for i in range(0, len(x), b)]
         return [np.concatenate(outs) for outs in zip(*parts)]
+
+    def _session_run(self, x: np.ndarray) -> list[np.ndarray]:
+        """One session call; a graph that fails on a valid input (e.g. inconsistent shapes) is a bad artifact."""
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
+        try:
+            return self.session.run(None, {self.input_name: x})
+        except (Fail, InvalidArgument, RuntimeException) as e:
+            raise Edge3dfaError(f"{self.name}: the model failed on a {list(x.shape)} batch ({_one_line(e)})") from None

@@ -122,6 +122,8 @@ class TFLiteTarget(Target):
     """A .tflite file on LiteRT's CPU interpreter with XNNPACK."""
 
     runtime = "litert"
+    format = "tflite"
+    precisions = ("fp32", "fp16", "dyn-int8", "int8")
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         interpreter_class, self.runtime = _interpreter_class()
@@ -162,6 +164,17 @@ class TFLiteTarget(Target):
         self._outputs = self._ordered_outputs()
         if self._input["dtype"] not in (np.float32, np.int8, np.uint8):
             raise Edge3dfaError(f"{self.path.name}: unsupported input type {np.dtype(self._input['dtype']).name}")
+
+    def input_contract(self) -> dict:
+        shape = [int(v) for v in self._input["shape"]]
+        return {"shape": shape, "layout": self.layout, "dtype": np.dtype(self._input["dtype"]).name, "kind": "tensor"}
+
+    def stored_precision(self) -> str:
+        """From the tensors' types: int8/uint8/int16 anywhere = quantized, else float16 weights = fp16."""
+        types = {np.dtype(t["dtype"]) for t in self.interpreter.get_tensor_details()}
+        if types & {np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int16)}:
+            return "quantized"
+        return "float16" if np.dtype(np.float16) in types else "float32"
 
     def _ordered_outputs(self) -> list[dict]:
         """Output details in the signature's order (output_0, output_1, ...), not tensor-index order."""

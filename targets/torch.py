@@ -14,6 +14,8 @@ class TorchTarget(Target):
     """A zoo name, a 3DDFA_V2 checkpoint (arch given or inferred) or FaceBoxes (``arch='faceboxes'``)."""
 
     runtime = "torch"
+    format = "torch"
+    precisions = ("fp32",)
 
     def __init__(self, path: str | os.PathLike | None = None, threads: int | None = None,
                  arch: str | None = None, model=None):  # noqa: ANN001

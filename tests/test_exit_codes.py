@@ -93,3 +93,16 @@ def test_closed_pipe_is_quiet():
     p.wait(timeout=60)
     assert time.time() - t0 < 60
     assert p.returncode == 141 and "Traceback" not in err, err
+
+
+def test_internal_error_log_with_a_non_utf8_argument(tmp_path):
+    bug = "def boom(args):\n    raise RuntimeError('bug')\ncli.cmd_run = boom"
+    script = f"import sys\nimport edge3dfa.cli as cli\n{bug}\nsys.exit(cli.main())\n"
+    name = b"caf\xe9.jpg"  # a Latin-1 name: not valid UTF-8, reaches Python as a surrogate escape
+    r = subprocess.run([PY, "-c", script, "run", name], capture_output=True,
+                       env={**os.environ, "EDGE3DFA_CACHE": str(tmp_path)}, timeout=120)
+    err = r.stderr.decode(errors="replace")
+    assert r.returncode == 3 and "Traceback" not in err, err
+    log = next((tmp_path / "logs").glob("*.log"))
+    text = log.read_text()
+    assert "RuntimeError: bug" in text and "caf\\xe9.jpg" in text

@@ -315,12 +315,14 @@ def test_bad_calibration_folders(tmp_path):
     crops = assets.fetch("aflw2000_crops")
     for name in assets.fetch("aflw2000_crop_list").read_text().split()[:3]:
         shutil.copy(crops / name, overlap / name)
-    for folder, msg in ((empty, "no images"), (broken, "unreadable"), (overlap, "AFLW2000-3D"),
-                        (tmp_path / "missing", "not found")):
+    for folder, count, msg in ((empty, 1, "no images"), (broken, 1, "unreadable"), (overlap, 3, "AFLW2000-3D"),
+                               (tmp_path / "missing", 1, "not found"), (broken, 2, "more than the 1 images")):
         with pytest.raises(Edge3dfaError, match=msg):
-            convert("mb05", to="onnx", precision="int8", calibration=folder, out_dir=out, verbose=False)
+            convert("mb05", to="onnx", precision="int8", calibration=folder, calib_count=count, out_dir=out,
+                    verbose=False)
         assert files_under(out) == []
-    assert main(["convert", "--precision", "int8", "--calib-dir", str(overlap), "--out", str(out)]) == 2
+    assert main(["convert", "--precision", "int8", "--calib-dir", str(overlap), "--calib-count", "3",
+                 "--out", str(out)]) == 2
     assert files_under(out) == []
 
 

@@ -77,6 +77,9 @@ def register_validate(sub: Any) -> None:
     p.add_argument("folder", help="folder of artifacts with manifests (searched recursively), e.g. out/mb05")
     p.add_argument("--reference", help="PyTorch checkpoint to compare with (default: each manifest's source); "
                                         "'none' scores the artifacts alone, without torch (e.g. on a board)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="evaluate artifacts even when they do not match their manifests (sha256, format, precision, "
+                        "input); by default a mismatch is exit 2")
     _add_eval_options(p)
     p.set_defaults(func=cmd_validate)
 
@@ -141,11 +144,12 @@ def _dataset(args: argparse.Namespace):  # noqa: ANN202
     if args.mode == "crops":
         return load_crops(args.samples, args.ground_truth, args.crops_dir)
     from edge3dfa import assets
+    from edge3dfa.cli import open_artifact
     from edge3dfa.runtime.detect import FaceBoxesDetector
-    from edge3dfa.target import open_target
 
-    path = args.detector or assets.fetch("faceboxes")
-    net = open_target(path, threads=args.threads, **({"arch": "faceboxes"} if str(path).endswith(".pth") else {}))
+    path = str(args.detector or assets.fetch("faceboxes"))
+    net = open_artifact(path, args.threads, not getattr(args, "no_verify", False),
+                        **({"arch": "faceboxes"} if path.endswith(".pth") else {}))
     detector = FaceBoxesDetector(lambda blob: tuple(net.run(blob)[:2]))  # upstream's thresholds and NMS
     return load_pipeline(detector, args.samples, args.ground_truth, args.images_dir)
 
@@ -173,7 +177,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     folder = Path(args.folder)
-    entries = discover(folder)
+    entries = discover(folder, verify=not args.no_verify)
+    if args.no_verify:
+        _log(f"edge3dfa: warning: --no-verify: the artifacts in {folder} are evaluated without checking them "
+             "against their manifests")
     gates, latency = _gates(args), _latency(args)
     _log(f"validating {len(entries)} artifact(s) in {folder}")
     data = _dataset(args)

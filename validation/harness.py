@@ -20,8 +20,8 @@ import numpy as np
 from edge3dfa import runtime
 from edge3dfa.assets import sha256_file
 from edge3dfa.errors import Edge3dfaError
-from edge3dfa.manifest import SCHEMA, Manifest, manifest_path
-from edge3dfa.target import Target, open_target, target_suffixes
+from edge3dfa.manifest import SCHEMA, SCHEMA_NAME, Manifest, manifest_path
+from edge3dfa.target import CHECKPOINT_SUFFIXES, Target, open_target, target_suffixes, verify_artifact
 from edge3dfa.validation import metrics
 from edge3dfa.validation.datasets import EvalSet
 from edge3dfa.validation.latency import LatencyConfig, measure
@@ -41,6 +41,8 @@ class Entry:
     path: Path
     manifest: Manifest
     manifest_path: Path
+    #: False when the user chose not to check the artifact against its manifest (``validate --no-verify``)
+    verify: bool = True
 
 
 @dataclass
@@ -73,31 +75,43 @@ def _inside_package(p: Path, root: Path) -> bool:
     return any(parent.suffix.lower() == ".mlpackage" for parent in p.relative_to(root).parents)
 
 
-def discover(folder: str | os.PathLike) -> list[Entry]:
-    """Every artifact under ``folder`` (recursive) with a valid manifest whose sha256 still matches.
+def _is_manifest(mpath: Path) -> bool:
+    """A JSON file that claims to be an edge3dfa manifest, or sits beside an artifact of the same name (then a
+    broken one is an error naming it, not a file to pass over)."""
+    beside = any(mpath.with_suffix(s).exists() for s in target_suffixes() if s not in CHECKPOINT_SUFFIXES)
+    try:
+        data = json.loads(mpath.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return beside  # beside an artifact, Manifest.read then says what is wrong with it
+    schema = data.get("schema") if isinstance(data, dict) else None
+    return beside or (isinstance(schema, str) and schema.startswith(SCHEMA_NAME + "/"))
 
-    An artifact file without its manifest, a manifest naming a missing or altered artifact, or a folder
-    with no artifact at all is an Edge3dfaError naming the file.
+
+def discover(folder: str | os.PathLike, verify: bool = True) -> list[Entry]:
+    """Every artifact under ``folder`` (recursive) with a valid manifest that it matches.
+
+    An artifact file without its manifest, a manifest naming a missing artifact, or a folder with no artifact
+    at all is an Edge3dfaError naming the file; so is an artifact that does not match its manifest (sha256,
+    format, precision, input: ``edge3dfa.target.verify_artifact``) unless ``verify=False``.
     """
     root = Path(folder)
     if not root.is_dir():
         raise Edge3dfaError(f"not a folder: {root}")
     entries, named = [], set()
     for mpath in sorted(root.rglob("*.json")):
-        if mpath.name in REPORT_FILES or _inside_package(mpath, root):
-            continue
-        try:
-            data = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if any(mpath.with_suffix(s).exists() for s in target_suffixes()):
-                raise Edge3dfaError(f"manifest {mpath} is not valid JSON") from None
-            continue
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        if mpath.name in REPORT_FILES or _inside_package(mpath, root) or not _is_manifest(mpath):
             continue
         m = Manifest.read(mpath)
-        art = m.check_artifact(mpath)
+        art = mpath.parent / m.artifact
+        if manifest_path(art) != mpath:
+            raise Edge3dfaError(f"manifest {mpath}: field 'artifact' names {m.artifact!r}, whose manifest would be "
+                                f"{manifest_path(art).name} (renamed or swapped files?)")
+        if not art.exists():
+            raise Edge3dfaError(f"artifact {art} named by {mpath} is missing")
+        if verify:
+            m = verify_artifact(art)
         named.add(art.resolve())
-        entries.append(Entry(art, m, mpath))
+        entries.append(Entry(art, m, mpath, verify))
     suffixes = set(target_suffixes())
     for p in sorted(root.rglob("*")):
         if p.suffix.lower() in suffixes and not _inside_package(p, root) and p.resolve() not in named:
@@ -258,7 +272,7 @@ def _evaluate_one(e: Entry, data: EvalSet, sha: str, rel: Callable[[Path], str],
     row["quantization"] = m.quantization  # the --nme-budget search record, shown by the report
     log(f"evaluating {rel(e.path)} ({m.format} {m.precision})")
     try:
-        target = open_target(e.path, threads=threads)
+        target = open_target(e.path, threads=threads, verify=e.verify)
         row["runtime"] = target.runtime
         params = predict_all(target, data.inputs, batch, f"{m.format} {m.precision}")
     except Edge3dfaError as err:
@@ -273,5 +287,5 @@ def _evaluate_one(e: Entry, data: EvalSet, sha: str, rel: Callable[[Path], str],
     if target.runtime in NOT_TIMED:
         row["latency_note"] = NOT_TIMED[target.runtime]
     else:
-        row["latency"] = measure(lambda n: open_target(e.path, threads=n), data.inputs, latency)
+        row["latency"] = measure(lambda n: open_target(e.path, threads=n, verify=e.verify), data.inputs, latency)
     return row

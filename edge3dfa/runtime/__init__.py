@@ -11,15 +11,17 @@ from edge3dfa.runtime.preprocess import (
     as_bgr_uint8,
     crop,
     crops_from_rois,
+    decode_image,
     normalise,
+    printable,
     read_image,
     roi_from_box,
     roi_from_landmarks,
 )
 
-__all__ = ["BFM", "INPUT_SIZE", "as_bgr_uint8", "crop", "crops_from_rois", "denormalise", "landmarks",
-           "load_bfm68", "load_dense_bfm", "normalise", "pose", "read_image", "reconstruct", "roi_from_box",
-           "roi_from_landmarks", "to_image"]
+__all__ = ["BFM", "INPUT_SIZE", "as_bgr_uint8", "crop", "crops_from_rois", "decode_image", "denormalise", "landmarks",
+           "load_bfm68", "load_dense_bfm", "normalise", "pose", "printable", "read_image", "reconstruct",
+           "roi_from_box", "roi_from_landmarks", "to_image"]
 
 
 def landmarks(params_norm, roi_boxes, bfm: BFM | None = None):  # noqa: ANN001, ANN201

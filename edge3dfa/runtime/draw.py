@@ -32,18 +32,22 @@ def draw_faces(img: np.ndarray, landmarks: np.ndarray, params: np.ndarray | None
     """Copy of ``img`` with each face's landmarks [N,>=2,68], pose box (if params) and detector box drawn."""
     out = img.copy()
     thick = max(1, round(max(img.shape[:2]) / 500))
+    # points beyond this are far off the image; clipping them keeps cv2's int32 coordinates valid (a broken
+    # model's huge landmarks would wrap around), at the cost of the direction of lines that leave the image
+    reach = 4 * max(img.shape[:2])
     for i, lm in enumerate(np.asarray(landmarks)):
-        pts = np.round(lm[:2].T).astype(np.int32)
+        pts = np.round(np.clip(lm[:2].T, -reach, reach)).astype(np.int32)
         for a, b, closed in _GROUPS:
             cv2.polylines(out, [pts[a:b]], closed, (255, 255, 255), thick, cv2.LINE_AA)
         for p in pts:
             cv2.circle(out, (int(p[0]), int(p[1])), thick + 1, (0, 255, 0), -1, cv2.LINE_AA)
         if params is not None:
-            q = np.int32(pose_box_points(np.asarray(params[i]), lm))
+            with np.errstate(over="ignore", invalid="ignore"):
+                q = np.int32(np.clip(pose_box_points(np.asarray(params[i]), lm), -reach, reach))
             cv2.polylines(out, [q], True, (40, 255, 0), thick, cv2.LINE_AA)
             for a, b in ((1, 6), (2, 7), (3, 8)):
                 cv2.line(out, tuple(map(int, q[a])), tuple(map(int, q[b])), (40, 255, 0), thick, cv2.LINE_AA)
         if boxes is not None:
-            x1, y1, x2, y2 = (int(round(v)) for v in boxes[i][:4])
+            x1, y1, x2, y2 = (int(round(v)) for v in np.clip(boxes[i][:4], -reach, reach))
             cv2.rectangle(out, (x1, y1), (x2, y2), (255, 128, 0), thick)
     return out

@@ -24,17 +24,27 @@ def _check(vertices: np.ndarray, tri: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def write_ply(path: str | Path, vertices: np.ndarray, tri: np.ndarray) -> Path:
     """Binary PLY: vertices [3,V] float32, triangles [T,3] (or upstream's [3,T]) int32."""
+    return write_bytes(path, ply_bytes(vertices, tri))
+
+
+def write_obj(path: str | Path, vertices: np.ndarray, tri: np.ndarray) -> Path:
+    """Wavefront OBJ (1-based face ids)."""
+    return write_bytes(path, obj_bytes(vertices, tri))
+
+
+def ply_bytes(vertices: np.ndarray, tri: np.ndarray) -> bytes:
+    """The bytes of :func:`write_ply`'s file."""
     v, t = _check(vertices, tri)
     header = (f"ply\nformat binary_little_endian 1.0\nelement vertex {len(v)}\n"
               "property float x\nproperty float y\nproperty float z\n"
               f"element face {len(t)}\nproperty list uchar int vertex_indices\nend_header\n").encode()
     faces = np.empty(len(t), dtype=[("n", "u1"), ("ids", "<i4", (3,))])
     faces["n"], faces["ids"] = 3, t
-    return write_bytes(path, header + v.astype("<f4").tobytes() + faces.tobytes())
+    return header + v.astype("<f4").tobytes() + faces.tobytes()
 
 
-def write_obj(path: str | Path, vertices: np.ndarray, tri: np.ndarray) -> Path:
-    """Wavefront OBJ (1-based face ids)."""
+def obj_bytes(vertices: np.ndarray, tri: np.ndarray) -> bytes:
+    """The bytes of :func:`write_obj`'s file."""
     v, t = _check(vertices, tri)
     lines = [f"v {x:.4f} {y:.4f} {z:.4f}" for x, y, z in v] + [f"f {a} {b} {c}" for a, b, c in t + 1]
-    return write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return ("\n".join(lines) + "\n").encode()

@@ -6,10 +6,13 @@ made this way, and any drift here shows up as landmark error on device.
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 
 from edge3dfa.errors import Edge3dfaError
+from edge3dfa.logs import printable
 
 INPUT_SIZE = 120
 
@@ -34,12 +37,34 @@ def as_bgr_uint8(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def read_image(path: str) -> np.ndarray:
-    """Read any image OpenCV decodes as BGR uint8 (16-bit, RGBA and grayscale files are converted)."""
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+#: decode flags: keep 16-bit and grayscale (as_bgr_uint8 converts them) and apply the EXIF orientation.
+#: IMREAD_UNCHANGED would keep alpha but ignores EXIF orientation (OpenCV applies it for every other flag),
+#: so a portrait phone photo would be read lying on its side, where the detector finds no face.
+DECODE_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+
+
+def decode_image(data: bytes | np.ndarray, name: str | os.PathLike = "image") -> np.ndarray:
+    """Encoded image bytes (JPEG, PNG, ...) -> HxWx3 uint8 BGR, EXIF orientation applied; ``name`` is for errors."""
+    buf = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    try:
+        img = cv2.imdecode(buf, DECODE_FLAGS) if buf.size else None
+    except cv2.error as e:  # e.g. a header claiming more pixels than OpenCV's limit (a decompression bomb)
+        why = ("larger than OpenCV decodes (CV_IO_MAX_IMAGE_PIXELS)" if "MAX_IMAGE_PIXELS" in str(e)
+               else " ".join(str(e).split(" error: ", 1)[-1].split())[:160])
+        raise Edge3dfaError(f"cannot decode image {printable(name)}: {why}") from None
     if img is None:
-        raise Edge3dfaError(f"cannot read image {path}: missing, unreadable or not an image")
+        raise Edge3dfaError(f"cannot read image {printable(name)}: empty, truncated or not an image")
     return as_bgr_uint8(img)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read any image OpenCV decodes as BGR uint8 (16-bit, RGBA and grayscale files are converted; EXIF
+    orientation applied). The bytes are read by Python, so any file name works (cv2.imread needs UTF-8 names)."""
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError as e:
+        raise Edge3dfaError(f"cannot read image {printable(path)}: {e.strerror or e}") from None
+    return decode_image(data, path)
 
 
 def roi_from_box(boxes: np.ndarray) -> np.ndarray:

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from edge3dfa import assets, runtime
@@ -91,10 +90,7 @@ def _read(folder: Path, name: str) -> np.ndarray:
     path = folder / name
     if not path.is_file():
         raise Edge3dfaError(f"AFLW2000-3D image missing: {path}")
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise Edge3dfaError(f"AFLW2000-3D image unreadable: {path}")
-    return img
+    return runtime.read_image(path)
 
 
 def _progress(items: Iterable, desc: str, total: int) -> Iterable:

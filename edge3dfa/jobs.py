@@ -1,0 +1,217 @@
+"""What ``edge3dfa run`` reads and the files it writes for each input, decided before any work starts.
+
+Output names: an input's outputs are named after its file name without the suffix (``photo.jpg`` ->
+``photo.json`` + ``photo_overlay.png``; ``clip.mp4`` -> ``clip.jsonl`` + ``clip_overlay.mp4``). When two inputs
+of one run would write the same file (``face.jpg`` and ``face.png`` in one folder), the outputs of both keep
+their suffix (``face_jpg.json``, ``face_png.json``): each name still says which input it came from, and the
+names depend only on the inputs of the run, not on their order. Inputs that still clash after that (``p.jpg``
+from two folders into one ``--out-dir``) stop the run before anything is read, naming both: there is no name
+a person could guess, and silently writing one over the other loses a result. Names are compared ignoring
+case, since macOS and Windows disks do.
+
+An image's files (overlay, meshes, then the JSON) are written together (``write_together``): all of them or
+none, and a failure leaves what was there before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from contextlib import suppress
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from edge3dfa.errors import Edge3dfaError
+from edge3dfa.logs import printable
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input of a run and where its outputs go: ``stem`` + ``.json`` / ``_overlay.png`` (images) or
+    ``.jsonl`` / ``_overlay.mp4`` (videos, cameras)."""
+
+    source: Path | int  # image or video file, or camera index
+    kind: str  # image | video | camera
+    stem: Path  # OUT_DIR / NAME
+
+    @property
+    def outputs(self) -> tuple[Path, Path]:
+        if self.kind == "image":
+            return Path(f"{self.stem}.json"), Path(f"{self.stem}_overlay.png")
+        return Path(f"{self.stem}.jsonl"), Path(f"{self.stem}_overlay.mp4")
+
+    @property
+    def label(self) -> str:
+        """The input as printable text (camera N, or the file name with non-UTF-8 bytes as \\xNN)."""
+        return f"camera {self.source}" if self.kind == "camera" else printable(self.source)
+
+
+def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files and the images of folders (sorted by name; hidden files and earlier ``*_overlay`` outputs
+    skipped), without duplicates (a file given twice, or a folder and a file in it)."""
+    out: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                           and not p.name.startswith(".") and not p.stem.endswith("_overlay") and p.is_file())
+            if not found:
+                raise Edge3dfaError(f"no images in folder {printable(item)}")
+            out += found
+        elif item.is_file():
+            out.append(item)
+        elif item.exists():  # a device or pipe (/dev/zero would be read forever)
+            raise Edge3dfaError(f"not an image file or a folder: {printable(item)}")
+        else:
+            raise Edge3dfaError(f"no such file or folder: {printable(item)}")
+    return _unique(out)
+
+
+def plan(inputs: Sequence[str], out_dir: str | None = None, camera: int | None = None) -> list[Job]:
+    """Every input of ``edge3dfa run`` as a Job with its output names: images first (in the order given,
+    folders sorted), then videos, then the camera. Raises Edge3dfaError for a missing input, a bad camera
+    index or outputs that would overwrite each other or an input."""
+    from edge3dfa.video import VIDEO_SUFFIXES, check_camera_index
+
+    videos = [Path(p) for p in inputs if Path(p).suffix.lower() in VIDEO_SUFFIXES]
+    for v in videos:
+        if not v.is_file():
+            raise Edge3dfaError(f"no such video file: {printable(v)}")
+    images = list_images([p for p in inputs if Path(p).suffix.lower() not in VIDEO_SUFFIXES])
+    where = Path(out_dir) if out_dir else None
+    jobs = [Job(p, "image", (where or p.parent) / p.stem) for p in images]
+    jobs += [Job(v, "video", (where or v.parent) / v.stem) for v in _unique(videos)]
+    if camera is not None:
+        check_camera_index(camera)
+        jobs.append(Job(camera, "camera", (where or Path.cwd()) / f"camera{camera}"))
+    return _name_outputs(jobs)
+
+
+def _key(path: Path) -> str:
+    return os.path.normcase(os.path.realpath(path)).casefold()
+
+
+def _unique(paths: list[Path]) -> list[Path]:
+    seen: set[str] = set()
+    return [p for p in paths if not (_key(p) in seen or seen.add(_key(p)))]
+
+
+def _clashes(jobs: list[Job]) -> dict[str, list[int]]:
+    """Output file -> the jobs that would write it, for files more than one job writes."""
+    writers: dict[str, list[int]] = defaultdict(list)
+    for i, job in enumerate(jobs):
+        for out in job.outputs:
+            writers[_key(out)].append(i)
+    return {k: v for k, v in writers.items() if len(v) > 1}
+
+
+def _name_outputs(jobs: list[Job]) -> list[Job]:
+    """Clashing jobs keep their suffix in their outputs' names; refuse what still clashes."""
+    clashing = sorted({i for ids in _clashes(jobs).values() for i in ids})
+    named = list(jobs)
+    for i in clashing:
+        job = jobs[i]
+        if isinstance(job.source, Path) and job.source.suffix:
+            named[i] = replace(job, stem=job.stem.with_name(f"{job.stem.name}_{job.source.suffix[1:]}"))
+    for out, ids in _clashes(named).items():
+        a, b = (jobs[i] for i in ids[:2])
+        k = [_key(o) for o in named[ids[0]].outputs].index(out)
+        same = _key(a.outputs[k]) == _key(b.outputs[k])  # then say the name the user expects, not the suffixed one
+        name = a.outputs[k] if same else named[ids[0]].outputs[k]
+        raise Edge3dfaError(f"{a.label} and {b.label} would both write {printable(name)}: rename one, or run "
+                            "them with different --out-dir")
+    inputs = {_key(j.source): j for j in named if isinstance(j.source, Path)}
+    for job in named:
+        for out in job.outputs:
+            if _key(out) in inputs:
+                raise Edge3dfaError(f"the output {printable(out)} of {job.label} would overwrite the input "
+                                    f"{inputs[_key(out)].label}: rename it, or use --out-dir")
+    if clashing:
+        names = ", ".join(f"{named[i].label} -> {printable(named[i].outputs[0].name)}" for i in clashing)
+        print(f"note: inputs with the same name keep their suffix in their outputs' names: {names}",
+              file=sys.stderr)
+    return named
+
+
+def write_together(files: Sequence[tuple[Path, bytes]]) -> None:
+    """Write every (path, bytes) or none of them, replacing what is there.
+
+    Each file goes to a temp name beside it first; only when all are complete are they renamed into place,
+    the JSON last (it names the others). An existing file is first hard-linked to a backup (so readers never
+    see it missing), and any failure puts the backups back and removes temp files: the old set stays, or the
+    new one. A process killed (SIGKILL, power) between two renames can leave a mixed set; the image JSON
+    records the overlay's sha256 so a reader can tell.
+    """
+    temps: dict[Path, Path] = {}
+    backups: dict[Path, tuple[Path, bool]] = {}  # dest -> (backup, whether dest was moved away to make it)
+    placed: list[Path] = []
+    for folder in dict.fromkeys(dest.parent for dest, _ in files):
+        folder.mkdir(parents=True, exist_ok=True)  # an error names the folder
+    done, dest = False, None
+    try:
+        for dest, data in files:
+            temps[dest] = _write_temp(dest, data)
+        for dest, _ in files:
+            if dest.exists():
+                backups[dest] = _backup(dest)
+        for dest, _ in files:
+            os.replace(temps[dest], dest)
+            del temps[dest]
+            placed.append(dest)
+        done = True
+    except OSError as e:  # name the output, not a temp file (full disk, no permission, read-only folder)
+        raise OSError(e.errno, e.strerror or str(e), os.fspath(dest)) from None
+    finally:
+        for dest, (bak, moved) in backups.items():
+            with suppress(OSError):
+                if not done and (moved or dest in placed):
+                    os.replace(bak, dest)  # the old file back
+                else:
+                    os.unlink(bak)  # a hard link: the old file is still in place, or was replaced on purpose
+        for dest in placed if not done else ():
+            if dest not in backups:
+                with suppress(OSError):
+                    os.unlink(dest)
+        for tmp in temps.values():
+            with suppress(OSError):
+                os.unlink(tmp)
+
+
+def _temp_name(dest: Path, tag: str) -> Path:
+    return dest.with_name(f".{dest.name}.{os.getpid()}.{tag}")
+
+
+def _write_temp(dest: Path, data: bytes) -> Path:
+    tmp = _temp_name(dest, "tmp")
+    written = False
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        written = True
+    finally:
+        if not written:
+            with suppress(OSError):
+                os.unlink(tmp)
+    return tmp
+
+
+def _backup(dest: Path) -> tuple[Path, bool]:
+    """A second name for ``dest``'s current file: a hard link (``dest`` stays in place), or on a disk without
+    hard links (FAT on an SD card) ``dest`` itself moved aside; returns (backup, moved)."""
+    bak = _temp_name(dest, "old")
+    with suppress(FileNotFoundError):
+        os.unlink(bak)
+    try:
+        os.link(dest, bak)
+        return bak, False
+    except OSError:
+        os.replace(dest, bak)
+        return bak, True
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
