@@ -56,9 +56,20 @@ CALIB_BATCH = 32
 def _bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    if str(value).lower() in ("true", "1", "yes", "false", "0", "no"):
-        return str(value).lower() in ("true", "1", "yes")
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
     raise Edge3dfaError(f"executorch option {key} must be true or false, got {value!r}")
+
+
+def _whole(key: str, value: Any) -> int:
+    """A whole number (32, 32.0, "32"); 32.5 or true are errors, not silently 32 or 1."""
+    whole = (isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+             or (isinstance(value, str) and value.strip().isdigit()))
+    if isinstance(value, bool) or not whole:
+        raise Edge3dfaError(f"executorch option {key} must be a whole number, got {value!r}")
+    return int(value)
 
 
 def parse_options(precision: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -70,10 +81,7 @@ def parse_options(precision: str, options: dict[str, Any]) -> dict[str, Any]:
         raise Edge3dfaError(f"executorch option(s) {', '.join(sorted(set(options) - {'max_batch'}))} apply to int8 "
                             f"only, not {precision}")
     o = {**DEFAULTS, **options}
-    try:
-        o["max_batch"] = int(o["max_batch"])
-    except (TypeError, ValueError):
-        raise Edge3dfaError(f"executorch option max_batch must be an integer, got {o['max_batch']!r}") from None
+    o["max_batch"] = _whole("max_batch", o["max_batch"])
     if not 1 <= o["max_batch"] <= 1024:
         raise Edge3dfaError(f"executorch option max_batch must be 1..1024, got {o['max_batch']}")
     for key in ("float_input", "float_output", "per_channel"):
@@ -86,10 +94,16 @@ def parse_options(precision: str, options: dict[str, Any]) -> dict[str, Any]:
     return o
 
 
-def _checked(precision: str, source: Any, options: dict[str, Any]) -> dict[str, Any]:
+def check_options(precision: str, detector: bool, options: dict[str, Any]) -> None:
+    """Unknown keys, bad values and the detector as user errors, before anything is converted (``convert`` asks
+    every format)."""
+    _checked(precision, detector, options)
+
+
+def _checked(precision: str, detector: bool, options: dict[str, Any]) -> dict[str, Any]:
     if precision not in PRECISIONS:
         raise Edge3dfaError(f"executorch offers {', '.join(PRECISIONS)}, not {precision!r}")
-    if getattr(source, "is_detector", False):
+    if detector:
         raise Edge3dfaError("the executorch converter takes the 3DDFA regressors; convert FaceBoxes to onnx or tflite")
     return parse_options(precision, options)
 
@@ -243,7 +257,7 @@ class Int8Builder:
     ``layers`` kept float (the mixed-precision search builds dozens of variants)."""
 
     def __init__(self, model: Any, *, source: Any, calibration: Any, work: Any = None, **options: Any) -> None:
-        self.o = _checked("int8", source, options)
+        self.o = _checked("int8", bool(getattr(source, "is_detector", False)), options)
         if calibration is None:
             raise Edge3dfaError("executorch int8 needs a calibration set")
         _frameworks()
@@ -322,7 +336,7 @@ def export(model: Any, dest: Path, precision: str, *, source: Any, calibration: 
     Options: max_batch (32; 1 = static single crop), and for int8 float_input, float_output (true),
     observer (histogram|minmax), per_channel (true), exclude (layer module paths, comma separated).
     """
-    o = _checked(precision, source, options)
+    o = _checked(precision, bool(getattr(source, "is_detector", False)), options)
     if precision == "int8":
         return Int8Builder(model, source=source, calibration=calibration, **options).export(dest)
     _frameworks()

@@ -112,9 +112,15 @@ def _shape(info) -> list[int]:  # noqa: ANN001
 
 
 class ExecuTorchTarget(Target):
-    """A .pte program on ExecuTorch's runtime (XNNPACK delegate) with an explicit thread count."""
+    """A .pte program on ExecuTorch's runtime (XNNPACK delegate) with an explicit thread count.
+
+    ``stored_precision`` stays None (cannot tell): the weights' types live inside the XNNPACK delegate's own
+    flatbuffer, which ExecuTorch ships no reader for; the manifest's sha256 still ties a .pte to its precision.
+    """
 
     runtime = "executorch"
+    format = "executorch"
+    precisions = ("fp32", "fp16", "int8")
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         super().__init__(path, threads)

@@ -90,7 +90,8 @@ def _round(x: Any, nd: int = 6) -> Any:
 
 
 def build(result: dict[str, Any], data: EvalSet, gates: Gates, skipped: list[dict[str, str]] | None = None,
-          tool_packages: tuple[str, ...] = ("torch", "onnxruntime", "ai-edge-litert", "coremltools")) -> dict:
+          tool_packages: tuple[str, ...] = ("torch", "onnxruntime", "ai-edge-litert", "coremltools",
+                                            "executorch")) -> dict:
     """The report.json object: evaluation rows + dataset, gates and machine, gates checked per target."""
     targets = []
     for row in result["targets"]:
