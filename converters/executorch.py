@@ -14,12 +14,16 @@ Choices, each measured (README "ExecuTorch"):
   satisfies, e.g. [2, 15] for an example of 4, so a smaller example would shrink the capacity. The runtime only
   checks a batch against the capacity, so the raised lower bound does not matter; ``_self_check`` runs batch 1
   and ``max_batch`` on every artifact to prove it. ``max_batch=1`` gives a static single-crop program.
-* int8 float layers: like ONNX and TFLite, int8 keeps the params layer float (``float_output``) and, by
-  default, the first conv (``float_input``), whose input is the full-range image; ``exclude`` keeps any other
-  layer float. Layers are named by module path (``dw5_1.conv_dw``, ``features.3.conv.0``, ``fc``): a layer
-  kept float keeps its weighted op and the elementwise ops of its quantization pattern (BN, ReLU) float.
+* int8 float layers: like ONNX and TFLite, int8 keeps the params layer float (``float_output``; quantizing it
+  alone cost +0.25 NME on mb05) and, by default, the first conv (``float_input``), whose input is the full-range
+  image (quantizing it too roughly doubled mb05's int8 cost); ``exclude`` keeps any other layer float. Layers
+  are named by module path (``dw5_1.conv_dw``, ``features.3.conv.0``, ``fc``): a layer kept float keeps its
+  weighted op and the elementwise ops of its quantization pattern (BN, ReLU) float.
+* int8 ranges: the quantizer's HistogramObserver and per-channel weights; MinMax ranges and per-tensor weights
+  each cost more NME on both mb05 and the MobileNet-V3 fixture (``benchmarks/int8_choices.py``).
 * fp16 is real fp16 compute (XNNPACK's f16 kernels; the model is exported in half precision with float32 I/O),
-  unlike TFLite's fp16 weight storage; see ``notes`` for its parity.
+  unlike TFLite's fp16 weight storage. ExecuTorch's XNNPACK serializer keeps conv weights fp32
+  (``force_fp32`` in its ``op_conv2d``), so the file is barely smaller than fp32: fp16 is opt-in.
 
 The mixed-precision search (``--nme-budget``) rebuilds int8 with different float layers; ``Int8Builder``
 calibrates once and gives every variant the observers it shares with that calibration (a variant's observers
@@ -49,7 +53,6 @@ DEFAULTS: dict[str, Any] = {"max_batch": 32, "float_input": True, "float_output"
 OPTIONS = set(DEFAULTS)
 #: what --nme-budget tries: one configuration; mixed precision does the rest
 INT8_CANDIDATES: dict[str, dict[str, Any]] = {"int8": {}}
-CALIB_BATCH = 32
 
 
 # ---------------------------------------------------------------------------------------------- options
