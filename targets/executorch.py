@@ -139,6 +139,7 @@ class ExecuTorchTarget(Target):
                                 f"(methods: {', '.join(sorted(self.program.method_names)) or 'none'})")
         self.capacity = self._check_io(self.program.metadata("forward"))
         self._method, self._generation = None, -1
+        self._ready()  # a delegate that does not load (corrupt, or a backend this runtime lacks) fails at open
 
     def _load_program(self):  # noqa: ANN202
         with native_log() as log:
@@ -168,6 +169,7 @@ class ExecuTorchTarget(Target):
         generation = use_threads(self.num_threads)
         if self._method is None or generation != self._generation:
             if self._method is not None:  # Program caches its methods: a fresh Program gives a fresh delegate
+                self._method = None  # the old delegate goes before the program it points into
                 self.program = self._load_program()
             with native_log() as log:
                 try:

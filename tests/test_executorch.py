@@ -156,7 +156,9 @@ def test_static_batch_program_runs_any_batch(tmp_path, crops):
 
 def test_truncated_or_corrupt_file_is_one_line_error(mb05, tmp_path):
     data = mb05["fp32"].path.read_bytes()
-    cases = {"half": data[: len(data) // 2], "header": data[:40], "empty": b"", "text": b"not a program\n" * 9}
+    garbled = data[:64] + b"\xff" * 32 + data[96:]  # the program's flatbuffer tables, right after the header
+    cases = {"half": data[: len(data) // 2], "header": data[:40], "empty": b"", "text": b"not a program\n" * 9,
+             "garbled": garbled}
     for name, blob in cases.items():
         path = tmp_path / f"{name}.pte"
         path.write_bytes(blob)
