@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,17 +73,29 @@ def _inside_package(p: Path, root: Path) -> bool:
     return any(parent.suffix.lower() == ".mlpackage" for parent in p.relative_to(root).parents)
 
 
+def _walk(root: Path) -> Iterator[Path]:
+    """Every file and folder under ``root``, sorted, except dot-entries and all inside them: the temp folders of
+    a running or killed conversion (``.convert.PID-XXXX.tmp``, ``fileio.TEMP_NAME``), hidden files. A folder that
+    vanishes during the walk (a conversion finishing) is skipped, not an error."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(dirs + files):
+            if not name.startswith("."):
+                yield Path(folder) / name
+
+
 def discover(folder: str | os.PathLike) -> list[Entry]:
     """Every artifact under ``folder`` (recursive) with a valid manifest whose sha256 still matches.
 
     An artifact file without its manifest, a manifest naming a missing or altered artifact, or a folder
-    with no artifact at all is an Edge3dfaError naming the file.
+    with no artifact at all is an Edge3dfaError naming the file. Dot-entries are ignored (``_walk``).
     """
     root = Path(folder)
     if not root.is_dir():
         raise Edge3dfaError(f"not a folder: {root}")
+    paths = list(_walk(root))
     entries, named = [], set()
-    for mpath in sorted(root.rglob("*.json")):
+    for mpath in sorted(p for p in paths if p.suffix == ".json"):
         if mpath.name in REPORT_FILES or _inside_package(mpath, root):
             continue
         try:
@@ -99,7 +111,7 @@ def discover(folder: str | os.PathLike) -> list[Entry]:
         named.add(art.resolve())
         entries.append(Entry(art, m, mpath))
     suffixes = set(target_suffixes())
-    for p in sorted(root.rglob("*")):
+    for p in paths:
         if p.suffix.lower() in suffixes and not _inside_package(p, root) and p.resolve() not in named:
             raise Edge3dfaError(f"{p} has no manifest ({manifest_path(p).name}); re-run edge3dfa convert")
     if not entries:
