@@ -349,18 +349,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_files(folder: str | os.PathLike, files: dict[str, bytes]) -> list[Path]:
+    """Write ``{name: bytes}`` into ``folder`` as one set (``replace_together``): e.g. an image's JSON and its
+    overlay (``cv2.imencode`` gives the bytes), or a report's JSON, Markdown, HTML and plots. Returns the paths."""
+    dests = [Path(folder) / name for name in files]
+    with atomic_paths(*dests) as temps:
+        for tmp, data in zip(temps, files.values()):
+            try:
+                tmp.write_bytes(data)
+            except OSError as e:  # a failed write names no file: say which
+                raise Edge3dfaError(f"cannot write {Path(folder) / tmp.name}: {e.strerror or e}") from e
+    return dests
+
+
 def write_bytes(dest: str | os.PathLike, data: bytes) -> Path:
-    with atomic_path(dest) as tmp:
-        tmp.write_bytes(data)
-    return Path(dest)
+    dest = Path(dest)
+    return write_files(dest.parent, {dest.name: data})[0]
 
 
 def write_text(dest: str | os.PathLike, text: str) -> Path:
     return write_bytes(dest, text.encode())
 
 
+def json_text(obj: Any) -> str:
+    """``obj`` as the indented JSON every edge3dfa file uses (numpy arrays and scalars, paths allowed)."""
+    return json.dumps(obj, indent=2, default=_jsonable) + "\n"
+
+
 def write_json(dest: str | os.PathLike, obj: Any) -> Path:
-    return write_text(dest, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    return write_text(dest, json_text(obj))
 
 
 def _jsonable(o: Any) -> Any:

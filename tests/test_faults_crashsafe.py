@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from edge3dfa.errors import Edge3dfaError
-from edge3dfa.fileio import remove_stale, temp_folder, write_json
+from edge3dfa.fileio import remove_stale, temp_folder, write_files, write_json
 from edge3dfa.manifest import Manifest, manifest_path, publish
 
 PY = sys.executable
@@ -386,6 +386,28 @@ def test_atomic_writes_name_the_destination_and_leave_nothing(tmp_path):
     assert _dot_entries(tmp_path) == []
 
 
+def test_write_files_replaces_a_set_or_nothing(tmp_path, monkeypatch):
+    """A report's files (or an image's JSON + overlay) go together: the third rename fails, the first two are undone."""
+    import edge3dfa.fileio as fileio
+
+    names = ["report.json", "report.md", "report.html"]
+    write_files(tmp_path, {n: b"old " + n.encode() for n in names})
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(dst).name == "report.html":
+            raise OSError(13, "Permission denied", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", failing)
+    with pytest.raises(Edge3dfaError, match=f"cannot write {tmp_path / 'report.html'}: Permission denied"):
+        write_files(tmp_path, {n: b"new" for n in names})
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {n: b"old " + n.encode() for n in names}
+    write_files(tmp_path, {n: b"new" for n in names})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {n: b"new" for n in names}
+
+
 # ------------------------------------------------------------------------------------ video and camera
 
 #: stand-ins for FaceBoxes and the regressor (the CLI's real code path otherwise): the detector finds one face in
@@ -671,6 +693,19 @@ def test_validate_passes_on_the_reconverted_folder(killed_then_reconverted, tmp_
     assert sorted(p.name for p in (tmp_path / "report").iterdir() if p.suffix != ".png") == \
         ["report.html", "report.json", "report.md"]
     assert _dot_entries(tmp_path / "report") == []
+    # the same report into a read-only folder: one error naming a report file, nothing written
+    from edge3dfa.validation import report
+
+    rep = json.loads((tmp_path / "report" / "report.json").read_text())
+    for variant in ("ro-mount", "chmod"):
+        if (variant == "ro-mount" and MOUNT_ERROR) or (variant == "chmod" and os.geteuid() == 0):
+            continue  # root ignores chmod; without mounts only chmod can be tried
+        folder = tmp_path / variant
+        with _read_only_folder(folder, variant):
+            _make_read_only(folder, variant)
+            with pytest.raises(Edge3dfaError, match=f"cannot write {folder}/report"):
+                report.write(rep, folder)
+            assert list(folder.iterdir()) == []
 
 
 @pytest.mark.parametrize("variant", ["tmpfs", "injected"])
