@@ -5,7 +5,9 @@ an exclusive ``flock`` while it runs (the kernel drops the lock when the owner d
 files are flushed to disk (fsync) and renamed into place. A temp folder is *stale* when its lock is free and its
 owner process (the PID in its name) is gone, or the lock is free and it is older than ``STALE_AFTER_S`` (the PID
 was reused); ``remove_stale`` finishes or undoes what a stale one holds, then deletes it. A live process's temp
-folder is never touched. Readers (``validate``) skip every entry whose name starts with a dot.
+folder is never touched (where the file system has no flock, e.g. some network mounts, the PID alone decides: a
+process of another PID namespace sharing the folder could then look gone; on Windows nothing is removed).
+Readers (``validate``) skip every entry whose name starts with a dot.
 
 ``replace_together`` moves several files or folders into one folder as a set (a model and its manifest, a video
 and its JSON lines). Two renames cannot be atomic together, so it journals them in the temp folder: the new

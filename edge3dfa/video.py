@@ -89,8 +89,8 @@ def track_video(tracker: Tracker, source: str | int, stem: str | Path, max_frame
             if camera and stop.signum == signal.SIGINT:
                 stop.consume()  # Ctrl-C is how a camera run ends
             elif kept and not ended:
-                print(f"{source}: interrupted after {rec.frames} frames; kept {kept[0]} and {kept[1]}",
-                      file=sys.stderr, flush=True)
+                print(f"{'camera ' if camera else ''}{source}: interrupted after {rec.frames} frames; kept {kept[0]} "
+                      f"and {kept[1]}", file=sys.stderr, flush=True)
             if forced is not None and not stop.requested:
                 raise forced
     finally:
