@@ -117,6 +117,11 @@ def roots() -> list[Path]:
     return out
 
 
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of bytes in memory (e.g. an overlay before it is written)."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()

@@ -120,7 +120,7 @@ def _run_video(args: argparse.Namespace, aligner, job: Job, single: bool) -> int
 
 def _run_images(args: argparse.Namespace, aligner, images: list[Job], single: bool) -> int:  # noqa: ANN001
     """Each image -> NAME.json + NAME_overlay.png (+ meshes), written together; returns how many failed."""
-    from edge3dfa.jobs import write_together
+    from edge3dfa.fileio import write_files
     from edge3dfa.runtime import read_image
 
     failures = 0
@@ -130,7 +130,8 @@ def _run_images(args: argparse.Namespace, aligner, images: list[Job], single: bo
             faces = aligner(img)
             if not len(faces):
                 raise Edge3dfaError(f"no face found in {job.label}")
-            write_together(_image_files(args, aligner, job, img, faces))
+            files = _image_files(args, aligner, job, img, faces)
+            write_files(job.outputs[0].parent, {path.name: data for path, data in files})
             poses = "; ".join(f"yaw {p[0]:.0f} pitch {p[1]:.0f} roll {p[2]:.0f}" for p in faces.pose)
             print(f"[{i}/{len(images)}] {printable(job.source.name)}: {len(faces)} face(s) ({poses}) -> "
                   f"{printable(job.outputs[0])}", file=sys.stderr)
@@ -144,7 +145,7 @@ def _run_images(args: argparse.Namespace, aligner, images: list[Job], single: bo
 
 def _image_files(args: argparse.Namespace, aligner, job: Job, img: np.ndarray, faces) -> list[tuple[Path, bytes]]:  # noqa: ANN001
     """The bytes of an image's outputs, the JSON last: meshes, the overlay, and the JSON naming both."""
-    from edge3dfa.jobs import sha256_bytes
+    from edge3dfa.assets import sha256_bytes
     from edge3dfa.runtime.draw import draw_faces
     from edge3dfa.runtime.export import obj_bytes, ply_bytes
 

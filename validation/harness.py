@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,18 +87,31 @@ def _is_manifest(mpath: Path) -> bool:
     return beside or (isinstance(schema, str) and schema.startswith(SCHEMA_NAME + "/"))
 
 
+def _walk(root: Path) -> Iterator[Path]:
+    """Every file and folder under ``root``, sorted, except dot-entries and all inside them: the temp folders of
+    a running or killed conversion (``.convert.PID-XXXX.tmp``, ``fileio.TEMP_NAME``), hidden files. A folder that
+    vanishes during the walk (a conversion finishing) is skipped, not an error."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(dirs + files):
+            if not name.startswith("."):
+                yield Path(folder) / name
+
+
 def discover(folder: str | os.PathLike, verify: bool = True) -> list[Entry]:
     """Every artifact under ``folder`` (recursive) with a valid manifest that it matches.
 
     An artifact file without its manifest, a manifest naming a missing artifact, or a folder with no artifact
     at all is an Edge3dfaError naming the file; so is an artifact that does not match its manifest (sha256,
-    format, precision, input: ``edge3dfa.target.verify_artifact``) unless ``verify=False``.
+    format, precision, input: ``edge3dfa.target.verify_artifact``) unless ``verify=False``. Dot-entries (temp
+    folders of a running or killed conversion) are ignored (``_walk``).
     """
     root = Path(folder)
     if not root.is_dir():
         raise Edge3dfaError(f"not a folder: {root}")
+    paths = list(_walk(root))
     entries, named = [], set()
-    for mpath in sorted(root.rglob("*.json")):
+    for mpath in sorted(p for p in paths if p.suffix == ".json"):
         if mpath.name in REPORT_FILES or _inside_package(mpath, root) or not _is_manifest(mpath):
             continue
         m = Manifest.read(mpath)
@@ -113,7 +126,7 @@ def discover(folder: str | os.PathLike, verify: bool = True) -> list[Entry]:
         named.add(art.resolve())
         entries.append(Entry(art, m, mpath, verify))
     suffixes = set(target_suffixes())
-    for p in sorted(root.rglob("*")):
+    for p in paths:
         if p.suffix.lower() in suffixes and not _inside_package(p, root) and p.resolve() not in named:
             raise Edge3dfaError(f"{p} has no manifest ({manifest_path(p).name}); re-run edge3dfa convert")
     if not entries:

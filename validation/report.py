@@ -50,7 +50,7 @@ import numpy as np
 
 from edge3dfa import __version__
 from edge3dfa.errors import Edge3dfaError
-from edge3dfa.fileio import write_bytes, write_json, write_text
+from edge3dfa.fileio import json_text, write_files
 from edge3dfa.manifest import tool_versions
 from edge3dfa.validation import metrics
 from edge3dfa.validation.datasets import EvalSet
@@ -403,14 +403,11 @@ def write(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     if out.exists() and not out.is_dir():
         raise Edge3dfaError(f"report folder {out} is a file")
     pngs = _figures(report)
-    links = {}
-    for name, data in pngs.items():
-        write_bytes(out / f"report_{name}.png", data)
-        links[name] = f"report_{name}.png"
-    paths = {"json": write_json(out / "report.json", report),
-             "md": write_text(out / "report.md", render_markdown(report, links)),
-             "html": write_text(out / "report.html", render_html(report, pngs))}
-    return paths
+    links = {name: f"report_{name}.png" for name in pngs}
+    files = {**{links[name]: data for name, data in pngs.items()}, "report.json": json_text(report).encode(),
+             "report.md": render_markdown(report, links).encode(), "report.html": render_html(report, pngs).encode()}
+    write_files(out, files)  # replaced as one set: never a new report.json beside an old report.html
+    return {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
 
 
 def print_summary(report: dict, file: Any = None) -> None:
