@@ -131,15 +131,17 @@ def _run_images(args: argparse.Namespace, aligner, images: list[Job], single: bo
             if not len(faces):
                 raise Edge3dfaError(f"no face found in {job.label}")
             files = _image_files(args, aligner, job, img, faces)
-            write_files(job.outputs[0].parent, {path.name: data for path, data in files})
-            poses = "; ".join(f"yaw {p[0]:.0f} pitch {p[1]:.0f} roll {p[2]:.0f}" for p in faces.pose)
-            print(f"[{i}/{len(images)}] {printable(job.source.name)}: {len(faces)} face(s) ({poses}) -> "
-                  f"{printable(job.outputs[0])}", file=sys.stderr)
         except Edge3dfaError as e:
             if single:
                 raise
             failures += 1
             print(f"[{i}/{len(images)}] {printable(job.source.name)}: error: {e}", file=sys.stderr)
+            continue
+        # outside the per-image errors: a full disk or an unwritable folder stops the run, as every image would fail
+        write_files(job.outputs[0].parent, {path.name: data for path, data in files})
+        poses = "; ".join(f"yaw {p[0]:.0f} pitch {p[1]:.0f} roll {p[2]:.0f}" for p in faces.pose)
+        print(f"[{i}/{len(images)}] {printable(job.source.name)}: {len(faces)} face(s) ({poses}) -> "
+              f"{printable(job.outputs[0])}", file=sys.stderr)
     return failures
 
 

@@ -292,7 +292,7 @@ def test_file_size_limit_leaves_neither_file(tmp_path):
     r = cli("run", folder, code=limit)
     assert r.returncode == 2
     lines = err_lines(r)
-    assert lines == [f"edge3dfa: error: cannot use {folder / 'a_overlay.png'}: File too large"]
+    assert lines == [f"edge3dfa: error: cannot write {folder / 'a_overlay.png'}: File too large"]
     assert listing(folder) == ["a.jpg", "b.jpg"]
 
 
