@@ -21,7 +21,7 @@ from edge3dfa.models import build_model, randomize_  # noqa: E402
 from edge3dfa.target import open_target  # noqa: E402
 from edge3dfa.targets.torch import TorchTarget  # noqa: E402
 
-N = 16  # AFLW2000-3D crops per comparison
+N = 8  # AFLW2000-3D crops per comparison (first in protocol order)
 FRAMEWORK = {"onnx": "onnxruntime", "tflite": "litert_torch", "coreml": "coremltools"}
 
 
@@ -31,10 +31,14 @@ def crops() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Source]:
+def random_model() -> torch.nn.Module:
+    return randomize_(build_model("mobilenet_v3_large", 0.75), seed=11).eval()
+
+
+@pytest.fixture(scope="module")
+def sources(random_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Source]:
     path = tmp_path_factory.mktemp("ckpt") / "mbv3_large_075_random.pth"
-    model = randomize_(build_model("mobilenet_v3_large", 0.75), seed=11)
-    sd = {f"module.{k}": v for k, v in model.state_dict().items()}  # as upstream's DataParallel saves it
+    sd = {f"module.{k}": v for k, v in random_model.state_dict().items()}  # as upstream's DataParallel saves it
     torch.save({"epoch": 1, "state_dict": sd}, path)
     return {"fixture": load_source(assets.fetch("mbv3_large_05_distilled")), "random_x0.75": load_source(path)}
 
@@ -54,9 +58,13 @@ def converted(request: pytest.FixtureRequest, sources: dict[str, Source],
     return fmt, arts
 
 
-def test_sources_are_inferred_as_large_mode(sources: dict[str, Source]) -> None:
+def test_sources_are_inferred_as_large_mode(sources: dict[str, Source], random_model: torch.nn.Module,
+                                           crops: np.ndarray) -> None:
     assert (sources["fixture"].arch, sources["fixture"].widen_factor) == ("mobilenet_v3_large", 0.5)
     assert (sources["random_x0.75"].arch, sources["random_x0.75"].widen_factor) == ("mobilenet_v3_large", 0.75)
+    x = torch.from_numpy(crops[:2])
+    with torch.no_grad():  # the checkpoint round trip gives back the very network that was saved
+        assert torch.equal(sources["random_x0.75"].model(x), random_model(x))
 
 
 def _landmarks_px(params: np.ndarray) -> np.ndarray:
