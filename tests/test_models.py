@@ -446,6 +446,8 @@ def test_mbv3_of_no_width_or_mode_is_one_line_error() -> None:
     odd = {**shapes, "features.15.conv.7.weight": (88, 480, 1, 1)}  # 160 x w = 88 but 960 x w = 480: no w
     with pytest.raises(Edge3dfaError, match=r"MobileNet-V3-large of unknown width"):
         infer_arch({k: torch.empty(v) for k, v in odd.items()})
+    with pytest.raises(Edge3dfaError, match=r"scalar where a weight should be"):
+        infer_arch({k: torch.empty(() if k == "features.3.conv.0.weight" else v) for k, v in shapes.items()})
     fewer = {k: v for k, v in shapes.items() if not k.startswith("features.15.")}
     with pytest.raises(Edge3dfaError, match=r"MobileNet-V3 with 14 bottleneck blocks"):
         infer_arch({k: torch.empty(v) for k, v in fewer.items()})

@@ -72,6 +72,8 @@ def _observed_plan(shapes: Mapping[str, Sequence[int]], blocks: int) -> tuple[in
         plan += [shapes[f"features.{blocks + 1}.0.weight"][0], shapes[f"features.{blocks + 3}.weight"][0]]
     except KeyError as e:
         raise Edge3dfaError(f"MobileNet-V3 with {blocks} blocks but no key {e.args[0]}") from None
+    except IndexError:
+        raise Edge3dfaError(f"MobileNet-V3 with {blocks} blocks but a scalar where a weight should be") from None
     return tuple(int(n) for n in plan)
 
 
