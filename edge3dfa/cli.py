@@ -180,14 +180,22 @@ def cmd_models(args: argparse.Namespace) -> int:
             counts[name] = (count_params(m) / 1e6, count_macs(m, spec.input_size) / 1e6)
     except ImportError:
         pass  # without torch the table shows the paper's figures only
-    rows = [("name", "arch", "widen", "input", "params M", "MACs M", "paper params/MACs", "weights")]
+    def fig(x: float | None, fmt: str) -> str:
+        return "-" if x is None or np.isnan(x) else format(x, fmt)
+
+    rows = [("name", "arch", "widen", "input", "params M", "paper", "MACs M", "paper", "weights")]
     for name, s in MODELS.items():
         p, m = counts.get(name, (np.nan, np.nan))
-        rows.append((name, s.arch, f"{s.widen_factor:g}", str(s.input_size), f"{p:.2f}", f"{m:.1f}",
-                     f"{s.paper_params_m or '-'} / {s.paper_macs_m or '-'}", s.checkpoint_asset or "none public"))
+        rows.append((name, s.arch, f"{s.widen_factor:g}", str(s.input_size), fig(p, ".2f"), fig(s.paper_params_m, "g"),
+                     fig(m, ".1f"), fig(s.paper_macs_m, "g"), s.checkpoint_asset or "none public"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    how = "conv + linear MACs at the input size" if counts else "not computed: needs torch"
+    print(f"\nparams M / MACs M: computed here ({how}); paper: the published figures, from")
+    for name, s in MODELS.items():
+        if s.paper_source:
+            print(f"  {name}: {s.paper_source}")
     return 0
 
 
