@@ -263,6 +263,40 @@ def test_a_lossy_artifact_beyond_the_goal_fails(pal4, tmp_path, capsys):
     assert {g["gate"] for g in row["gates"] if g["passed"] is None} == {"max_delta_nme", "max_delta_nme_bin"}
 
 
+def test_a_gate_that_cannot_be_computed_is_not_verified(onnx_fp32, tmp_path, capsys):
+    """3 faces leave a yaw bin empty: no balanced NME, so the ceiling is not checked -- never a PASSED."""
+    folder, rep = tmp_path / "out", tmp_path / "rep"
+    _place(onnx_fp32["mb05"], folder, "mb05_fp32.onnx")
+    rc = main(["validate", str(folder), "--samples", "3", "--latency-runs", "0", "--reference", "none",
+               "--report-dir", str(rep)])
+    _clean(capsys.readouterr().err)
+    report = _report(rep)
+    assert rc == 1 and report["verdict"] == "NOT VERIFIED"
+    assert 0 in report["dataset"]["bin_counts"].values()
+    gate = next(g for g in report["targets"][0]["gates"] if g["gate"] == "max_nme")
+    assert gate["passed"] is None and "yaw bin" in gate["note"]
+    _first_lines(rep, "NOT VERIFIED")
+
+
+def test_verdict_rules_on_hand_made_rows():
+    from edge3dfa.validation.gates import row_verdict, verdict
+
+    def row(status: str = "ok", role: str = "artifact", gates: tuple = (True,)) -> dict:
+        r = {"status": status, "role": role, "gates": [{"passed": p} for p in gates]}
+        return {**r, "verdict": row_verdict(r)}
+
+    ok, bad, unchecked = row(), row(gates=(True, False)), row(gates=(True, None))
+    assert [ok["verdict"], bad["verdict"], unchecked["verdict"]] == ["PASSED", "FAILED", "NOT VERIFIED"]
+    assert row("error")["verdict"] == "FAILED" and row("skipped")["verdict"] == "NOT VERIFIED"
+    assert row(gates=())["verdict"] == "NOT VERIFIED"  # nothing judged
+    detector = row("not_applicable")
+    assert detector["verdict"] is None
+    assert verdict([ok, detector]) == "PASSED"
+    assert verdict([detector]) == verdict([row(role="reference")]) == "NOT VERIFIED"  # no artifact judged
+    assert verdict([ok, unchecked]) == verdict([ok, row("skipped")]) == "NOT VERIFIED"
+    assert verdict([ok, unchecked, row("error")]) == verdict([bad, row("skipped")]) == "FAILED"
+
+
 # ---------------------------------------------------------------- only the user skips
 
 

@@ -13,6 +13,7 @@ import argparse
 import math
 import re
 import sys
+import textwrap
 import time
 from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
@@ -78,13 +79,13 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     lat.add_argument("--latency-batch", type=_ints, default=(1, 8), help="batch sizes (default: 1,8)")
     lat.add_argument("--latency-threads", type=_ints, help="thread counts (default: 1 and all CPUs)")
     gates = p.add_argument_group(
-        "gates (verdict PASSED: exit 0; FAILED or NOT VERIFIED: exit 1)",
+        "gates (verdict PASSED: exit 0; FAILED or NOT VERIFIED: exit 1)", textwrap.fill(
         f"Default gates (README 'Default gates'): every target balanced NME <= {CEILING_NME:g}% and failure rate "
         f"<= {CEILING_FAILURE_RATE:g}; fp32/fp16 two-sided vs the reference: |ΔNME| <= {LOSSLESS_ABS_DELTA_NME:g} "
         f"and landmarks within {LOSSLESS_LANDMARK_PX:g} px; other precisions ΔNME <= {LOSSY_DELTA_NME:g} balanced "
         f"and <= {LOSSY_DELTA_NME_BIN:g} in every yaw bin. Without a reference (--reference none) relative gates "
         "compare with the same format's fp32 artifact. A --gates file changes the limits it names; a limit option "
-        "below applies to every artifact and wins over both.")
+        "below applies to every artifact and wins over both.", 100))
     gates.add_argument("--gates", help="TOML file of gates, with [precision.NAME] / [format.NAME] overrides")
     gates.add_argument("--no-gates", action="store_true",
                        help="no gates at all: the report is written, nothing is judged (verdict NOT VERIFIED)")

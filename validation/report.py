@@ -207,7 +207,7 @@ def _figures(report: dict) -> dict[str, bytes]:
     ax = fig.add_subplot()
     for r in rows:
         ref = r["role"] == "reference"
-        label = f"{_label(r)} (AUC7 {r['nme']['auc7']:.3f})"
+        label = f"{_label(r)} (AUC7 {_f(r['nme']['auc7'], '.3f')})"
         ax.plot(report["ced_thresholds"], np.asarray(r["ced"]) * 100, label=label, color=color[r["key"]],
                 lw=2.2 if ref else 1.3, ls="--" if ref else "-")
     ax.set(xlabel="NME (%)", ylabel="faces (%)", xlim=(0, report["ced_thresholds"][-1]), ylim=(0, 100),
@@ -264,18 +264,18 @@ def _figures(report: dict) -> dict[str, bytes]:
         ax.legend(fontsize=7)
         out["latency"] = png(fig)
 
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.add_subplot()
-    for r in rows:
-        if r["nme"]["balanced"] is None:
-            continue
-        y = r["nme"]["balanced"] if top is None else min(r["nme"]["balanced"], top)
-        ax.scatter(r["size_bytes"] / 1e6, y, marker="*" if r["role"] == "reference" else "o", color=color[r["key"]],
-                   s=90 if r["role"] == "reference" else 40, label=tag(r), alpha=0.85)
-    ax.set(xlabel="size on disk (MB)", ylabel="balanced NME (%)", title="Size vs accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    out["size_nme"] = png(fig)
+    balanced = [r for r in rows if r["nme"]["balanced"] is not None]  # None: a yaw bin without faces
+    if balanced:
+        fig = Figure(figsize=(6.4, 4.2))
+        ax = fig.add_subplot()
+        for r in balanced:
+            y = r["nme"]["balanced"] if top is None else min(r["nme"]["balanced"], top)
+            ax.scatter(r["size_bytes"] / 1e6, y, marker="*" if r["role"] == "reference" else "o",
+                       color=color[r["key"]], s=90 if r["role"] == "reference" else 40, label=tag(r), alpha=0.85)
+        ax.set(xlabel="size on disk (MB)", ylabel="balanced NME (%)", title="Size vs accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+        out["size_nme"] = png(fig)
 
     searched = [r for r in report["targets"] if (r.get("quantization") or {}).get("sensitivity")]
     if searched:
