@@ -285,6 +285,9 @@ def _conversion_error(fmt: str, prec: str, err: Exception, src: Any) -> dict[str
     crash = None
     if isinstance(err, Edge3dfaError):
         reason = f"conversion failed: {one_line(err)}"
+    elif isinstance(err, OSError):  # full disk, no permission: the user's to fix, no traceback needed
+        where = f" {err.filename}" if err.filename else ""
+        reason = f"conversion failed: cannot use{where}: {err.strerror or one_line(err)}"
     else:
         crash = write_crash_log(err)
         reason = f"conversion failed: internal error: {type(err).__name__}: {one_line(err)} (traceback: {crash})"

@@ -293,6 +293,9 @@ class _Run:
                 row.update(status="skipped", reason=f"skipped (--skip-unavailable): {one_line(err)}")
             else:
                 row.update(status="error", reason=one_line(err))
+        except OSError as err:  # unreadable file, full disk...: the user's to fix, no traceback needed
+            where = f" {err.filename}" if err.filename else ""
+            row.update(status="error", reason=f"cannot use{where}: {err.strerror or one_line(err)}")
         except Exception as err:  # noqa: BLE001 - one broken runtime must not hide the other rows
             crash = write_crash_log(err)
             row.update(status="error", reason=f"internal error: {type(err).__name__}: {one_line(err)} "
