@@ -5,7 +5,8 @@ the held-out AFLW crops (what --nme-budget judges on) and on all 2000 AFLW2000-3
 the AFLW2000-3D figure with the int8 kernels replaced by fake-quant (ONNX: kernel error vs quantization error),
 and latency (batch 1, one thread, median and 10th percentile). Usage:
 
-    python benchmarks/int8_choices.py [--models mb05,mbv3] [--formats onnx,tflite,executorch] [--out out/bench]
+    python benchmarks/int8_choices.py [--models mb05,mbv3,mbv3_large] [--formats onnx,tflite,executorch]
+                                      [--out out/bench]
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from edge3dfa.validation.datasets.aflw import load_heldout
 from edge3dfa.validation.harness import predict_all
 from edge3dfa.validation.latency import time_calls
 
-MODELS = {"mb05": ("mb05", None), "mbv3": (None, "mbv3_05")}  # mbv3: the distilled fixture
+#: key -> zoo name or distilled fixture (assets fixtures/README.md; MobileNet-V3-small / large x0.5, arch inferred)
+MODELS = {"mb05": "mb05", "mbv3": "mbv3_05_distilled", "mbv3_large": "mbv3_large_05_distilled"}
 ONNX_CHOICES = {  # name -> (options, calibration crops); one change from the default each
     "default": ({}, 256), "calib 32": ({}, 32), "calib 64": ({}, 64), "calib 128": ({}, 128),
     "minmax": ({"calib_method": "minmax"}, 256), "entropy": ({"calib_method": "entropy"}, 256),
@@ -85,8 +87,7 @@ def main() -> None:
     pool = load_calibration(None, count=256)
     results = {}
     for key in args.models.split(","):
-        zoo, arch = MODELS[key]
-        src = load_source(zoo or assets.fetch("mbv3_05_distilled"), arch)
+        src = load_source(MODELS[key] if key == "mb05" else assets.fetch(MODELS[key]))
         torch_t = TorchTarget(src.path, threads=1, model=src.model)
         ref = {"heldout": scores(predict_all(torch_t, held.inputs), held, True),
                "aflw2000": scores(predict_all(torch_t, aflw.inputs), aflw, False)}

@@ -5,7 +5,7 @@ The variants are timed round-robin (``--rounds`` rounds of ``--runs`` calls each
 median of rounds), so a change of machine load hits every variant alike. "kept" = (fp32 - mixed) /
 (fp32 - all int8): the share of the all-int8 speed-up the mixed artifact keeps. Usage:
 
-    python benchmarks/int8_speed.py [--models mb05,mbv3] [--formats onnx,tflite] [--keep LAYER ...]
+    python benchmarks/int8_speed.py [--models mb05,mbv3,mbv3_large] [--formats onnx,tflite] [--keep LAYER ...]
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from edge3dfa.converters.calibration import load_calibration
 from edge3dfa.target import open_target
 from edge3dfa.validation.latency import cpu_threads, time_calls
 
-MODELS = {"mb05": ("mb05", None), "mbv3": ("mbv3_05_distilled", "mbv3_05")}
+#: key -> zoo name or distilled fixture (assets fixtures/README.md; MobileNet-V3-small / large x0.5, arch inferred)
+MODELS = {"mb05": "mb05", "mbv3": "mbv3_05_distilled", "mbv3_large": "mbv3_large_05_distilled"}
 #: every layer int8 (the starting point of the budget search) for each format
 ALL_INT8 = {"onnx": {"float_input": False, "float_output": False}, "tflite": {"head": "int8"}}
 
@@ -70,8 +71,7 @@ def main() -> None:
     print("| model | format | threads | fp32 ms | all int8 ms | variant | variant ms | kept of int8 speed-up |")
     print("|---|---|---|---|---|---|---|---|")
     for key in args.models.split(","):
-        name, arch = MODELS[key]
-        src = load_source(name if arch is None else assets.fetch(name), arch)
+        src = load_source(MODELS[key] if key == "mb05" else assets.fetch(MODELS[key]))
         for fmt in args.formats.split(","):
             with tempfile.TemporaryDirectory() as tmp:
                 paths = variants(fmt, src, calib, Path(tmp), args.keep if fmt == "onnx" else [])

@@ -3,7 +3,7 @@
 Printed, never asserted. Goal from the TFLite issue: int8 >= 2.5x PyTorch eager at 1 thread. Timings are
 the median of ``--repeats`` calls of ``Target.predict`` (so the NHWC transpose and int8 (de)quantization
 are included), after warm-up; PyTorch is measured in the same run, on the same crop.
-Usage: python benchmarks/tflite_speed.py [--models mb05,mbv3_05] [--out out/bench] [--repeats 300]
+Usage: python benchmarks/tflite_speed.py [--models mb05,mbv3_05,mbv3_large_05] [--out out/bench] [--repeats 300]
 """
 
 from __future__ import annotations
@@ -36,10 +36,12 @@ def median_ms(fn, repeats: int) -> float:
     return float(np.median(times)) * 1e3
 
 
+#: zoo models without public weights -> the distilled test fixture that stands in (same architecture)
+FIXTURES = {"mbv3_05": "mbv3_05_distilled", "mbv3_large_05": "mbv3_large_05_distilled"}
+
+
 def source(name: str):  # noqa: ANN201
-    if name == "mbv3_05":  # no public weights: the distilled test fixture stands in (same architecture)
-        return load_source(assets.fetch("mbv3_05_distilled"), arch="mbv3_05")
-    return load_source(name)
+    return load_source(assets.fetch(FIXTURES[name]) if name in FIXTURES else name)
 
 
 def artifacts(name: str, out: str, calib_count: int) -> dict[str, str]:

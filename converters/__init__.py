@@ -5,8 +5,9 @@ Each format is a module (``onnx``, ``tflite``, ``coreml``) exposing ``PRECISIONS
 options, input, output, notes, min_runtime, tools), and optionally ``check_options(precision, detector,
 options)`` (unknown keys and bad values raise, before any format converts) and ``extra_parity(path, reference,
 sets, threads) -> dict`` for figures only that format has. ``convert`` does the rest once for every format: load the
-model, calibrate, export to a temp path, open it with its target, measure parity against PyTorch, write
-the manifest, and move both into place (a failure leaves neither).
+model, calibrate, export into a temp folder beside the destination, open it with its target, measure parity against
+PyTorch, write the manifest, and move both into place as a pair (``manifest.publish``: a failure leaves the old pair
+or neither). Temp folders that a killed run left in the output folders are removed first (``fileio.remove_stale``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import importlib
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 
 from edge3dfa.assets import sha256_file
 from edge3dfa.errors import Edge3dfaError
+from edge3dfa.fileio import remove_stale, temp_folder, write_errors
 from edge3dfa.manifest import Manifest, publish
 
 #: format -> module; modules import their framework lazily, so listing them costs nothing
@@ -170,18 +171,16 @@ def convert(model: str | os.PathLike | Source = "mb05", to: str | Sequence[str] 
         # calib_count in sorted order) does not see unless it asks for nearly all 512: figures stay held out
         sets = {"aflw2000": load_eval_crops(parity_count),
                 "calibration": load_calibration(None, count=512, check_disjoint=False).data[-parity_count:]}
+    _prepare(out, verbose)
     results = []
     for fmt, mod in modules.items():
         for prec in precisions:
             dest = out / fmt / f"{src.name}_{prec}{mod.SUFFIX}"
             if verbose:
                 print(f"converting {src.name} -> {fmt} {prec} ...", file=sys.stderr, flush=True)
-            try:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise Edge3dfaError(f"cannot create output folder {dest.parent}: {e.strerror or e}") from e
-            with tempfile.TemporaryDirectory(prefix=".convert-", dir=dest.parent) as tmpdir:
-                tmp = Path(tmpdir) / dest.name
+            _prepare(dest.parent, verbose)
+            with temp_folder(dest.parent, "convert", dest=dest) as work, write_errors([dest], work):
+                tmp = work / dest.name
                 if nme_budget is not None and prec == "int8" and not src.is_detector:
                     from edge3dfa.converters.mixed_precision import Budget, export_within_budget
 
@@ -205,3 +204,15 @@ def convert(model: str | os.PathLike | Source = "mb05", to: str | Sequence[str] 
                 publish(tmp, dest, manifest)
             results.append(Artifact(dest, manifest))
     return results
+
+
+def _prepare(folder: Path, verbose: bool) -> None:
+    """Create an output folder and clear what interrupted runs left in it (``fileio.remove_stale``: temp folders
+    of processes that are gone; an artifact + manifest pair whose renames a SIGKILL split is completed)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Edge3dfaError(f"cannot create output folder {folder}: {e.strerror or e}") from e
+    for stale in remove_stale(folder):
+        if verbose:
+            print(f"removed {stale}, left by an interrupted run", file=sys.stderr, flush=True)

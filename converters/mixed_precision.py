@@ -22,7 +22,6 @@ from __future__ import annotations
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 
 from edge3dfa import runtime
 from edge3dfa.errors import Edge3dfaError
+from edge3dfa.fileio import temp_folder
 
 LATENCY_RUNS = 200
 
@@ -114,8 +114,7 @@ def export_within_budget(mod: Any, model: Any, dest: Path, *, source: Any, calib
     log(f"  fp32 held-out NME {judge.fp32['balanced']:.3f} (balanced, {len(data)} AFLW crops); budget "
         f"+{budget.nme:g} balanced, +{budget.per_bin:g} per yaw bin")
     dest = Path(dest)
-    with tempfile.TemporaryDirectory(prefix=".budget-", dir=dest.parent) as tmp:
-        work = Path(tmp)
+    with temp_folder(dest.parent, "budget", dest=dest) as work:
         builders, candidates = {}, []
         for name, extra in mod.INT8_CANDIDATES.items():
             opts = {**extra, **options}  # what the user set explicitly wins

@@ -22,7 +22,6 @@ import difflib
 import inspect
 import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import numpy as np
 from edge3dfa import __version__, runtime
 from edge3dfa.converters.calibration import crops_of
 from edge3dfa.errors import Edge3dfaError
+from edge3dfa.fileio import temp_folder
 from edge3dfa.manifest import CANONICAL_INPUT, CANONICAL_OUTPUT, tool_versions
 
 PRECISIONS = ("fp32", "int8", "dyn-int8")
@@ -612,12 +612,7 @@ def export(model: Any, dest: Path, precision: str, *, source: Any, calibration: 
     """
     o, detector = _checked(precision, options, source, calibration)
     dest = Path(dest)
-    try:
-        tmpdir = tempfile.TemporaryDirectory(prefix=".onnx-", dir=dest.parent)
-    except OSError as e:
-        raise Edge3dfaError(f"cannot write to {dest.parent}: {e.strerror or e}") from e
-    with tmpdir as tmp:
-        work = Path(tmp)
+    with temp_folder(dest.parent, "onnx", dest=dest) as work:
         if precision == "int8":
             return Int8Builder(model, source=source, calibration=calibration, work=work, **options).export(dest)
         final = _float_graph(model, detector, o, work)

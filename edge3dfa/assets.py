@@ -40,6 +40,9 @@ _ASSETS = [
     Asset("mbv3_05_distilled", "fixtures/mbv3_05_distilled_120x120.pth",
           "8bc9e0f3b4718661760ae0940965c113dba584d0ea906efb7a4ed1395e605013",
           "test fixture distilled from mb05 (assets fixtures/README.md); not downloadable"),
+    Asset("mbv3_large_05_distilled", "fixtures/mbv3_large_05_distilled_120x120.pth",
+          "a0034b5f231fc394532ea351348d0e90ff9943f8aefb2561568fa6dc2b5e25ec",
+          "test fixture distilled from mb05 (assets fixtures/README.md); not downloadable"),
     Asset("faceboxes", "upstream/3ddfa_v2/FaceBoxes/weights/FaceBoxesProd.pth",
           "c0cb2b1e40710c0aa5fc32a8759b1496a0fe0a126c907ca0ffe35b4bd0709d09",
           _V2 + "FaceBoxes/weights/FaceBoxesProd.pth"),
@@ -115,6 +118,11 @@ def roots() -> list[Path]:
     cache = os.environ.get("EDGE3DFA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "edge3dfa"
     out.append(Path(cache).expanduser())
     return out
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of bytes in memory (e.g. an overlay before it is written)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -120,7 +120,7 @@ def _run_video(args: argparse.Namespace, aligner, job: Job, single: bool) -> int
 
 def _run_images(args: argparse.Namespace, aligner, images: list[Job], single: bool) -> int:  # noqa: ANN001
     """Each image -> NAME.json + NAME_overlay.png (+ meshes), written together; returns how many failed."""
-    from edge3dfa.jobs import write_together
+    from edge3dfa.fileio import write_files
     from edge3dfa.runtime import read_image
 
     failures = 0
@@ -130,21 +130,24 @@ def _run_images(args: argparse.Namespace, aligner, images: list[Job], single: bo
             faces = aligner(img)
             if not len(faces):
                 raise Edge3dfaError(f"no face found in {job.label}")
-            write_together(_image_files(args, aligner, job, img, faces))
-            poses = "; ".join(f"yaw {p[0]:.0f} pitch {p[1]:.0f} roll {p[2]:.0f}" for p in faces.pose)
-            print(f"[{i}/{len(images)}] {printable(job.source.name)}: {len(faces)} face(s) ({poses}) -> "
-                  f"{printable(job.outputs[0])}", file=sys.stderr)
+            files = _image_files(args, aligner, job, img, faces)
         except Edge3dfaError as e:
             if single:
                 raise
             failures += 1
             print(f"[{i}/{len(images)}] {printable(job.source.name)}: error: {e}", file=sys.stderr)
+            continue
+        # outside the per-image errors: a full disk or an unwritable folder stops the run, as every image would fail
+        write_files(job.outputs[0].parent, {path.name: data for path, data in files})
+        poses = "; ".join(f"yaw {p[0]:.0f} pitch {p[1]:.0f} roll {p[2]:.0f}" for p in faces.pose)
+        print(f"[{i}/{len(images)}] {printable(job.source.name)}: {len(faces)} face(s) ({poses}) -> "
+              f"{printable(job.outputs[0])}", file=sys.stderr)
     return failures
 
 
 def _image_files(args: argparse.Namespace, aligner, job: Job, img: np.ndarray, faces) -> list[tuple[Path, bytes]]:  # noqa: ANN001
     """The bytes of an image's outputs, the JSON last: meshes, the overlay, and the JSON naming both."""
-    from edge3dfa.jobs import sha256_bytes
+    from edge3dfa.assets import sha256_bytes
     from edge3dfa.runtime.draw import draw_faces
     from edge3dfa.runtime.export import obj_bytes, ply_bytes
 
@@ -177,14 +180,22 @@ def cmd_models(args: argparse.Namespace) -> int:
             counts[name] = (count_params(m) / 1e6, count_macs(m, spec.input_size) / 1e6)
     except ImportError:
         pass  # without torch the table shows the paper's figures only
-    rows = [("name", "arch", "widen", "input", "params M", "MACs M", "paper params/MACs", "weights")]
+    def fig(x: float | None, fmt: str) -> str:
+        return "-" if x is None or np.isnan(x) else format(x, fmt)
+
+    rows = [("name", "arch", "widen", "input", "params M", "paper", "MACs M", "paper", "weights")]
     for name, s in MODELS.items():
         p, m = counts.get(name, (np.nan, np.nan))
-        rows.append((name, s.arch, f"{s.widen_factor:g}", str(s.input_size), f"{p:.2f}", f"{m:.1f}",
-                     f"{s.paper_params_m or '-'} / {s.paper_macs_m or '-'}", s.checkpoint_asset or "none public"))
+        rows.append((name, s.arch, f"{s.widen_factor:g}", str(s.input_size), fig(p, ".2f"), fig(s.paper_params_m, "g"),
+                     fig(m, ".1f"), fig(s.paper_macs_m, "g"), s.checkpoint_asset or "none public"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    how = "conv + linear MACs at the input size" if counts else "not computed: needs torch"
+    print(f"\nparams M / MACs M: computed here ({how}); paper: the published figures, from")
+    for name, s in MODELS.items():
+        if s.paper_source:
+            print(f"  {name}: {s.paper_source}")
     return 0
 
 

@@ -52,3 +52,61 @@ def handle_termination() -> None:
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), raise_interrupted)
+
+
+INTERRUPT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+class DeferredInterrupts:
+    """``with DeferredInterrupts() as d:``: SIGINT/SIGTERM/SIGHUP are recorded instead of acting mid-way.
+
+    On leaving the block the first recorded signal is delivered as it would have been (KeyboardInterrupt,
+    ``Interrupted``, or the default action), so steps that must not be split (the renames of a pair, one video
+    frame and its JSON line) finish first. A loop polls ``d.requested`` to stop at a safe point; while ``hold`` is
+    False a *second* signal acts at once (a stuck read can still be stopped). ``d.consume()`` drops the recorded
+    signal (a camera run ends normally on Ctrl-C). Outside the main thread this is a no-op: signals go there.
+    """
+
+    def __init__(self, hold: bool = True) -> None:
+        self.hold = hold
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def consume(self) -> int | None:
+        signum, self.signum = self.signum, None
+        return signum
+
+    def _record(self, signum: int, _frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+        elif not self.hold:
+            self._deliver(signum)
+
+    def _deliver(self, signum: int) -> None:
+        handler = self._old.get(signum, signal.SIG_DFL)
+        if callable(handler):
+            handler(signum, None)
+        elif handler == signal.SIG_DFL:
+            import os
+
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def __enter__(self) -> DeferredInterrupts:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in INTERRUPT_SIGNALS:
+                if signal.getsignal(s) is not None:  # None: a handler not set from Python, which cannot be restored
+                    self._old[s] = signal.signal(s, self._record)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        if self.signum is not None:
+            self._deliver(self.consume())

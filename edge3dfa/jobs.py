@@ -9,18 +9,16 @@ from two folders into one ``--out-dir``) stop the run before anything is read, n
 a person could guess, and silently writing one over the other loses a result. Names are compared ignoring
 case, since macOS and Windows disks do.
 
-An image's files (overlay, meshes, then the JSON) are written together (``write_together``): all of them or
+An image's files (meshes, overlay, then the JSON) are written together (``fileio.write_files``): all of them or
 none, and a failure leaves what was there before.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
-from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -135,83 +133,3 @@ def _name_outputs(jobs: list[Job]) -> list[Job]:
         print(f"note: inputs with the same name keep their suffix in their outputs' names: {names}",
               file=sys.stderr)
     return named
-
-
-def write_together(files: Sequence[tuple[Path, bytes]]) -> None:
-    """Write every (path, bytes) or none of them, replacing what is there.
-
-    Each file goes to a temp name beside it first; only when all are complete are they renamed into place,
-    the JSON last (it names the others). An existing file is first hard-linked to a backup (so readers never
-    see it missing), and any failure puts the backups back and removes temp files: the old set stays, or the
-    new one. A process killed (SIGKILL, power) between two renames can leave a mixed set; the image JSON
-    records the overlay's sha256 so a reader can tell.
-    """
-    temps: dict[Path, Path] = {}
-    backups: dict[Path, tuple[Path, bool]] = {}  # dest -> (backup, whether dest was moved away to make it)
-    placed: list[Path] = []
-    for folder in dict.fromkeys(dest.parent for dest, _ in files):
-        folder.mkdir(parents=True, exist_ok=True)  # an error names the folder
-    done, dest = False, None
-    try:
-        for dest, data in files:
-            temps[dest] = _write_temp(dest, data)
-        for dest, _ in files:
-            if dest.exists():
-                backups[dest] = _backup(dest)
-        for dest, _ in files:
-            os.replace(temps[dest], dest)
-            del temps[dest]
-            placed.append(dest)
-        done = True
-    except OSError as e:  # name the output, not a temp file (full disk, no permission, read-only folder)
-        raise OSError(e.errno, e.strerror or str(e), os.fspath(dest)) from None
-    finally:
-        for dest, (bak, moved) in backups.items():
-            with suppress(OSError):
-                if not done and (moved or dest in placed):
-                    os.replace(bak, dest)  # the old file back
-                else:
-                    os.unlink(bak)  # a hard link: the old file is still in place, or was replaced on purpose
-        for dest in placed if not done else ():
-            if dest not in backups:
-                with suppress(OSError):
-                    os.unlink(dest)
-        for tmp in temps.values():
-            with suppress(OSError):
-                os.unlink(tmp)
-
-
-def _temp_name(dest: Path, tag: str) -> Path:
-    return dest.with_name(f".{dest.name}.{os.getpid()}.{tag}")
-
-
-def _write_temp(dest: Path, data: bytes) -> Path:
-    tmp = _temp_name(dest, "tmp")
-    written = False
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        written = True
-    finally:
-        if not written:
-            with suppress(OSError):
-                os.unlink(tmp)
-    return tmp
-
-
-def _backup(dest: Path) -> tuple[Path, bool]:
-    """A second name for ``dest``'s current file: a hard link (``dest`` stays in place), or on a disk without
-    hard links (FAT on an SD card) ``dest`` itself moved aside; returns (backup, moved)."""
-    bak = _temp_name(dest, "old")
-    with suppress(FileNotFoundError):
-        os.unlink(bak)
-    try:
-        os.link(dest, bak)
-        return bak, False
-    except OSError:
-        os.replace(dest, bak)
-        return bak, True
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -1,7 +1,7 @@
 """One manifest schema for every artifact: what it is, where it came from, how close it is to PyTorch.
 
 The manifest sits beside its artifact (``mb05_int8.onnx`` -> ``mb05_int8.json``). ``publish`` moves a
-finished artifact and its manifest into place together, so a failed conversion leaves neither.
+finished artifact and its manifest into place as a pair: a failed conversion leaves the old pair (or neither).
 
 ``Manifest.read`` trusts nothing: a manifest is a file a person can edit, copy or swap, and everything that
 opens an artifact (``open_target``, ``validate``) acts on what it says. It checks the schema version, that
@@ -29,7 +29,7 @@ from typing import Any
 from edge3dfa import __version__
 from edge3dfa.assets import sha256_file
 from edge3dfa.errors import Edge3dfaError
-from edge3dfa.fileio import atomic_path
+from edge3dfa.fileio import atomic_paths
 
 SCHEMA_NAME = "edge3dfa.manifest"
 #: schema versions this edge3dfa reads; it writes the last one
@@ -264,9 +264,20 @@ def tool_versions(*packages: str) -> dict[str, str]:
 
 
 def publish(tmp_artifact: str | os.PathLike, dest: str | os.PathLike, manifest: Manifest) -> Path:
-    """Fill the artifact's digest/size/time into ``manifest``, then move artifact and manifest into place.
+    """Fill the artifact's digest/size/time into ``manifest``, then move artifact and manifest into place as a pair.
 
-    The manifest is renamed into place last, so an artifact never appears with a stale or missing one.
+    ``tmp_artifact`` (a file or a .mlpackage folder, best on ``dest``'s file system, e.g. in a
+    ``fileio.temp_folder`` beside it) is moved. What a reader of ``dest`` and its manifest sees
+    (``fileio.replace_together``; the artifact is renamed first, then the manifest):
+
+    * when this returns, the new pair; when it raises (disk full, permission denied, read-only folder, a folder
+      in the way), the old pair, or none where there was none: never an artifact without its manifest, no temp
+      file left, and an Edge3dfaError naming the destination;
+    * while it runs, and after a SIGKILL or power cut in the microseconds between the two renames (until the next
+      ``convert`` into the folder completes the pair from its journal), the new artifact beside the old manifest,
+      or for a .mlpackage no artifact at all for a moment: a reader that checks the sha256
+      (``Manifest.check_artifact``) gets a clear mismatch or "missing" error, never results from a mismatched pair.
+      SIGINT and SIGTERM wait until the pair is in place.
     """
     tmp_artifact, dest = Path(tmp_artifact), Path(dest)
     manifest.artifact = dest.name
@@ -274,14 +285,10 @@ def publish(tmp_artifact: str | os.PathLike, dest: str | os.PathLike, manifest: 
     manifest.size_bytes = artifact_size(tmp_artifact)
     manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     mpath = manifest_path(dest)
-    try:
-        with atomic_path(mpath) as tmp_manifest:
-            tmp_manifest.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
-            if mpath.exists():
-                mpath.unlink()  # an old manifest must not describe the new artifact even for a moment
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            os.replace(tmp_artifact, dest)
-    except OSError as e:
-        raise Edge3dfaError(f"cannot write {dest}: {e.strerror or e}") from e
+    with atomic_paths(dest, mpath) as (new_artifact, new_manifest):
+        shutil.move(tmp_artifact, new_artifact)
+        try:
+            new_manifest.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+        except OSError as e:  # a failed write names no file: say which
+            raise Edge3dfaError(f"cannot write {mpath}: {e.strerror or e}") from e
     return dest

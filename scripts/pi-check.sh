@@ -62,7 +62,7 @@ run_side() {
             || { cat "$dir/landmarks-$p.log"; return 1; }
     done
     log "$side: edge3dfa validate, $SAMPLES AFLW2000-3D crops, fp32 and int8"
-    "${edge[@]}" validate "$ART/mb05" --reference none --samples "$SAMPLES" --latency-runs 0 --no-gates \
+    "${edge[@]}" validate "$ART/mb05" --reference none --samples "$SAMPLES" --latency-runs 0 \
         --threads 1 --report-dir "$dir/validate" > "$dir/validate.log" 2>&1 || { tail -20 "$dir/validate.log"; return 1; }
 }
 

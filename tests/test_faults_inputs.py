@@ -246,8 +246,8 @@ FAIL_SECOND_RENAME = """
 import errno, os
 real, renamed = os.replace, []
 def replace(src, dst):  # the second finished file cannot be put in place: the disk is full at the worst moment
-    name = os.path.basename(os.fspath(src))
-    if name.startswith('.') and '.tmp' in name:
+    staged = os.path.dirname(os.fspath(src))  # fileio stages new files in TEMPFOLDER/new/NAME
+    if os.path.basename(staged) == 'new' and os.path.basename(os.path.dirname(staged)).startswith('.'):
         renamed.append(dst)
         if len(renamed) == 2:
             raise OSError(errno.ENOSPC, 'No space left on device', os.fspath(dst))
@@ -292,7 +292,7 @@ def test_file_size_limit_leaves_neither_file(tmp_path):
     r = cli("run", folder, code=limit)
     assert r.returncode == 2
     lines = err_lines(r)
-    assert lines == [f"edge3dfa: error: cannot use {folder / 'a_overlay.png'}: File too large"]
+    assert lines == [f"edge3dfa: error: cannot write {folder / 'a_overlay.png'}: File too large"]
     assert listing(folder) == ["a.jpg", "b.jpg"]
 
 

@@ -36,8 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ["EDGE3DFA_ASSETS"])
 MB05 = ASSETS / "upstream/3ddfa_v2/weights/mb05_120x120.pth"
 MBV3_FIXTURE = ASSETS / "fixtures/mbv3_05_distilled_120x120.pth"
+MBV3_LARGE_FIXTURE = ASSETS / "fixtures/mbv3_large_05_distilled_120x120.pth"
 ONNX_REF = ASSETS / "reference/stableview_mb05_120x120.onnx"
-UNWEIGHTED = ("mb1", "mbv3_05", "resnet22")
+UNWEIGHTED = ("mb1", "mbv3_05", "resnet22")  # mbv3_large_05: tests/test_mbv3_large.py
 
 
 def _crops(n: int = 2, seed: int = 0) -> torch.Tensor:
@@ -83,7 +84,7 @@ def test_mb05_matches_stableview_onnx_export(mb05: torch.nn.Module) -> None:
 
 
 def test_mbv3_fixture_loads_by_path_with_inferred_arch() -> None:
-    assert infer_arch(read_state_dict(MBV3_FIXTURE)) == ("mobilenet_v3", 0.5)
+    assert infer_arch(read_state_dict(MBV3_FIXTURE)) == ("mobilenet_v3_small", 0.5)
     model = load_model(MBV3_FIXTURE)
     by_name = load_model(str(MBV3_FIXTURE), arch="mbv3_05")
     assert type(model) is type(by_name) and not model.training
@@ -92,6 +93,55 @@ def test_mbv3_fixture_loads_by_path_with_inferred_arch() -> None:
     with torch.no_grad():
         y = model(_crops())
     assert y.shape == (2, 62) and torch.isfinite(y).all()
+
+
+def test_mbv3_large_fixture_loads_by_path_with_inferred_arch() -> None:
+    assert infer_arch(read_state_dict(MBV3_LARGE_FIXTURE)) == ("mobilenet_v3_large", 0.5)
+    model = load_model(MBV3_LARGE_FIXTURE)
+    assert model.mode == "large" and not model.training
+    by_name = load_model(str(MBV3_LARGE_FIXTURE), arch="mbv3_large_05")
+    # fixtures/README.md of the assets: 1,470,870 parameters, 302 tensors (keys of upstream's module).
+    assert count_params(model) == count_params(by_name) == 1_470_870
+    assert len(read_state_dict(MBV3_LARGE_FIXTURE)) == 302
+    x = _crops()
+    with torch.no_grad():
+        assert torch.equal(model(x), by_name(x))
+
+
+def test_mbv3_large_fixture_nme_on_500_crops_agrees_with_its_readme() -> None:
+    """fixtures/README.md: balanced NME 4.38 on all 2000 AFLW2000-3D crops. 500 of them (evenly spaced) estimate
+    it with sampling error: the bound is 3 standard errors of the balanced mean, computed from these 500 faces
+    (per yaw bin, with the finite-population correction for drawing n of the bin's N), plus the README's rounding.
+    """
+    from edge3dfa import runtime
+    from edge3dfa.validation import metrics
+    from edge3dfa.validation.datasets import load_crops
+
+    data = load_crops(500)
+    with torch.no_grad():
+        params = load_model(MBV3_LARGE_FIXTURE)(torch.from_numpy(data.inputs)).numpy()
+    errors = metrics.nme(runtime.landmarks(params, data.roi_boxes)[:, :2], data.gt)
+    bins = metrics.yaw_bins(data.yaw)
+    population = (1312, 383, 305)  # faces per yaw bin in all 2000 (fixtures/README.md)
+    means, var = [], 0.0
+    for k in range(3):
+        e = errors[bins == k]
+        means.append(e.mean())
+        var += e.var(ddof=1) / len(e) * (1 - len(e) / population[k]) / 9
+    balanced, bound = float(np.mean(means)), 3 * var ** 0.5 + 0.005
+    print(f"\nmbv3 large fixture, 500 crops: balanced {balanced:.3f} vs README 4.38 (bound {bound:.3f})")
+    assert abs(balanced - 4.38) <= bound
+
+
+def test_mbv3_modes_do_not_load_each_other() -> None:
+    # Upstream's tables: block 2 expands to 64 x 0.5 = 32 channels in large mode, make_divisible(72 x 0.5) = 40
+    # in small mode, from block 1's 16 x 0.5 = 8 outputs (block 1 differs only by its SE, later in the keys).
+    with pytest.raises(Edge3dfaError, match=r"features\.2\.conv\.0\.weight: checkpoint \(32, 8, 1, 1\), "
+                                            r"model \(40, 8, 1, 1\)") as e:
+        load_model(MBV3_LARGE_FIXTURE, arch="mbv3_05")
+    assert "\n" not in str(e.value)
+    with pytest.raises(Edge3dfaError, match=r"checkpoint \(40, 8, 1, 1\), model \(32, 8, 1, 1\)"):
+        load_model(MBV3_FIXTURE, arch="mbv3_large_05")
 
 
 def test_zoo_name_without_weights_asks_for_a_path() -> None:
@@ -294,6 +344,115 @@ def test_mb05_param_count_matches_fixture_readme() -> None:
     assert count_params(build_model("mb05")) == 850_398
 
 
+# Upstream 3DDFA_V2 models/mobilenet_v3.py (the MobileNet-V3 paper's Tables 1 and 2), transcribed here:
+# kernel, expansion, out, SE, stride per block (activations carry no weights); then the 1x1 "last conv".
+_UPSTREAM_MBV3 = {
+    "large": [(3, 16, 16, 0, 1), (3, 64, 24, 0, 2), (3, 72, 24, 0, 1), (5, 72, 40, 1, 2), (5, 120, 40, 1, 1),
+              (5, 120, 40, 1, 1), (3, 240, 80, 0, 2), (3, 200, 80, 0, 1), (3, 184, 80, 0, 1), (3, 184, 80, 0, 1),
+              (3, 480, 112, 1, 1), (3, 672, 112, 1, 1), (5, 672, 160, 1, 2), (5, 960, 160, 1, 1),
+              (5, 960, 160, 1, 1)],
+    "small": [(3, 16, 16, 1, 2), (3, 72, 24, 0, 2), (3, 88, 24, 0, 1), (5, 96, 40, 1, 2), (5, 240, 40, 1, 1),
+              (5, 240, 40, 1, 1), (5, 120, 48, 1, 1), (5, 144, 48, 1, 1), (5, 288, 96, 1, 2), (5, 576, 96, 1, 1),
+              (5, 576, 96, 1, 1)],
+}
+_UPSTREAM_LAST_CONV = {"large": 960, "small": 576}
+
+
+def _upstream_mbv3(mode: str, w: float, size: int = 120) -> tuple[dict[str, tuple[int, ...]], int]:
+    """Key -> shape of upstream's ``MobileNetV3(widen_factor=w, num_classes=62, mode=mode)`` state dict, in
+    registration order, and its conv + linear MACs at ``size``, by upstream's rules: a 16-channel stem,
+    ``make_divisible(c * w)`` (ceil to 8) everywhere else, and a 1280-wide head widened only for w > 1."""
+
+    def div(x: float) -> int:
+        return int(np.ceil(x * 1.0 / 8) * 8)
+
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def bn(prefix: str, c: int) -> None:
+        shapes.update({f"{prefix}.{n}": (c,) for n in ("weight", "bias", "running_mean", "running_var")})
+        shapes[f"{prefix}.num_batches_tracked"] = ()
+
+    s = (size - 1) // 2 + 1  # every stride-2 conv here pads (k-1)/2: ceil(s / 2)
+    shapes["features.0.0.weight"] = (16, 3, 3, 3)
+    bn("features.0.1", 16)
+    macs, inp = s * s * 16 * 27, 16
+    for i, (k, exp, c, se, stride) in enumerate(_UPSTREAM_MBV3[mode], 1):
+        e, o, p = div(exp * w), div(c * w), f"features.{i}.conv"
+        shapes[f"{p}.0.weight"] = (e, inp, 1, 1)
+        bn(f"{p}.1", e)
+        macs += s * s * inp * e
+        s = (s - 1) // 2 + 1 if stride == 2 else s
+        shapes[f"{p}.3.weight"] = (e, 1, k, k)
+        bn(f"{p}.4", e)
+        macs += s * s * e * k * k
+        if se:
+            shapes[f"{p}.5.fc.0.weight"], shapes[f"{p}.5.fc.2.weight"] = (e // 4, e), (e, e // 4)
+            macs += 2 * e * (e // 4)
+        shapes[f"{p}.7.weight"] = (o, e, 1, 1)
+        bn(f"{p}.8", o)
+        macs += s * s * e * o
+        inp = o
+    n, last = len(_UPSTREAM_MBV3[mode]), div(_UPSTREAM_LAST_CONV[mode] * w)
+    head = div(1280 * w) if w > 1.0 else 1280
+    shapes[f"features.{n + 1}.0.weight"] = (last, inp, 1, 1)
+    bn(f"features.{n + 1}.1", last)
+    shapes[f"features.{n + 3}.weight"], shapes[f"features.{n + 3}.bias"] = (head, last, 1, 1), (head,)
+    shapes["fc.weight"], shapes["fc.bias"] = (62, head), (62,)
+    return shapes, macs + s * s * inp * last + last * head + head * 62
+
+
+def _params(shapes: dict[str, tuple[int, ...]]) -> int:
+    return sum(int(np.prod(v)) for k, v in shapes.items() if not k.endswith(("running_mean", "running_var",
+                                                                             "num_batches_tracked")))
+
+
+@pytest.mark.parametrize("mode", ["small", "large"])
+@pytest.mark.parametrize("width", [0.35, 0.5, 1.25])  # below 1, the fixtures' width, a widened head
+def test_mbv3_layout_and_counts_match_upstream_formula(mode: str, width: float) -> None:
+    model = build_model(f"mobilenet_v3_{mode}", width)
+    shapes, macs = _upstream_mbv3(mode, width)
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == list(shapes.items())
+    assert count_params(model) == _params(shapes)
+    assert count_macs(model, 120) == macs
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(1, 3, 120, 120)).shape == (1, 62)
+
+
+def test_mbv3_fixture_counts_match_their_readme() -> None:
+    # fixtures/README.md: small x0.5 701,094 parameters; large x0.5 1,470,870 and "22.0 M MACs at 120 px".
+    assert _params(_upstream_mbv3("small", 0.5)[0]) == 701_094
+    shapes, macs = _upstream_mbv3("large", 0.5)
+    assert _params(shapes) == 1_470_870 and round(macs / 1e6, 1) == 22.0
+    assert count_macs(load_model(MBV3_LARGE_FIXTURE), 120) == macs
+
+
+@pytest.mark.parametrize("mode", ["small", "large"])
+@pytest.mark.parametrize("width", [0.25, 0.35, 0.5, 0.6, 0.75, 1.0, 1.25, 1.5, 2.0])
+def test_infer_mbv3_mode_and_width_from_upstream_shapes(mode: str, width: float) -> None:
+    sd = {k: torch.empty(v) for k, v in _upstream_mbv3(mode, width)[0].items()}
+    assert infer_arch(sd) == (f"mobilenet_v3_{mode}", width)
+
+
+@pytest.mark.parametrize("mode,width", [("small", 0.33), ("large", 0.33), ("large", 0.77), ("large", 1.7)])
+def test_infer_mbv3_width_that_gives_the_same_network(mode: str, width: float) -> None:
+    """Widths are ceiled to multiples of 8, so several multipliers make one network: any of them will do."""
+    shapes = _upstream_mbv3(mode, width)[0]
+    arch, got = infer_arch({k: torch.empty(v) for k, v in shapes.items()})
+    assert arch == f"mobilenet_v3_{mode}" and _upstream_mbv3(mode, got)[0] == shapes
+
+
+def test_mbv3_of_no_width_or_mode_is_one_line_error() -> None:
+    shapes = _upstream_mbv3("large", 0.5)[0]
+    odd = {**shapes, "features.15.conv.7.weight": (88, 480, 1, 1)}  # 160 x w = 88 but 960 x w = 480: no w
+    with pytest.raises(Edge3dfaError, match=r"MobileNet-V3-large of unknown width"):
+        infer_arch({k: torch.empty(v) for k, v in odd.items()})
+    with pytest.raises(Edge3dfaError, match=r"scalar where a weight should be"):
+        infer_arch({k: torch.empty(() if k == "features.3.conv.0.weight" else v) for k, v in shapes.items()})
+    fewer = {k: v for k, v in shapes.items() if not k.startswith("features.15.")}
+    with pytest.raises(Edge3dfaError, match=r"MobileNet-V3 with 14 bottleneck blocks"):
+        infer_arch({k: torch.empty(v) for k, v in fewer.items()})
+
+
 def test_count_macs_scales_with_input_and_leaves_training_mode() -> None:
     model = build_model("resnet22").train()
     small, large = count_macs(model, 64), count_macs(model, 128)
@@ -318,5 +477,21 @@ def test_models_package_imports_without_torch() -> None:
             "print(sorted(m.MODELS)); print(m.get_spec('mb05').checkpoint_asset)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout
-    assert out.split("\n")[:2] == ["['mb05', 'mb1', 'mbv3_05', 'resnet22']", "mb05"]
-    assert set(MODELS) == {"mb1", "mb05", "mbv3_05", "resnet22"}
+    assert out.split("\n")[:2] == ["['mb05', 'mb1', 'mbv3_05', 'mbv3_large_05', 'resnet22']", "mb05"]
+    assert set(MODELS) == {"mb1", "mb05", "mbv3_05", "mbv3_large_05", "resnet22"}
+
+
+def test_models_table_shows_computed_and_paper_counts_and_the_papers_mode(capsys: pytest.CaptureFixture) -> None:
+    from edge3dfa.cli import main
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = {ln.split()[0]: ln.split() for ln in lines if ln and ln.split()[0] in MODELS}
+    assert set(row) == set(MODELS)
+    # computed here (upstream formula above; fixtures/README.md) next to the 3DDFA_V2 paper's Table 1 row
+    large = _upstream_mbv3("large", 0.5)
+    assert row["mbv3_large_05"][1:9] == ["mobilenet_v3_large", "0.5", "120", f"{_params(large[0]) / 1e6:.2f}",
+                                         "1.65", f"{large[1] / 1e6:.1f}", "27.4", "none"]
+    assert row["mbv3_05"][1] == "mobilenet_v3_small" and row["mbv3_05"][5] == row["mbv3_05"][7] == "-"
+    source = next(ln for ln in lines if ln.strip().startswith("mbv3_large_05:"))
+    assert "Table 1" in source and "large mode" in source

@@ -95,13 +95,6 @@ def test_cli_bad_input_exit_2_nothing_written(tmp_path, capsys, case):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
-def test_cli_models_table(capsys):
-    assert main(["models"]) == 0
-    out = capsys.readouterr().out
-    for name in ("mb1", "mb05", "mbv3_05", "resnet22"):
-        assert name in out
-
-
 def test_readme_overlay_is_demo_output():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme

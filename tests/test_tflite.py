@@ -103,7 +103,7 @@ def test_fp32_params_match_pytorch(mb05, mb05_ref, crops):
 def test_fp32_mobilenet_v3_with_squeeze_excite_rewrite(tmp_path, crops):
     """Randomised MBv3 (random BN stats too): the conv-form squeeze-excite must be exact."""
     model = randomize_(build_model("mbv3_05"), seed=3).eval()
-    src = Source(model, "mbv3_05_random", "mobilenet_v3", 0.5, "random", "")
+    src = Source(model, "mbv3_05_random", "mobilenet_v3_small", 0.5, "random", "")
     (a,) = convert(src, to="tflite", precision="fp32", out_dir=tmp_path, threads=THREADS, verbose=False)
     ref = TorchTarget(None, threads=THREADS, model=model).predict(crops[:16])
     cand = TFLiteTarget(a.path, threads=THREADS).predict(crops[:16])

@@ -1,17 +1,33 @@
 """``edge3dfa validate FOLDER`` and ``edge3dfa export --model mb05``: accuracy, parity and latency reports.
 
-Exit codes: 0 all gates passed, 1 a gate failed (or a conversion failed in export), 2 bad input.
+Both end with one verdict (``edge3dfa.validation.gates``), the first line of the terminal summary and of
+report.md/html. Exit codes: 0 PASSED; 1 FAILED (a gate failed, or an artifact could not be converted, opened, run
+or scored) or NOT VERIFIED (something was not checked: a target skipped with --skip-unavailable, --no-gates, a
+gate that could not be computed); 2 bad input, found before any work where it can be (export checks its whole
+plan -- formats, precisions, budget -- before converting anything).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
+import textwrap
 import time
+from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
 from typing import Any
 
 from edge3dfa.errors import Edge3dfaError
+from edge3dfa.validation.gates import (
+    CEILING_FAILURE_RATE,
+    CEILING_NME,
+    LOSSLESS_ABS_DELTA_NME,
+    LOSSLESS_LANDMARK_PX,
+    LOSSY_DELTA_NME,
+    LOSSY_DELTA_NME_BIN,
+)
 
 #: default AFLW2000-3D faces per evaluation: evenly spaced, enough for ~0.05-point NME precision, and keeps
 #: `edge3dfa export` of mb05 to every format quick on 2 cores; --samples all gives the paper's protocol
@@ -50,6 +66,9 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
                                                "machine; latency is timed at 1 and all threads anyway)")
     g.add_argument("--batch", type=int, default=64, help="batch size of the accuracy pass (default: 64)")
     g.add_argument("--report-dir", help="where report.json/md/html go (default: the validated folder)")
+    g.add_argument("--skip-unavailable", action="store_true",
+                   help="skip artifacts whose runtime is not installed here instead of failing them; the verdict "
+                        "is then NOT VERIFIED (exit 1), never PASSED")
     lat = p.add_argument_group("latency")
     lat.add_argument("--latency-runs", type=int, default=200,
                      help="timed runs per setting; 0 = no latency (default: 200)")
@@ -59,16 +78,23 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
                           f"(default: {DEFAULT_LATENCY_BUDGET:g})")
     lat.add_argument("--latency-batch", type=_ints, default=(1, 8), help="batch sizes (default: 1,8)")
     lat.add_argument("--latency-threads", type=_ints, help="thread counts (default: 1 and all CPUs)")
-    gates = p.add_argument_group("gates (exit code 1 when one fails)")
+    gates = p.add_argument_group(
+        "gates (verdict PASSED: exit 0; FAILED or NOT VERIFIED: exit 1)", textwrap.fill(
+        f"Default gates (README 'Default gates'): every target balanced NME <= {CEILING_NME:g}% and failure rate "
+        f"<= {CEILING_FAILURE_RATE:g}; fp32/fp16 two-sided vs the reference: |ΔNME| <= {LOSSLESS_ABS_DELTA_NME:g} "
+        f"and landmarks within {LOSSLESS_LANDMARK_PX:g} px; other precisions ΔNME <= {LOSSY_DELTA_NME:g} balanced "
+        f"and <= {LOSSY_DELTA_NME_BIN:g} in every yaw bin. Without a reference (--reference none) relative gates "
+        "compare with the same format's fp32 artifact. A --gates file changes the limits it names; a limit option "
+        "below applies to every artifact and wins over both.", 100))
     gates.add_argument("--gates", help="TOML file of gates, with [precision.NAME] / [format.NAME] overrides")
     gates.add_argument("--no-gates", action="store_true",
-                       help="no gates at all (default without any gate option: ΔNME <= 0.10 for fp32/fp16, "
-                            "<= 0.50 for other precisions)")
-    gates.add_argument("--max-delta-nme", type=float, help="max balanced NME minus the PyTorch reference's (points)")
+                       help="no gates at all: the report is written, nothing is judged (verdict NOT VERIFIED)")
+    gates.add_argument("--max-delta-nme", type=float, help="max balanced NME minus the base's (points)")
     gates.add_argument("--max-delta-nme-bin", type=float, help="the same for every yaw bin")
+    gates.add_argument("--max-abs-delta-nme", type=float, help="max |balanced NME minus the base's| (points)")
     gates.add_argument("--max-nme", type=float, help="max balanced NME (percent)")
-    gates.add_argument("--max-param-err", type=float, help="max abs error of normalised params vs the reference")
-    gates.add_argument("--max-landmark-px", type=float, help="max landmark distance vs the reference (crop pixels)")
+    gates.add_argument("--max-param-err", type=float, help="max abs error of normalised params vs the base")
+    gates.add_argument("--max-landmark-px", type=float, help="max landmark distance vs the base (crop pixels)")
     gates.add_argument("--max-failure-rate", type=float, help="max fraction of faces with NME > 10%%")
 
 
@@ -110,20 +136,22 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _gates(args: argparse.Namespace):  # noqa: ANN202
-    from edge3dfa.validation.gates import DEFAULT_GATES, Gates, Limits, load_gates
+_LIMIT_OPTIONS = ("max_delta_nme", "max_delta_nme_bin", "max_abs_delta_nme", "max_nme", "max_param_err",
+                  "max_landmark_px", "max_failure_rate")
 
-    cli = Limits(max_delta_nme=args.max_delta_nme, max_delta_nme_bin=args.max_delta_nme_bin, max_nme=args.max_nme,
-                 max_param_err=args.max_param_err, max_landmark_px=args.max_landmark_px,
-                 max_failure_rate=args.max_failure_rate)
+
+def _gates(args: argparse.Namespace):  # noqa: ANN202
+    """The defaults, then the --gates file over them, then the limit options over everything."""
+    from edge3dfa.validation.gates import DEFAULT_GATES, Gates, load_gates, make_limits
+
+    given = {k: getattr(args, k) for k in _LIMIT_OPTIONS if getattr(args, k) is not None}
+    cli = make_limits(given, "command line")
     if args.no_gates:
-        if args.gates or cli.to_dict():
+        if args.gates or given:
             raise Edge3dfaError("--no-gates contradicts the gate options given")
         return Gates()
-    if not args.gates and not cli.to_dict():
-        return DEFAULT_GATES
-    gates = load_gates(args.gates) if args.gates else Gates()
-    return Gates(gates.default.merged(cli), gates.precision, gates.format)
+    gates = DEFAULT_GATES.merged(load_gates(args.gates)) if args.gates else DEFAULT_GATES
+    return gates.merged(Gates(override=cli))
 
 
 def _latency(args: argparse.Namespace):  # noqa: ANN202
@@ -154,26 +182,22 @@ def _dataset(args: argparse.Namespace):  # noqa: ANN202
     return load_pipeline(detector, args.samples, args.ground_truth, args.images_dir)
 
 
-def _finish(result: dict, data: Any, gates: Any, out_dir: Path, skipped: list[dict], started: float) -> int:
+def _finish(result: dict, data: Any, gates: Any, out_dir: Path, not_attempted: list[dict], started: float,
+            reference: str) -> int:
     from edge3dfa.validation import report
 
-    rep = report.build(result, data, gates, skipped)
+    rep = report.build(result, data, gates, not_attempted, reference=reference)
     paths = report.write(rep, out_dir)
     report.print_summary(rep)
     _log(f"report: {paths['html']} (+ report.md, report.json) in {time.perf_counter() - started:.0f} s")
-    for t in rep["targets"]:
-        for g in t["gates"]:
-            if not g["passed"]:
-                _log(f"gate failed: {t['key']}: {g['gate']} {g['value']} > {g['limit']}")
-        if t["status"] == "failed":
-            _log(f"failed: {t['key']}: {t['reason']}")
-    return 0 if rep["passed"] else 1
+    _log(report.verdict_line(rep))
+    return 0 if rep["verdict"] == "PASSED" else 1
 
 
 # ---------------------------------------------------------------- commands
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from edge3dfa.validation.harness import discover, evaluate
+    from edge3dfa.validation.harness import NO_REFERENCE, discover, evaluate
 
     started = time.perf_counter()
     folder = Path(args.folder)
@@ -186,45 +210,124 @@ def cmd_validate(args: argparse.Namespace) -> int:
     data = _dataset(args)
     out_dir = Path(args.report_dir) if args.report_dir else folder
     result = evaluate(entries, data, latency=latency, reference=args.reference, threads=args.threads,
-                      batch=args.batch, root=out_dir, log=_log)
-    return _finish(result, data, gates, out_dir, [], started)
+                      batch=args.batch, root=out_dir, skip_unavailable=args.skip_unavailable, log=_log)
+    alone = (args.reference or "").lower() == NO_REFERENCE
+    return _finish(result, data, gates, out_dir, [], started, "none" if alone else "pytorch")
+
+
+def _missing_packages(extra: str) -> list[str]:
+    """Packages of edge3dfa's install ``extra`` (pyproject's optional dependencies) that are not installed here."""
+    try:
+        reqs = requires("edge3dfa") or []
+    except PackageNotFoundError:  # run from a source tree without install: nothing to check against
+        return []
+    out = []
+    for req in reqs:
+        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)[^;]*;\s*extra\s*==\s*['\"]([^'\"]+)['\"]", req)
+        if m and m.group(2) == extra:
+            try:
+                version(m.group(1))
+            except PackageNotFoundError:
+                out.append(m.group(1))
+    return out
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[tuple[str, Any, list[str]]], list[dict[str, str]]]:
+    """(format, module, precisions) to build and what the default plan leaves out, before any work.
+
+    A plan that cannot be carried out as asked is an Edge3dfaError (exit 2): an empty --to or --precision, an
+    unknown format, a format asked for by name whose extra is not installed, a precision no planned format
+    offers, a budget that is not a finite number >= 0 or without int8 to apply to. Without --to the plan is
+    every installed format; the others are listed as not attempted.
+    """
+    from edge3dfa.converters import FORMATS, format_module
+
+    for option, value in (("--to", args.to), ("--precision", args.precision)):
+        if value is not None and not value:
+            raise Edge3dfaError(f"{option} names nothing; give a comma-separated list")
+    if args.nme_budget is not None and not (math.isfinite(args.nme_budget) and args.nme_budget >= 0):
+        raise Edge3dfaError(f"--nme-budget must be a finite number >= 0, got {args.nme_budget}")
+    for option in ("calib_count", "parity_count"):
+        if getattr(args, option) < 1:
+            raise Edge3dfaError(f"--{option.replace('_', '-')} must be >= 1")
+    unknown = [f for f in (args.to or []) if f not in FORMATS]
+    if unknown:
+        raise Edge3dfaError(f"unknown format {unknown[0]!r}; known: {', '.join(FORMATS)}")
+    plan, not_attempted = [], []
+    for fmt in dict.fromkeys(args.to or FORMATS):
+        missing = _missing_packages(fmt)
+        if missing:
+            why = f"not installed ({', '.join(missing)}); pip install 'edge3dfa[{fmt}]'"
+            if args.to:
+                raise Edge3dfaError(f"--to {fmt}: the {fmt} converter is {why}")
+            not_attempted.append({"what": fmt, "reason": why})
+            continue
+        mod = format_module(fmt)
+        offered = list(mod.PRECISIONS)
+        default = list(getattr(mod, "DEFAULT_PRECISIONS", offered))  # a format may keep its lossiest ones opt-in
+        wanted = [p for p in dict.fromkeys(args.precision) if p in offered] if args.precision else default
+        left = [p for p in args.precision if p not in offered] if args.precision else []
+        not_attempted += [{"what": f"{fmt} {p}", "reason": f"{fmt} offers {', '.join(offered)}"} for p in left]
+        not_attempted += [{"what": f"{fmt} {p}", "reason": f"opt-in: ask for it with --precision {p}"}
+                          for p in offered if not args.precision and p not in default]
+        if wanted:
+            plan.append((fmt, mod, wanted))
+    offered_by = {fmt: list(mod.PRECISIONS) for fmt, mod, _ in plan}
+    for p in args.precision or []:
+        if not any(p in precs for _, _, precs in plan):
+            where = "; ".join(f"{f} offers {', '.join(o)}" for f, o in offered_by.items()) or "no format planned"
+            raise Edge3dfaError(f"--precision {p}: no planned format offers it ({where})")
+    if not plan:
+        raise Edge3dfaError("nothing to export: no converter is installed ("
+                            + "; ".join(f"{n['what']}: {n['reason']}" for n in not_attempted) + ")")
+    if args.nme_budget is not None and not any("int8" in precs for _, _, precs in plan):
+        raise Edge3dfaError("--nme-budget applies to int8, which the plan does not include")
+    return plan, not_attempted
+
+
+def _conversion_error(fmt: str, prec: str, err: Exception, src: Any) -> dict[str, Any]:
+    """The report row of a conversion that failed: status error, the reason in one line (+ traceback log)."""
+    from edge3dfa.logs import one_line, write_crash_log
+
+    crash = None
+    if isinstance(err, Edge3dfaError):
+        reason = f"conversion failed: {one_line(err)}"
+    elif isinstance(err, OSError):  # full disk, no permission: the user's to fix, no traceback needed
+        where = f" {err.filename}" if err.filename else ""
+        reason = f"conversion failed: cannot use{where}: {err.strerror or one_line(err)}"
+    else:
+        crash = write_crash_log(err)
+        reason = f"conversion failed: internal error: {type(err).__name__}: {one_line(err)} (traceback: {crash})"
+    _log(f"{fmt} {prec}: {reason}")
+    return {"key": f"{src.name}/{fmt}/{prec}", "role": "artifact", "status": "error", "reason": reason,
+            "model": src.name, "format": fmt, "precision": prec, "runtime": "-", "artifact": None, "manifest": None,
+            "size_bytes": 0, "source_sha256": src.sha256, "nme": None, "delta_vs_reference": None,
+            "delta_vs_fp32": None, "parity": None, "parity_vs_fp32": None, "latency": [], "latency_note": None,
+            "per_face": None, "quantization": None, "crash_log": str(crash) if crash else None}
+
+
+def _export_gates(args: argparse.Namespace):  # noqa: ANN202
+    """The gates of export: with --nme-budget and no delta gate of the user's, int8 is gated at the budget."""
+    from edge3dfa.validation.gates import Gates, Limits
+
+    gates = _gates(args)
+    if args.nme_budget is not None and not (args.gates or args.no_gates or args.max_delta_nme is not None
+                                            or args.max_delta_nme_bin is not None):
+        budget = Limits(max_delta_nme=args.nme_budget, max_delta_nme_bin=2 * args.nme_budget)
+        gates = gates.merged(Gates(precision=(("int8", budget),)))
+    return gates
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from edge3dfa.converters import CALIBRATED, FORMATS, convert, format_module, load_source
+    from edge3dfa.converters import CALIBRATED, convert, load_source
     from edge3dfa.manifest import manifest_path
     from edge3dfa.validation.harness import Entry, Reference, evaluate
 
     started = time.perf_counter()
-    gates, latency = _gates(args), _latency(args)
-    if args.nme_budget is not None and not (args.gates or args.no_gates or args.max_delta_nme is not None
-                                            or args.max_delta_nme_bin is not None):
-        from edge3dfa.validation.gates import Gates, Limits
-
-        budget = Limits(max_delta_nme=args.nme_budget, max_delta_nme_bin=2 * args.nme_budget)
-        gates = Gates(gates.default, (*gates.precision, ("int8", budget)), gates.format)
-    formats = args.to or list(FORMATS)
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise Edge3dfaError(f"unknown format {unknown[0]!r}; known: {', '.join(FORMATS)}")
-    skipped: list[dict[str, str]] = []
-    plan: list[tuple[str, Any, list[str]]] = []
-    for fmt in formats:
-        try:
-            mod = format_module(fmt)
-        except Edge3dfaError as e:  # converter or its extra not installed
-            skipped.append({"what": fmt, "reason": str(e)})
-            _log(f"skipping {fmt}: {e}")
-            continue
-        offered = list(mod.PRECISIONS)
-        default = list(getattr(mod, "DEFAULT_PRECISIONS", offered))  # a format may keep its lossiest ones opt-in
-        wanted = [p for p in args.precision if p in offered] if args.precision else default
-        for p in (args.precision or []):
-            if p not in offered:
-                skipped.append({"what": f"{fmt} {p}", "reason": f"{fmt} offers {', '.join(offered)}"})
-                _log(f"skipping {fmt} {p}: {fmt} offers {', '.join(offered)}")
-        if wanted:
-            plan.append((fmt, mod, wanted))
+    plan, not_attempted = _plan(args)  # a plan that cannot be met fails now, having built nothing
+    gates, latency = _export_gates(args), _latency(args)
+    for n in not_attempted:
+        _log(f"not attempted: {n['what']}: {n['reason']}")
     data = _dataset(args)  # bad dataset options fail now, not after minutes of conversion
     src = load_source(args.checkpoint or args.model, args.arch if args.checkpoint else None)
     if src.is_detector:
@@ -241,21 +344,14 @@ def cmd_export(args: argparse.Namespace) -> int:
             try:
                 arts = convert(src, to=fmt, precision=prec, out_dir=args.out, calibration=calib,
                                calib_count=args.calib_count, parity_count=args.parity_count, threads=args.threads,
-                               nme_budget=args.nme_budget, sensitivity=args.sensitivity)
+                               nme_budget=args.nme_budget if prec == "int8" else None, sensitivity=args.sensitivity)
             except Exception as e:  # noqa: BLE001 - one failed conversion must not hide the others' report
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                _log(f"conversion {fmt} {prec} failed: {type(e).__name__}: {msg}")
-                failed_rows.append({"what": f"{fmt} {prec}", "reason": f"conversion failed: {type(e).__name__}: {msg}"})
+                failed_rows.append(_conversion_error(fmt, prec, e, src))
                 continue
             entries += [Entry(a.path, a.manifest, manifest_path(a.path)) for a in arts]
     ref = Reference(Path(src.path), src.sha256, src.name, None, module=src.model)
     report_dir = Path(args.report_dir) if args.report_dir else out_dir
     result = evaluate(entries, data, latency=latency, reference=ref, threads=args.threads, batch=args.batch,
-                      root=report_dir, log=_log)
-    for f in failed_rows:
-        result["targets"].append({"key": f["what"], "role": "artifact", "status": "failed", "reason": f["reason"],
-                                  "model": src.name, "format": f["what"].split()[0], "precision": f["what"].split()[1],
-                                  "runtime": "-", "artifact": None, "manifest": None, "size_bytes": 0,
-                                  "source_sha256": src.sha256, "nme": None, "delta_vs_reference": None,
-                                  "delta_vs_fp32": None, "parity": None, "latency": [], "per_face": None})
-    return _finish(result, data, gates, report_dir, skipped, started)
+                      root=report_dir, skip_unavailable=args.skip_unavailable, log=_log)
+    result["targets"] += failed_rows
+    return _finish(result, data, gates, report_dir, not_attempted, started, "pytorch")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,9 @@ import numpy as np
 
 from edge3dfa import runtime
 from edge3dfa.assets import sha256_file
+from edge3dfa.converters.parity import compare as compare_params
 from edge3dfa.errors import Edge3dfaError
+from edge3dfa.logs import one_line, write_crash_log
 from edge3dfa.manifest import SCHEMA, SCHEMA_NAME, Manifest, manifest_path
 from edge3dfa.target import CHECKPOINT_SUFFIXES, Target, open_target, target_suffixes, verify_artifact
 from edge3dfa.validation import metrics
@@ -87,18 +89,31 @@ def _is_manifest(mpath: Path) -> bool:
     return beside or (isinstance(schema, str) and schema.startswith(SCHEMA_NAME + "/"))
 
 
+def _walk(root: Path) -> Iterator[Path]:
+    """Every file and folder under ``root``, sorted, except dot-entries and all inside them: the temp folders of
+    a running or killed conversion (``.convert.PID-XXXX.tmp``, ``fileio.TEMP_NAME``), hidden files. A folder that
+    vanishes during the walk (a conversion finishing) is skipped, not an error."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(dirs + files):
+            if not name.startswith("."):
+                yield Path(folder) / name
+
+
 def discover(folder: str | os.PathLike, verify: bool = True) -> list[Entry]:
     """Every artifact under ``folder`` (recursive) with a valid manifest that it matches.
 
     An artifact file without its manifest, a manifest naming a missing artifact, or a folder with no artifact
     at all is an Edge3dfaError naming the file; so is an artifact that does not match its manifest (sha256,
-    format, precision, input: ``edge3dfa.target.verify_artifact``) unless ``verify=False``.
+    format, precision, input: ``edge3dfa.target.verify_artifact``) unless ``verify=False``. Dot-entries (temp
+    folders of a running or killed conversion) are ignored (``_walk``).
     """
     root = Path(folder)
     if not root.is_dir():
         raise Edge3dfaError(f"not a folder: {root}")
+    paths = list(_walk(root))
     entries, named = [], set()
-    for mpath in sorted(root.rglob("*.json")):
+    for mpath in sorted(p for p in paths if p.suffix == ".json"):
         if mpath.name in REPORT_FILES or _inside_package(mpath, root) or not _is_manifest(mpath):
             continue
         m = Manifest.read(mpath)
@@ -113,7 +128,7 @@ def discover(folder: str | os.PathLike, verify: bool = True) -> list[Entry]:
         named.add(art.resolve())
         entries.append(Entry(art, m, mpath, verify))
     suffixes = set(target_suffixes())
-    for p in sorted(root.rglob("*")):
+    for p in paths:
         if p.suffix.lower() in suffixes and not _inside_package(p, root) and p.resolve() not in named:
             raise Edge3dfaError(f"{p} has no manifest ({manifest_path(p).name}); re-run edge3dfa convert")
     if not entries:
@@ -166,8 +181,8 @@ def _row(key: str, role: str, *, model: str, fmt: str, precision: str, runtime_n
     return {"key": key, "role": role, "status": "ok", "reason": None, "model": model, "format": fmt,
             "precision": precision, "runtime": runtime_name, "artifact": artifact, "manifest": manifest,
             "size_bytes": int(size), "source_sha256": source_sha, "nme": None, "delta_vs_reference": None,
-            "delta_vs_fp32": None, "parity": None, "latency": [], "latency_note": None, "per_face": None,
-            "quantization": None}
+            "delta_vs_fp32": None, "parity": None, "parity_vs_fp32": None, "latency": [], "latency_note": None,
+            "per_face": None, "quantization": None, "crash_log": None, "manifest_verified": manifest is not None}
 
 
 def _model_info(ref_target: Target | None, ref: Reference | None, m: Manifest | None) -> dict[str, Any]:
@@ -191,16 +206,19 @@ def _precision_rank(p: str) -> int:
 
 def evaluate(entries: list[Entry], data: EvalSet, *, latency: LatencyConfig | None = None,
              reference: str | os.PathLike | Reference | None = None, threads: int | None = None,
-             batch: int = BATCH, root: str | os.PathLike | None = None,
+             batch: int = BATCH, root: str | os.PathLike | None = None, skip_unavailable: bool = False,
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Score every entry and its reference on ``data``; returns {"models", "targets"} for the report.
 
     ``reference``: None finds each manifest's source checkpoint, a path or Reference is used for all,
-    ``"none"`` scores artifacts alone (no torch needed, e.g. on a board; no deltas or parity then).
-    Targets that cannot run here (runtime not installed, unsupported platform) become rows with status
-    "skipped" and the reason. ``threads`` is the thread count of the accuracy pass (default 1: on a
-    shared 2-core machine, 2 threads made the mb05 full-set pass 4x slower for torch and 10x for the
-    numpy CoreML evaluator, as threads wait on each other; latency is measured at every count anyway).
+    ``"none"`` scores artifacts alone (no torch needed, e.g. on a board; deltas and parity are then taken
+    against the same format's fp32 artifact where there is one). An artifact that cannot be opened, run or
+    scored is a row with status "error" and the reason (an unexpected exception also writes its traceback to
+    a log, named in the reason), never a silent skip: one broken runtime does not hide the other rows. Only
+    ``skip_unavailable`` (the user's choice) turns "runtime not installed here" into status "skipped".
+    ``threads`` is the thread count of the accuracy pass (default 1: on a shared 2-core machine, 2 threads
+    made the mb05 full-set pass 4x slower for torch and 10x for the numpy CoreML evaluator, as threads wait
+    on each other; latency is measured at every count anyway).
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     latency = latency or LatencyConfig()
@@ -223,6 +241,7 @@ def evaluate(entries: list[Entry], data: EvalSet, *, latency: LatencyConfig | No
         groups.setdefault(ref.sha256, (ref, []))[1].append(e)
 
     models, rows = {}, []
+    run = _Run(data, rel, latency, threads, batch, skip_unavailable, log)
     for sha, (ref, group) in groups.items():
         ref_target = ref_params = ref_summary = None
         if ref is not None:
@@ -237,55 +256,102 @@ def evaluate(entries: list[Entry], data: EvalSet, *, latency: LatencyConfig | No
             head.update(nme=ref_summary, per_face=ref_nme, latency=measure(ref.open, data.inputs, latency))
             rows.append(head)
         models[sha] = _model_info(ref_target, ref, group[0].manifest if group else None)
-        group_rows = []
-        for e in sorted(group, key=lambda e: (e.manifest.format, _precision_rank(e.manifest.precision), str(e.path))):
-            group_rows.append(_evaluate_one(e, data, sha, rel, ref_params, ref_summary, latency, threads, batch, log))
-        for row in group_rows:  # vs the same format's fp32, once all of the group is scored
-            fp32 = next((r for r in group_rows if r["format"] == row["format"] and r["precision"] == "fp32"
-                         and r["status"] == "ok"), None)
-            ok = row["status"] == "ok" and fp32 is not None and fp32 is not row
-            row["delta_vs_fp32"] = metrics.delta(row["nme"], fp32["nme"]) if ok else None
-        rows += group_rows
+        scored = [run.one(e, sha, ref_params, ref_summary)
+                  for e in sorted(group, key=lambda e: (e.manifest.format, _precision_rank(e.manifest.precision),
+                                                        str(e.path)))]
+        _compare_with_fp32(scored)
+        rows += [row for row, _ in scored]
     for e in others:
         m = e.manifest
         rows.append({**_row(f"{m.model}/{m.format}/{e.path.name}", "artifact", model=m.model, fmt=m.format,
                             precision=m.precision, runtime_name="-", artifact=rel(e.path),
                             manifest=rel(e.manifest_path), size=m.size_bytes,
                             source_sha=str((m.source or {}).get("sha256"))),
-                     "status": "skipped", "reason": "not a 62-param landmark regressor (detector or other head)"})
+                     "status": "not_applicable", "reason": "not a 62-param landmark regressor (detector or other "
+                                                           "head): validate scores landmark regressors only"})
     return {"models": models, "targets": rows}
+
+
+def _compare_with_fp32(scored: list[tuple[dict[str, Any], np.ndarray | None]]) -> None:
+    """ΔNME and parity of every scored row against the same format's fp32 row (the base without a reference)."""
+    for row, params in scored:
+        fp32 = next(((r, p) for r, p in scored if r["format"] == row["format"] and r["precision"] == "fp32"
+                     and r["status"] == "ok" and p is not None), None)
+        if row["status"] != "ok" or params is None or fp32 is None or row["precision"] == "fp32":
+            continue  # an fp32 row is the base of its format, never compared with another fp32
+        row["delta_vs_fp32"] = metrics.delta(row["nme"], fp32[0]["nme"])
+        row["parity_vs_fp32"] = compare_params(fp32[1], params)
 
 
 def _is_regressor(m: Manifest) -> bool:
     return m.model != "faceboxes" and m.arch != "faceboxes" and m.output.get("name", "params") == "params"
 
 
-def _evaluate_one(e: Entry, data: EvalSet, sha: str, rel: Callable[[Path], str], ref_params: np.ndarray | None,
-                  ref_summary: dict | None, latency: LatencyConfig, threads: int, batch: int,
-                  log: Callable[[str], None]) -> dict[str, Any]:
-    from edge3dfa.converters.parity import compare
+def runtime_missing(err: Edge3dfaError) -> bool:
+    """True when ``err`` says the artifact's runtime is not installed here (targets raise it from an ImportError)."""
+    return isinstance(err.__cause__, ImportError)
 
-    m = e.manifest
-    row = _row(f"{m.model}/{m.format}/{e.path.name}", "artifact", model=m.model, fmt=m.format,
-               precision=m.precision, runtime_name="?", artifact=rel(e.path), manifest=rel(e.manifest_path),
-               size=m.size_bytes, source_sha=sha)
-    row["quantization"] = m.quantization  # the --nme-budget search record, shown by the report
-    log(f"evaluating {rel(e.path)} ({m.format} {m.precision})")
-    try:
-        target = open_target(e.path, threads=threads, verify=e.verify)
+
+@dataclass
+class _Run:
+    """What every artifact row of one evaluation shares."""
+
+    data: EvalSet
+    rel: Callable[[Path], str]
+    latency: LatencyConfig
+    threads: int
+    batch: int
+    skip_unavailable: bool
+    log: Callable[[str], None]
+
+    def one(self, e: Entry, sha: str, ref_params: np.ndarray | None,
+            ref_summary: dict | None) -> tuple[dict[str, Any], np.ndarray | None]:
+        """One artifact's row and params; whatever goes wrong becomes the row's status and reason."""
+        m = e.manifest
+        row = _row(f"{m.model}/{m.format}/{e.path.name}", "artifact", model=m.model, fmt=m.format,
+                   precision=m.precision, runtime_name="?", artifact=self.rel(e.path),
+                   manifest=self.rel(e.manifest_path), size=m.size_bytes, source_sha=sha)
+        row["quantization"] = m.quantization  # the --nme-budget search record, shown by the report
+        row["manifest_verified"] = e.verify  # False: used with --no-verify, so at best NOT VERIFIED
+        self.log(f"evaluating {self.rel(e.path)} ({m.format} {m.precision})")
+        try:
+            return row, self._score(e, row, ref_params, ref_summary)
+        except Edge3dfaError as err:
+            if self.skip_unavailable and runtime_missing(err):
+                row.update(status="skipped", reason=f"skipped (--skip-unavailable): {one_line(err)}")
+            else:
+                row.update(status="error", reason=one_line(err))
+        except OSError as err:  # unreadable file, full disk...: the user's to fix, no traceback needed
+            where = f" {err.filename}" if err.filename else ""
+            row.update(status="error", reason=f"cannot use{where}: {err.strerror or one_line(err)}")
+        except Exception as err:  # noqa: BLE001 - one broken runtime must not hide the other rows
+            crash = write_crash_log(err)
+            row.update(status="error", reason=f"internal error: {type(err).__name__}: {one_line(err)} "
+                                              f"(traceback: {crash})", crash_log=str(crash))
+        self.log(f"  {row['status']}: {row['reason']}")
+        return row, None
+
+    def _score(self, e: Entry, row: dict[str, Any], ref_params: np.ndarray | None,
+               ref_summary: dict | None) -> np.ndarray:
+        target = open_target(e.path, threads=self.threads, verify=e.verify)
         row["runtime"] = target.runtime
-        params = predict_all(target, data.inputs, batch, f"{m.format} {m.precision}")
-    except Edge3dfaError as err:
-        row.update(status="skipped", reason=str(err))
-        log(f"  skipped: {err}")
-        return row
-    nme = _score(params, data)
-    summary = metrics.summarize(nme, data.yaw)
-    row.update(nme=summary, per_face=nme,
-               delta_vs_reference=metrics.delta(summary, ref_summary) if ref_summary else None,
-               parity=compare(ref_params, params) if ref_params is not None else None)
-    if target.runtime in NOT_TIMED:
-        row["latency_note"] = NOT_TIMED[target.runtime]
-    else:
-        row["latency"] = measure(lambda n: open_target(e.path, threads=n, verify=e.verify), data.inputs, latency)
-    return row
+        params = predict_all(target, self.data.inputs, self.batch, f"{e.manifest.format} {e.manifest.precision}")
+        bad = int((~np.isfinite(params).all(axis=1)).sum())
+        if bad:
+            raise Edge3dfaError(f"{e.path.name}: non-finite outputs (NaN or Inf) for {bad} of {len(params)} faces")
+        with np.errstate(over="ignore", invalid="ignore"):  # huge outputs: checked just below
+            nme = _score(params, self.data)
+        bad = int((~np.isfinite(nme)).sum())
+        if bad:
+            raise Edge3dfaError(f"{e.path.name}: outputs so large that the landmarks of {bad} of {len(nme)} faces "
+                                "overflow (not finite)")
+        summary = metrics.summarize(nme, self.data.yaw)
+        row.update(nme=summary, per_face=nme,
+                   delta_vs_reference=metrics.delta(summary, ref_summary) if ref_summary else None,
+                   parity=compare_params(ref_params, params) if ref_params is not None else None)
+        if target.runtime in NOT_TIMED:
+            row["latency_note"] = NOT_TIMED[target.runtime]
+        else:
+            row["latency"] = measure(lambda n: open_target(e.path, threads=n, verify=e.verify), self.data.inputs,
+                                     self.latency)
+        return params

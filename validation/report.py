@@ -1,8 +1,15 @@
 """Validation report: ``report.json`` (machine-readable), ``report.md`` and a self-contained ``report.html``.
 
-report.json, schema ``edge3dfa.report/1`` (numbers are plain JSON numbers; null where not measured)::
+report.json, schema ``edge3dfa.report/2`` (numbers are plain JSON numbers; null where not measured)::
 
-    schema            "edge3dfa.report/1"
+    schema            "edge3dfa.report/2"
+    verdict           "PASSED" | "FAILED" | "NOT VERIFIED" (edge3dfa.validation.gates.verdict): FAILED when a
+                      target failed a gate or could not be opened, run or scored; NOT VERIFIED when nothing failed
+                      but something was not checked (a target skipped by the user's choice, a gate that could not
+                      be computed, no gates at all, no artifact scored); PASSED otherwise. ``validate``/``export``
+                      exit 0 only for PASSED, 1 for FAILED and NOT VERIFIED.
+    verdict_reasons   [one line per target that is not PASSED: what failed or was not checked]
+    passed            verdict == "PASSED"
     created           ISO time (UTC); edge3dfa_version; tools {package: version}
     machine           {platform, machine, python, cpu_threads}
     dataset           {name, mode (crops|pipeline), ground_truth (original|reannotated), count, subset,
@@ -11,13 +18,19 @@ report.json, schema ``edge3dfa.report/1`` (numbers are plain JSON numbers; null 
     protocol          {nme, bins, balanced, auc, failure}: one-line definitions of the metrics
     ced_thresholds    [percent]: x values of every target's ``ced``
     models            {source sha256: {name, arch, checkpoint, sha256, params, macs}}
+    reference         "pytorch" (relative gates vs the PyTorch checkpoint) or "none" (vs the format's fp32)
     gates             the limits applied (see edge3dfa.validation.gates)
-    passed            true when every gate of every target passed
-    skipped           [{what, reason}]: formats/precisions not converted (extra not installed, ...)
+    not_attempted     [{what, reason}]: formats/precisions export did not convert (extra not installed, not
+                      offered by the format); outside the plan, so they do not change the verdict
     targets           one object per target, the PyTorch reference of each model first:
-      key, role (reference|artifact), status (ok|skipped|failed), reason
+      key, role (reference|artifact), status, reason: ok; error (could not be converted, opened, run or scored:
+                      reason says why, crash_log names the traceback of an unexpected exception); skipped (by the
+                      user's choice, e.g. --skip-unavailable); not_applicable (not a landmark regressor, e.g. a
+                      detector: not judged)
+      verdict         PASSED | FAILED | NOT VERIFIED (null when not_applicable); passed (verdict == PASSED)
       model, format, precision, runtime, artifact, manifest (paths relative to the report), size_bytes,
       source_sha256
+      manifest_verified  false when the artifact was used with --no-verify (then at best NOT VERIFIED)
       nme             {bins {label: {mean, count}}, balanced, mean, median, auc7, failure10, count}  (percent;
                       auc7 and failure10 are fractions)
       ced             [fraction of faces with NME <= each of ced_thresholds]
@@ -27,9 +40,11 @@ report.json, schema ``edge3dfa.report/1`` (numbers are plain JSON numbers; null 
       delta_vs_fp32       the same against this format's fp32 artifact (null if none)
       parity          {param_max_abs, param_mean_abs, landmark_max_px, landmark_mean_px, n}: vs the reference's
                       params on the same crops (landmarks in 120x120 crop pixels); null without reference
+      parity_vs_fp32  the same against this format's fp32 artifact (null if none)
       latency         [{threads, batch, median_ms, p90_ms, min_ms, per_image_ms, runs}]; latency_note says why
                       it is empty when the runtime is only a simulation (e.g. CoreML evaluated in numpy)
-      gates           [{gate, value, limit, passed}]; passed (bool)
+      gates           [{gate, value, limit, passed (true|false|null: not checked), vs (reference|fp32|null),
+                       note}]
 
 Plots (matplotlib, Agg canvas, no display needed): CED curves of all targets, NME per yaw bin, latency,
 size vs NME. They are embedded in the HTML as base64 PNG and written beside report.md for it to link.
@@ -50,14 +65,14 @@ import numpy as np
 
 from edge3dfa import __version__
 from edge3dfa.errors import Edge3dfaError
-from edge3dfa.fileio import write_bytes, write_json, write_text
+from edge3dfa.fileio import json_text, write_files
 from edge3dfa.manifest import tool_versions
 from edge3dfa.validation import metrics
 from edge3dfa.validation.datasets import EvalSet
-from edge3dfa.validation.gates import Gates, check
+from edge3dfa.validation.gates import PASSED, Gates, check, row_verdict, verdict
 from edge3dfa.validation.latency import cpu_threads
 
-SCHEMA = "edge3dfa.report/1"
+SCHEMA = "edge3dfa.report/2"
 PROTOCOL = {
     "nme": "mean 2-D distance over 68 landmarks / sqrt(w*h) of the ground truth's 68-point box, percent",
     "bins": "|yaw| from AFLW2000-3D.pose.npy: <=30, (30,60], >60 (3DDFA benchmark_aflw2000.py; >90 goes to the last)",
@@ -89,10 +104,11 @@ def _round(x: Any, nd: int = 6) -> Any:
     return x
 
 
-def build(result: dict[str, Any], data: EvalSet, gates: Gates, skipped: list[dict[str, str]] | None = None,
+def build(result: dict[str, Any], data: EvalSet, gates: Gates, not_attempted: list[dict[str, str]] | None = None,
+          reference: str = "pytorch",
           tool_packages: tuple[str, ...] = ("torch", "onnxruntime", "ai-edge-litert", "coremltools",
                                             "executorch")) -> dict:
-    """The report.json object: evaluation rows + dataset, gates and machine, gates checked per target."""
+    """The report.json object: evaluation rows + dataset, gates and machine, gates checked per target, verdict."""
     targets = []
     for row in result["targets"]:
         row = dict(row)
@@ -100,11 +116,16 @@ def build(result: dict[str, Any], data: EvalSet, gates: Gates, skipped: list[dic
         row["ced"] = metrics.ced(per_face).tolist() if per_face is not None else None
         row["per_face"] = np.round(per_face, 4).tolist() if per_face is not None else None
         row["gates"] = check(row, gates.limits_for(row["format"], row["precision"])) if row["status"] == "ok" else []
-        row["passed"] = all(g["passed"] for g in row["gates"]) and row["status"] != "failed"
+        row["verdict"] = row_verdict(row)
+        row["passed"] = row["verdict"] == PASSED
         targets.append(row)
     bins = metrics.yaw_bins(data.yaw)
+    overall = verdict(targets)
     return _round({
         "schema": SCHEMA,
+        "verdict": overall,
+        "verdict_reasons": _reasons(targets),
+        "passed": overall == PASSED,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "edge3dfa_version": __version__,
         "tools": tool_versions(*tool_packages),
@@ -116,11 +137,50 @@ def build(result: dict[str, Any], data: EvalSet, gates: Gates, skipped: list[dic
         "protocol": PROTOCOL,
         "ced_thresholds": metrics.CED_THRESHOLDS.tolist(),
         "models": result["models"],
+        "reference": reference,
         "gates": gates.to_dict(),
-        "passed": all(t["passed"] for t in targets),
-        "skipped": list(skipped or []),
+        "not_attempted": list(not_attempted or []),
         "targets": targets,
     })
+
+
+def _gate_text(g: dict[str, Any]) -> str:
+    vs = f" vs {g['vs']}" if g.get("vs") else ""
+    if g["passed"] is None:
+        return f"{g['gate']} not checked ({g.get('note', 'not measured')})"
+    value = "not finite" if g["value"] is None else format(g["value"], ".4g")
+    return f"{g['gate']} {value} > {g['limit']:g}{vs}"
+
+
+def _reasons(targets: list[dict[str, Any]]) -> list[str]:
+    """One line per target that is not PASSED, saying what failed or was not checked."""
+    out = []
+    for r in targets:
+        if r["verdict"] is None or r["verdict"] == PASSED:
+            continue
+        who = _label(r) + (f" ({Path(r['artifact']).name})" if r.get("artifact") else "")
+        if r["status"] != "ok":
+            out.append(f"{who}: {r['status']}: {r['reason']}")
+        elif r.get("manifest_verified") is False and not any(g["passed"] is False for g in r["gates"]):
+            out.append(f"{who}: not checked against its manifest (--no-verify)")
+        elif not r["gates"]:
+            out.append(f"{who}: no gates were applied (--no-gates)")
+        else:
+            bad = [g for g in r["gates"] if g["passed"] is False] or [g for g in r["gates"] if g["passed"] is None]
+            out.append(f"{who}: " + "; ".join(_gate_text(g) for g in bad))
+    if not any(r["role"] == "artifact" and r["verdict"] for r in targets):
+        out.append("no landmark-regressor artifact was scored")
+    return out
+
+
+def verdict_line(report: dict) -> str:
+    """The report's first line: the verdict and what it rests on."""
+    judged = [t for t in report["targets"] if t["verdict"]]
+    counts = {v: sum(t["verdict"] == v for t in judged) for v in ("PASSED", "FAILED", "NOT VERIFIED")}
+    tail = ", ".join(f"{n} {v.lower()}" for v, n in counts.items() if n)
+    ignored = sum(t["verdict"] is None for t in report["targets"])
+    extra = f"; {ignored} not judged (not landmark regressors)" if ignored else ""
+    return f"Verdict: {report['verdict']} ({len(judged)} targets: {tail or 'none'}{extra})"
 
 
 # ---------------------------------------------------------------- plots
@@ -151,7 +211,7 @@ def _figures(report: dict) -> dict[str, bytes]:
     ax = fig.add_subplot()
     for r in rows:
         ref = r["role"] == "reference"
-        label = f"{_label(r)} (AUC7 {r['nme']['auc7']:.3f})"
+        label = f"{_label(r)} (AUC7 {_f(r['nme']['auc7'], '.3f')})"
         ax.plot(report["ced_thresholds"], np.asarray(r["ced"]) * 100, label=label, color=color[r["key"]],
                 lw=2.2 if ref else 1.3, ls="--" if ref else "-")
     ax.set(xlabel="NME (%)", ylabel="faces (%)", xlim=(0, report["ced_thresholds"][-1]), ylim=(0, 100),
@@ -161,8 +221,10 @@ def _figures(report: dict) -> dict[str, bytes]:
     out["ced"] = png(fig)
 
     # a broken artifact (NME in the hundreds) must not squash every other bar: cap the axis at 3x the reference
+    # (without one, 3x the best target)
     refs = [r["nme"]["balanced"] for r in rows if r["role"] == "reference" and r["nme"]["balanced"]]
-    top = 3 * max(refs) if refs else None
+    scored = [r["nme"]["balanced"] for r in rows if r["nme"]["balanced"]]
+    top = 3 * max(refs) if refs else (3 * min(scored) if scored else None)
 
     def tag(r: dict) -> str:
         big = top is not None and max(v["mean"] or 0 for v in r["nme"]["bins"].values()) > top
@@ -206,18 +268,18 @@ def _figures(report: dict) -> dict[str, bytes]:
         ax.legend(fontsize=7)
         out["latency"] = png(fig)
 
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.add_subplot()
-    for r in rows:
-        if r["nme"]["balanced"] is None:
-            continue
-        y = r["nme"]["balanced"] if top is None else min(r["nme"]["balanced"], top)
-        ax.scatter(r["size_bytes"] / 1e6, y, marker="*" if r["role"] == "reference" else "o", color=color[r["key"]],
-                   s=90 if r["role"] == "reference" else 40, label=tag(r), alpha=0.85)
-    ax.set(xlabel="size on disk (MB)", ylabel="balanced NME (%)", title="Size vs accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    out["size_nme"] = png(fig)
+    balanced = [r for r in rows if r["nme"]["balanced"] is not None]  # None: a yaw bin without faces
+    if balanced:
+        fig = Figure(figsize=(6.4, 4.2))
+        ax = fig.add_subplot()
+        for r in balanced:
+            y = r["nme"]["balanced"] if top is None else min(r["nme"]["balanced"], top)
+            ax.scatter(r["size_bytes"] / 1e6, y, marker="*" if r["role"] == "reference" else "o",
+                       color=color[r["key"]], s=90 if r["role"] == "reference" else 40, label=tag(r), alpha=0.85)
+        ax.set(xlabel="size on disk (MB)", ylabel="balanced NME (%)", title="Size vs accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+        out["size_nme"] = png(fig)
 
     searched = [r for r in report["targets"] if (r.get("quantization") or {}).get("sensitivity")]
     if searched:
@@ -252,19 +314,24 @@ def _f(x: Any, fmt: str = ".2f", none: str = "-") -> str:
 
 def _accuracy_table(report: dict) -> tuple[list[str], list[list[str]]]:
     head = ["target", "runtime", "size MB", *[f"NME {b}" for b in metrics.BIN_LABELS], "balanced", "mean",
-            "AUC7", "fail>10%", "ΔNME vs torch", "ΔNME vs fp32", "param max err", "lm max px", "gates"]
+            "AUC7", "fail>10%", "ΔNME vs torch", "ΔNME vs fp32", "param max err", "lm max px", "verdict"]
     body = []
     for r in report["targets"]:
         if r["status"] != "ok":
+            what = {"error": "FAILED", "skipped": "NOT VERIFIED"}.get(r["status"], "not judged")
             body.append([_label(r), r["runtime"], _f(r["size_bytes"] / 1e6)] + ["-"] * (len(head) - 4)
-                        + [f"{r['status']}: {r['reason']}"])
+                        + [f"{what}: {r['status']}: {r['reason']}"])
             continue
-        n, d, d32, p = r["nme"], r["delta_vs_reference"], r["delta_vs_fp32"], r["parity"] or {}
-        failed = [g["gate"] for g in r["gates"] if not g["passed"]]
-        gate = "FAIL " + ", ".join(failed) if failed else ("pass" if r["gates"] else "-")
+        n, d, d32 = r["nme"], r["delta_vs_reference"], r["delta_vs_fp32"]
+        p = r["parity"] or r.get("parity_vs_fp32") or {}
+        failed = [g["gate"] for g in r["gates"] if g["passed"] is False]
+        unchecked = [g["gate"] for g in r["gates"] if g["passed"] is None]
+        gate = ("FAILED " + ", ".join(failed) if failed else "NOT VERIFIED: " + ", ".join(unchecked) + " not checked"
+                if unchecked else "pass" if r["gates"] else "NOT VERIFIED: no gates")
+        fail = n["failure10"]
         body.append([_label(r), r["runtime"], _f(r["size_bytes"] / 1e6),
                      *[_f(n["bins"][b]["mean"]) for b in metrics.BIN_LABELS], _f(n["balanced"]), _f(n["mean"]),
-                     _f(n["auc7"], ".3f"), _f(n["failure10"] * 100, ".1f") + "%",
+                     _f(n["auc7"], ".3f"), _f(fail if fail is None else fail * 100, ".1f") + "%",
                      _f(d and d["balanced"], "+.3f"), _f(d32 and d32["balanced"], "+.3f"),
                      _f(p.get("param_max_abs"), ".2e"), _f(p.get("landmark_max_px"), ".3f"), gate])
     return head, body
@@ -329,7 +396,8 @@ def _html_table(head: list[str], body: list[list[str]]) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     trs = []
     for row in body:
-        cls = ' class="fail"' if row and row[-1].startswith(("FAIL", "failed")) else ""
+        cls = ' class="fail"' if row and row[-1].startswith("FAILED") else (
+            ' class="unverified"' if row and row[-1].startswith("NOT VERIFIED") else "")
         trs.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
     return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(trs)}</tbody></table>"
 
@@ -347,14 +415,17 @@ def _summary_lines(report: dict) -> list[str]:
         lines.append(f"Model {m['name']} ({m['arch']}): {params}, {macs} (source arch, 120x120).")
     lines.append(f"Machine: {report['machine']['platform']}, {report['machine']['cpu_threads']} CPU threads. "
                  "Latency is the median of timed predict calls after warm-up; on a shared machine it is noisy.")
-    lines.append("Gates: " + ("PASSED" if report["passed"] else "FAILED") + f" ({report['gates'] or 'none set'}).")
-    for s in report["skipped"]:
-        lines.append(f"Not converted: {s['what']}: {s['reason']}")
+    base = ("the PyTorch reference" if report["reference"] != "none" else
+            "each format's fp32 artifact (--reference none; fp32 itself: absolute limits only)")
+    lines.append(f"Gates (relative limits vs {base}): {report['gates'] or 'none set'}.")
+    for s in report["not_attempted"]:
+        lines.append(f"Not attempted: {s['what']}: {s['reason']}")
     return lines
 
 
 def render_markdown(report: dict, images: dict[str, str]) -> str:
-    parts = ["# edge3dfa validation report", "", *[f"- {s}" for s in _summary_lines(report)], "",
+    parts = [f"**{verdict_line(report)}**", "", *[f"- {r}" for r in report["verdict_reasons"]], "",
+             "# edge3dfa validation report", "", *[f"- {s}" for s in _summary_lines(report)], "",
              "## Accuracy (NME %, AFLW2000-3D protocol)", "", _md_table(*_accuracy_table(report)), ""]
     lat = _latency_table(report)
     if lat[1]:
@@ -374,19 +445,21 @@ def render_markdown(report: dict, images: dict[str, str]) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;
 font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}td:first-child,
 th:first-child{text-align:left}th{background:#f3f3f3}tr.fail td{background:#fde2e2}img{max-width:48%;
-margin:0.5%}.pass{color:#080}.failed{color:#b00}"""
+margin:0.5%}.pass{color:#080}.failed{color:#b00}.unverified{color:#a60}tr.unverified td{background:#fff3d6}"""
 
 
 def render_html(report: dict, pngs: dict[str, bytes]) -> str:
-    status = '<b class="pass">PASSED</b>' if report["passed"] else '<b class="failed">FAILED</b>'
+    cls = {"PASSED": "pass", "FAILED": "failed"}.get(report["verdict"], "unverified")
+    reasons = "".join(f"<li>{html.escape(s)}</li>" for s in report["verdict_reasons"])
     items = "".join(f"<li>{html.escape(s)}</li>" for s in _summary_lines(report))
     imgs = "".join(f'<img alt="{k}" src="data:image/png;base64,{base64.b64encode(v).decode()}">'
                    for k, v in pngs.items())
     lat = _latency_table(report)
     budget, sens = _budget_table(report), _sensitivity_table(report)
     proto = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in report["protocol"].items())
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>edge3dfa validation report</title>"
-            f"<style>{_CSS}</style></head><body><h1>edge3dfa validation report</h1><p>Gates: {status}</p>"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{report['verdict']}: edge3dfa validation "
+            f"report</title><style>{_CSS}</style></head><body><p class='{cls}'><b>{html.escape(verdict_line(report))}"
+            f"</b></p>" + (f"<ul>{reasons}</ul>" if reasons else "") + "<h1>edge3dfa validation report</h1>"
             f"<ul>{items}</ul><h2>Accuracy (NME %)</h2>{_html_table(*_accuracy_table(report))}"
             + (f"<h2>Latency</h2>{_html_table(*lat)}" if lat[1] else "")
             + (f"<h2>Int8 within an NME budget</h2><p>{html.escape(BUDGET_TEXT)}</p>{_html_table(*budget)}"
@@ -404,14 +477,11 @@ def write(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     if out.exists() and not out.is_dir():
         raise Edge3dfaError(f"report folder {out} is a file")
     pngs = _figures(report)
-    links = {}
-    for name, data in pngs.items():
-        write_bytes(out / f"report_{name}.png", data)
-        links[name] = f"report_{name}.png"
-    paths = {"json": write_json(out / "report.json", report),
-             "md": write_text(out / "report.md", render_markdown(report, links)),
-             "html": write_text(out / "report.html", render_html(report, pngs))}
-    return paths
+    links = {name: f"report_{name}.png" for name in pngs}
+    files = {**{links[name]: data for name, data in pngs.items()}, "report.json": json_text(report).encode(),
+             "report.md": render_markdown(report, links).encode(), "report.html": render_html(report, pngs).encode()}
+    write_files(out, files)  # replaced as one set: never a new report.json beside an old report.html
+    return {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
 
 
 def print_summary(report: dict, file: Any = None) -> None:
@@ -419,6 +489,10 @@ def print_summary(report: dict, file: Any = None) -> None:
     import sys
 
     file = file or sys.stdout
+    print(verdict_line(report), file=file)
+    for reason in report["verdict_reasons"]:
+        print(f"  {reason}", file=file)
+    print(file=file)
     head, body = _accuracy_table(report)
     keep = [0, 3, 4, 5, 6, 7, 10, 11, 12, 13, 14]
     rows = [[r[i] for i in keep] for r in [head, *body]]

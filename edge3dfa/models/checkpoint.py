@@ -145,20 +145,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def infer_arch(state_dict: dict[str, torch.Tensor]) -> tuple[str, float]:
-    """(arch, widen_factor) of a state dict from its key layout and first conv width."""
+    """(arch, widen_factor) of a state dict from its key layout and channel counts."""
     keys = state_dict.keys()
     if "dw2_1.conv_dw.weight" in keys and "conv1.weight" in keys:
         return "mobilenet_v1", state_dict["conv1.weight"].shape[0] / 32
     if "features.0.0.weight" in keys and "features.1.conv.0.weight" in keys:
-        # The stem is fixed at 16 channels; the first block's output is make_divisible(16 * w).
-        out1 = state_dict["features.1.conv.8.weight"].shape[0] if "features.1.conv.8.weight" in keys else None
-        exp2 = state_dict["features.2.conv.0.weight"].shape[0] if "features.2.conv.0.weight" in keys else None
-        from edge3dfa.models.mobilenet_v3 import make_divisible
+        from edge3dfa.models.mobilenet_v3 import mode_and_width
 
-        for w in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0):
-            if make_divisible(16 * w) == out1 and make_divisible(72 * w) == exp2:
-                return "mobilenet_v3", w
-        raise Edge3dfaError(f"MobileNet-V3 of unknown width (block 1 out {out1}, block 2 expand {exp2})")
+        mode, widen = mode_and_width({k: tuple(v.shape) for k, v in state_dict.items()})
+        return f"mobilenet_v3_{mode}", widen
     if "conv_param.weight" in keys and "layer1.0.conv1.weight" in keys:
         return "resnet22", 1.0
     raise Edge3dfaError(

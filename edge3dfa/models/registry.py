@@ -13,12 +13,16 @@ from edge3dfa.errors import Edge3dfaError
 if TYPE_CHECKING:
     import torch
 
-ARCHS = ("mobilenet_v1", "mobilenet_v3", "resnet22")
+#: MobileNet-V3's two modes are two archs, as in torchvision and timm: a mode changes the layer table and the
+#: key set (small 11 blocks, large 15), not just channel counts, so ``(arch, widen_factor)`` stays the whole
+#: description of a network everywhere it is passed (``infer_arch``, ``build_model``, manifests, ``--arch``).
+ARCHS = ("mobilenet_v1", "mobilenet_v3_small", "mobilenet_v3_large", "resnet22")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One zoo entry; ``paper_*`` are the published figures (None where none were published)."""
+    """One zoo entry; ``paper_*`` are the published figures (None where none were published), ``paper_source``
+    says where they were published and which row they are."""
 
     name: str
     arch: str
@@ -28,6 +32,7 @@ class ModelSpec:
     checkpoint_asset: str | None = None
     paper_params_m: float | None = None
     paper_macs_m: float | None = None
+    paper_source: str = ""
     description: str = ""
 
 
@@ -35,16 +40,22 @@ MODELS: dict[str, ModelSpec] = {
     s.name: s
     for s in (
         ModelSpec("mb1", "mobilenet_v1", 1.0, checkpoint_asset=None,
-                  paper_params_m=3.27, paper_macs_m=183.5,
+                  paper_params_m=3.27, paper_macs_m=183.5, paper_source="3DDFA_V2 README, MobileNet",
                   description="3DDFA_V2 default MobileNet-V1 (upstream mb1_120x120.pth, not in the assets)"),
         ModelSpec("mb05", "mobilenet_v1", 0.5, checkpoint_asset="mb05",
-                  paper_params_m=0.85, paper_macs_m=49.5,
+                  paper_params_m=0.85, paper_macs_m=49.5, paper_source="3DDFA_V2 README, MobileNet x0.5",
                   description="3DDFA_V2 MobileNet-V1 x0.5, upstream mb05_120x120.pth"),
-        # 1.65M / 27.4M are the figures quoted for MobileNet-V3 in the 3DDFA_V2 comparison; the x0.5 net has
-        # 0.70M params (fixture README: 701,094) and x1.0 has 1.74M, so they most likely describe x1.0.
-        ModelSpec("mbv3_05", "mobilenet_v3", 0.5, checkpoint_asset=None,
+        # Upstream's default MobileNet-V3 mode; no published figures describe it (the paper's row is large mode).
+        ModelSpec("mbv3_05", "mobilenet_v3_small", 0.5, checkpoint_asset=None,
+                  description="MobileNet-V3-small x0.5 in upstream's layout (upstream's default mode); "
+                              "no public weights"),
+        # 3DDFA_V2 paper Table 1 "MobileNet-V3 x0.5" (1.65M params, 27.4M MACs, 3.61 NME); its Fig. 3 caption
+        # names the large mode. How the computed counts compare: README "Model zoo".
+        ModelSpec("mbv3_large_05", "mobilenet_v3_large", 0.5, checkpoint_asset=None,
                   paper_params_m=1.65, paper_macs_m=27.4,
-                  description="MobileNet-V3-small x0.5 in upstream's layout; no public weights"),
+                  paper_source="3DDFA_V2 paper Table 1, MobileNet-V3 x0.5 (large mode, Fig. 3)",
+                  description="MobileNet-V3-large x0.5 in upstream's layout, the paper's MobileNet-V3 x0.5; "
+                              "no public weights"),
         ModelSpec("resnet22", "resnet22", 1.0, checkpoint_asset=None,
                   description="upstream resnet22 (caffe-style ResNet, 1x1 conv head); no public weights"),
     )
@@ -70,10 +81,11 @@ def build_model(arch_or_name: str, widen_factor: float | None = None) -> torch.n
         from edge3dfa.models.mobilenet_v1 import MobileNetV1
 
         return MobileNetV1(widen_factor=widen_factor, num_classes=num_params)
-    if arch == "mobilenet_v3":
-        from edge3dfa.models.mobilenet_v3 import MobileNetV3Small
+    if arch in ("mobilenet_v3_small", "mobilenet_v3_large"):
+        from edge3dfa.models.mobilenet_v3 import MobileNetV3
 
-        return MobileNetV3Small(widen_factor=widen_factor, num_classes=num_params)
+        mode = arch.removeprefix("mobilenet_v3_")
+        return MobileNetV3(widen_factor=widen_factor, num_classes=num_params, mode=mode)
     if arch == "resnet22":
         if widen_factor != 1.0:
             raise Edge3dfaError(f"resnet22 has no width multiplier (got widen_factor={widen_factor})")
