@@ -182,7 +182,7 @@ def _row(key: str, role: str, *, model: str, fmt: str, precision: str, runtime_n
             "precision": precision, "runtime": runtime_name, "artifact": artifact, "manifest": manifest,
             "size_bytes": int(size), "source_sha256": source_sha, "nme": None, "delta_vs_reference": None,
             "delta_vs_fp32": None, "parity": None, "parity_vs_fp32": None, "latency": [], "latency_note": None,
-            "per_face": None, "quantization": None, "crash_log": None, "manifest_verified": manifest is not None}
+            "per_face": None, "quantization": None, "crash_log": None, "manifest_verified": None}
 
 
 def _model_info(ref_target: Target | None, ref: Reference | None, m: Manifest | None) -> dict[str, Any]:
@@ -312,7 +312,7 @@ class _Run:
                    precision=m.precision, runtime_name="?", artifact=self.rel(e.path),
                    manifest=self.rel(e.manifest_path), size=m.size_bytes, source_sha=sha)
         row["quantization"] = m.quantization  # the --nme-budget search record, shown by the report
-        row["manifest_verified"] = e.verify  # False: used with --no-verify, so at best NOT VERIFIED
+        row["manifest_verified"] = e.verify  # False: used with --no-verify, so at best NOT VERIFIED (None: no manifest)
         self.log(f"evaluating {self.rel(e.path)} ({m.format} {m.precision})")
         try:
             return row, self._score(e, row, ref_params, ref_summary)
