@@ -5,7 +5,8 @@ the held-out AFLW crops (what --nme-budget judges on) and on all 2000 AFLW2000-3
 the AFLW2000-3D figure with the int8 kernels replaced by fake-quant (ONNX: kernel error vs quantization error),
 and latency (batch 1, one thread, median and 10th percentile). Usage:
 
-    python benchmarks/int8_choices.py [--models mb05,mbv3,mbv3_large] [--formats onnx,tflite] [--out out/bench]
+    python benchmarks/int8_choices.py [--models mb05,mbv3,mbv3_large] [--formats onnx,tflite,executorch]
+                                      [--out out/bench]
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ ONNX_CHOICES = {  # name -> (options, calibration crops); one change from the de
     "bias correction": ({"bias_correction": True}, 256),
     "per-tensor + bias correction": ({"per_channel": False, "bias_correction": True}, 256),
 }
+#: executorch: the float layers come from one every-layer-int8 calibration (keep_float reuses it exactly), the
+#: other choices need their own calibration
+EXECUTORCH_FLOAT_CHOICES = {"all int8": (), "first conv int8": ("last",), "params layer int8": ("first",),
+                            "default": ("first", "last")}
+EXECUTORCH_CHOICES = {"minmax": ({"observer": "minmax"}, 256), "per-tensor": ({"per_channel": False}, 256),
+                      "calib 64": ({}, 64)}
 TFLITE_CHOICES = {"default": ("float", 256), "calib 32": ("float", 32), "calib 64": ("float", 64),
                   "calib 128": ("float", 128), "head int8": ("int8", 256)}
 
@@ -119,12 +126,42 @@ def main() -> None:
                     row = measure(path, ref, held, aflw, False)
                     results[key][f"tflite {name}"] = row
                     _print(key, f"tflite {name}", row)
+            if "executorch" in args.formats:
+                results[key].update(executorch_choices(src, pool, ref, held, aflw, work, key))
         print(f"{key}: onnx fp32 {results[key].get('onnx fp32 ms')}, tflite fp32 {results[key].get('tflite fp32 ms')} "
               "(median, p10 ms)", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "int8_choices.json", results)
     print(f"wrote {out / 'int8_choices.json'}")
+
+
+def executorch_choices(src, pool, ref: dict, held, aflw, work: Path, key: str) -> dict:  # noqa: ANN001
+    """fp32, fp16 and the int8 choices of the ExecuTorch converter, as rows keyed 'executorch NAME'."""
+    from edge3dfa.converters import executorch as conv
+
+    rows = {}
+    for prec in ("fp32", "fp16"):
+        path = work / f"et_{prec}.pte"
+        conv.export(src.model, path, prec, source=src)
+        rows[f"executorch {prec}"] = measure(path, ref, held, aflw, False)
+        _print(key, f"executorch {prec}", rows[f"executorch {prec}"])
+    t0 = time.perf_counter()
+    builder = conv.Int8Builder(src.model, source=src, calibration=pool.data, float_input=False, float_output=False)
+    names = list(builder.layers)
+    for name, keep in EXECUTORCH_FLOAT_CHOICES.items():
+        path = work / f"et_{name.replace(' ', '_')}.pte"
+        builder.export(path, [names[0] if k == "first" else names[-1] for k in keep])
+        rows[f"executorch {name}"] = {**measure(path, ref, held, aflw, False), "build_s": time.perf_counter() - t0}
+        _print(key, f"executorch {name}", rows[f"executorch {name}"])
+        t0 = time.perf_counter()
+    for name, (opts, n) in EXECUTORCH_CHOICES.items():
+        path = work / f"et_{name.replace(' ', '_')}.pte"
+        conv.Int8Builder(src.model, source=src, calibration=pool.data[:n], **opts).export(path)
+        rows[f"executorch {name}"] = {**measure(path, ref, held, aflw, False), "build_s": time.perf_counter() - t0}
+        _print(key, f"executorch {name}", rows[f"executorch {name}"])
+        t0 = time.perf_counter()
+    return rows
 
 
 def _print(model: str, name: str, r: dict) -> None:

@@ -28,7 +28,7 @@ from edge3dfa.manifest import Manifest, publish
 
 #: format -> module; modules import their framework lazily, so listing them costs nothing
 FORMATS = {"onnx": "edge3dfa.converters.onnx", "tflite": "edge3dfa.converters.tflite",
-           "coreml": "edge3dfa.converters.coreml"}
+           "coreml": "edge3dfa.converters.coreml", "executorch": "edge3dfa.converters.executorch"}
 CALIBRATED = {"int8", "w8a8"}  # precisions that need real face crops
 PARITY_COUNT = 64
 

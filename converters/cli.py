@@ -12,7 +12,8 @@ def register(sub: Any) -> None:
     p.add_argument("--model", default="mb05", help="zoo name, or 'faceboxes' (default: mb05)")
     p.add_argument("--checkpoint", help="3DDFA_V2 checkpoint to convert instead of the zoo's weights")
     p.add_argument("--arch", help="zoo name giving the architecture of --checkpoint (default: inferred)")
-    p.add_argument("--to", default="onnx", help="formats, comma separated: onnx,tflite,coreml (default: onnx)")
+    p.add_argument("--to", default="onnx",
+                   help="formats, comma separated: onnx,tflite,coreml,executorch (default: onnx)")
     p.add_argument("--precision", default="fp32", help="precisions, comma separated (e.g. fp32,int8)")
     p.add_argument("--out", default="out", help="output root; artifacts go to OUT/NAME/FORMAT/ (default: out)")
     p.add_argument("--calib-dir", help="folder of 120x120 face crops for int8 (default: the disjoint AFLW set)")

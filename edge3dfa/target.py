@@ -221,4 +221,5 @@ def check_contract(target: Target, m: Manifest, mpath: str | os.PathLike) -> Non
 
 
 def _extra(suffix: str) -> str:
-    return {".pth": "torch", ".onnx": "onnx", ".tflite": "pi", ".mlpackage": "coreml"}.get(suffix, "all")
+    return {".pth": "torch", ".onnx": "onnx", ".tflite": "pi", ".mlpackage": "coreml",
+            ".pte": "executorch"}.get(suffix, "all")

@@ -106,7 +106,8 @@ def _round(x: Any, nd: int = 6) -> Any:
 
 def build(result: dict[str, Any], data: EvalSet, gates: Gates, not_attempted: list[dict[str, str]] | None = None,
           reference: str = "pytorch",
-          tool_packages: tuple[str, ...] = ("torch", "onnxruntime", "ai-edge-litert", "coremltools")) -> dict:
+          tool_packages: tuple[str, ...] = ("torch", "onnxruntime", "ai-edge-litert", "coremltools",
+                                            "executorch")) -> dict:
     """The report.json object: evaluation rows + dataset, gates and machine, gates checked per target, verdict."""
     targets = []
     for row in result["targets"]:

@@ -1,0 +1,385 @@
+"""PyTorch -> ExecuTorch (.pte, XNNPACK delegate): fp32, fp16 and static int8 (PT2E, XNNPACK quantizer).
+
+Route: ``torch.export`` -> ``to_edge_transform_and_lower(partitioner=[XnnpackPartitioner()])`` ->
+``to_executorch()``; int8 first goes through torchao's PT2E ``prepare_pt2e`` / ``convert_pt2e`` with
+ExecuTorch's ``XNNPACKQuantizer`` (int8 symmetric, per-channel weights, histogram activation observers),
+calibrated on the shared CalibrationSet crops like every other format. The manifest records which ops the
+XNNPACK delegate took and which fell back to ExecuTorch's portable CPU kernels (``options["delegation"]``).
+
+Choices, each measured (README "ExecuTorch"):
+
+* Batch: programs take a dynamic batch up to ``max_batch`` (memory-planned to that size; the target runs larger
+  batches in chunks). The export's example batch *is* ``max_batch``: lowering re-runs ATen's conv backend choice
+  on fake tensors, whose ``batch >= 16`` test (mkldnn selection) narrows the batch range to what the example
+  satisfies, e.g. [2, 15] for an example of 4, so a smaller example would shrink the capacity. The runtime only
+  checks a batch against the capacity, so the raised lower bound does not matter; ``_self_check`` runs batch 1
+  and ``max_batch`` on every artifact to prove it. ``max_batch=1`` gives a static single-crop program.
+* int8 float layers: like ONNX and TFLite, int8 keeps the params layer float (``float_output``; quantizing it
+  alone cost +0.25 NME on mb05) and, by default, the first conv (``float_input``), whose input is the full-range
+  image (quantizing it too roughly doubled mb05's int8 cost); ``exclude`` keeps any other layer float. Layers
+  are named by module path (``dw5_1.conv_dw``, ``features.3.conv.0``, ``fc``): a layer kept float keeps its
+  weighted op and the elementwise ops of its quantization pattern (BN, ReLU) float.
+* int8 ranges: the quantizer's HistogramObserver and per-channel weights; MinMax ranges and per-tensor weights
+  each cost more NME on both mb05 and the MobileNet-V3 fixture (``benchmarks/int8_choices.py``).
+* fp16 is real fp16 compute (XNNPACK's f16 kernels; the model is exported in half precision with float32 I/O),
+  unlike TFLite's fp16 weight storage. ExecuTorch's XNNPACK serializer keeps conv weights fp32
+  (``force_fp32`` in its ``op_conv2d``), so the file is barely smaller than fp32: fp16 is opt-in.
+
+The mixed-precision search (``--nme-budget``) rebuilds int8 with different float layers; ``Int8Builder``
+calibrates once and gives every variant the observers it shares with that calibration (a variant's observers
+see the same float tensors: observers never change the values they watch), so a variant costs one lowering.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge3dfa.converters.calibration import crops_of
+from edge3dfa.errors import Edge3dfaError
+from edge3dfa.manifest import CANONICAL_INPUT, CANONICAL_OUTPUT, tool_versions
+
+PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_PRECISIONS = ("fp32", "int8")
+SUFFIX = ".pte"
+OBSERVERS = ("histogram", "minmax")
+DEFAULTS: dict[str, Any] = {"max_batch": 32, "float_input": True, "float_output": True, "observer": "histogram",
+                            "per_channel": True, "exclude": []}
+OPTIONS = set(DEFAULTS)
+#: what --nme-budget tries (the fastest within budget wins, else layers are kept float): histogram ranges were
+#: better on mb05 and mbv3_05, MinMax on mbv3_large_05, whose histogram int8 missed a 0.05 budget on the held-out
+#: crops (+0.055) where MinMax met it (+0.024); both run the same kernels (benchmarks/int8_choices.py)
+INT8_CANDIDATES: dict[str, dict[str, Any]] = {"int8": {}, "minmax": {"observer": "minmax"}}
+
+
+# ---------------------------------------------------------------------------------------------- options
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise Edge3dfaError(f"executorch option {key} must be true or false, got {value!r}")
+
+
+def _whole(key: str, value: Any) -> int:
+    """A whole number (32, 32.0, "32"); 32.5 or true are errors, not silently 32 or 1."""
+    whole = (isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+             or (isinstance(value, str) and value.strip().isdigit()))
+    if isinstance(value, bool) or not whole:
+        raise Edge3dfaError(f"executorch option {key} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def parse_options(precision: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Validated options with defaults; unknown keys and options that do not apply are user errors."""
+    unknown = sorted(set(options) - OPTIONS)
+    if unknown:
+        raise Edge3dfaError(f"unknown executorch option(s) {', '.join(unknown)}; known: {', '.join(sorted(OPTIONS))}")
+    if precision != "int8" and set(options) - {"max_batch"}:
+        raise Edge3dfaError(f"executorch option(s) {', '.join(sorted(set(options) - {'max_batch'}))} apply to int8 "
+                            f"only, not {precision}")
+    o = {**DEFAULTS, **options}
+    o["max_batch"] = _whole("max_batch", o["max_batch"])
+    if not 1 <= o["max_batch"] <= 1024:
+        raise Edge3dfaError(f"executorch option max_batch must be 1..1024, got {o['max_batch']}")
+    for key in ("float_input", "float_output", "per_channel"):
+        o[key] = _bool(key, o[key])
+    if str(o["observer"]).lower() not in OBSERVERS:
+        raise Edge3dfaError(f"executorch option observer={o['observer']!r} is not one of {', '.join(OBSERVERS)}")
+    o["observer"] = str(o["observer"]).lower()
+    exclude = o["exclude"].split(",") if isinstance(o["exclude"], str) else list(o["exclude"] or [])
+    o["exclude"] = [str(n).strip() for n in exclude if str(n).strip()]
+    return o
+
+
+def check_options(precision: str, detector: bool, options: dict[str, Any]) -> None:
+    """Unknown keys, bad values and the detector as user errors, before anything is converted (``convert`` asks
+    every format)."""
+    _checked(precision, detector, options)
+
+
+def _checked(precision: str, detector: bool, options: dict[str, Any]) -> dict[str, Any]:
+    if precision not in PRECISIONS:
+        raise Edge3dfaError(f"executorch offers {', '.join(PRECISIONS)}, not {precision!r}")
+    if detector:
+        raise Edge3dfaError("the executorch converter takes the 3DDFA regressors; convert FaceBoxes to onnx or tflite")
+    return parse_options(precision, options)
+
+
+# ------------------------------------------------------------------------------------------- conversion
+def _frameworks() -> None:
+    """Import executorch (and torchao) once, quietly; a clear error when the extra is missing."""
+    from edge3dfa.targets.executorch import native_log, quiet_imports
+
+    try:
+        with quiet_imports(), native_log():
+            import executorch.exir  # noqa: F401
+            import torchao.quantization.pt2e  # noqa: F401
+            from executorch.backends.xnnpack.partition import xnnpack_partitioner  # noqa: F401
+    except ImportError as e:
+        raise Edge3dfaError(f"the executorch converter needs executorch ({e.name or e}); "
+                            "pip install 'edge3dfa[executorch]'") from e
+
+
+def _example(max_batch: int) -> tuple[tuple[Any], Any]:
+    """Example input and dynamic batch spec (see the module docstring for why the example batch is the maximum)."""
+    import torch
+    from torch.export import Dim
+
+    x = (torch.zeros(max_batch, 3, 120, 120),)
+    return x, (None if max_batch == 1 else ({0: Dim("batch", min=1, max=max_batch)},))
+
+
+def exported(model: Any, max_batch: int) -> Any:
+    """``torch.export`` of ``model`` (eval mode) with the batch dynamic up to ``max_batch``."""
+    from torch.export import export
+    from torch.fx import GraphModule
+
+    if not isinstance(model, GraphModule):  # a PT2E-converted graph has no train/eval switch (and needs none)
+        model.eval()
+    x, dynamic = _example(max_batch)
+    try:
+        return export(model, x, dynamic_shapes=dynamic)
+    except Exception as e:  # noqa: BLE001 - export raises many types; one line for the user
+        raise Edge3dfaError(f"torch.export could not capture the model: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _half(model: Any) -> Any:
+    """The model in half precision behind float32 input and output."""
+    from torch import nn
+
+    class Half(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = copy.deepcopy(model).eval().half()
+
+        def forward(self, x: Any) -> Any:
+            return self.model(x.half()).float()
+
+    return Half().eval()
+
+
+def lower(program: Any) -> tuple[bytes, dict[str, Any]]:
+    """Exported program -> .pte bytes with XNNPACK delegation, and what the delegate took."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.devtools.backend_debug import get_delegation_info
+    from executorch.exir import to_edge_transform_and_lower
+
+    from edge3dfa.targets.executorch import native_log, quiet_imports
+
+    with quiet_imports(), native_log():
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        info = get_delegation_info(edge.exported_program().graph_module)
+        buffer = edge.to_executorch().buffer
+    ops = {k: v for k, v in info.delegation_by_operator.items() if k != "getitem"}
+    coverage = {"backend": "XnnpackBackend", "delegated_subgraphs": info.num_delegated_subgraphs,
+                "delegated": {k: v.delegated for k, v in sorted(ops.items()) if v.delegated},
+                "cpu_fallback": {k: v.non_delegated for k, v in sorted(ops.items()) if v.non_delegated}}
+    return bytes(buffer), coverage
+
+
+def _self_check(path: Path, max_batch: int) -> float:
+    """Run ``path`` on ``max_batch`` crops at once and on its first crops one at a time: a capacity or dynamic-batch
+    mistake fails here, not in a user's pipeline. Returns the max abs difference between the two (float
+    summation order may differ with the batch; int8 is exact per sample)."""
+    from edge3dfa.targets.executorch import ExecuTorchTarget
+
+    target = ExecuTorchTarget(path, threads=1)
+    if target.capacity != max_batch:
+        raise Edge3dfaError(f"the lowered program holds batches of {target.capacity}, not max_batch={max_batch}")
+    x = np.random.default_rng(0).uniform(-1, 1, (max_batch, 3, 120, 120)).astype(np.float32)
+    whole = target.predict(x)
+    single = np.concatenate([target.predict(x[i:i + 1]) for i in range(min(max_batch, 2))])
+    diff = float(np.abs(whole[:len(single)] - single).max())
+    if not np.isfinite(whole).all() or not diff < 1e-3:
+        raise Edge3dfaError(f"the lowered program gives different params for the same crop at batch 1 and batch "
+                            f"{max_batch} (max diff {diff:.3g}): dynamic batch lowering failed")
+    return diff
+
+
+# ------------------------------------------------------------------------------------------------- int8
+def layer_names(program: Any) -> list[str]:
+    """Module paths of the weighted layers (conv, linear) of an exported program, in execution order."""
+    names: list[str] = []
+    for node in program.graph.nodes:
+        op = getattr(node.target, "__name__", "").split(".")[0]
+        if node.op == "call_function" and op in ("conv2d", "convolution", "linear"):
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            path = stack[-1][0].removeprefix("L['self'].") if stack else node.name
+            if path not in names:
+                names.append(path)
+    return names
+
+
+def _quantizer(o: dict[str, Any], float_layers: list[str]) -> Any:
+    """ExecuTorch's XNNPACK quantizer: int8 symmetric, per-channel weights, the ``float_layers`` left out."""
+    import dataclasses
+
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e import MinMaxObserver
+    from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
+
+    config = get_symmetric_quantization_config(is_per_channel=o["per_channel"])
+    if o["observer"] == "minmax":  # the default is a HistogramObserver (L2-optimal range search)
+        act = dataclasses.replace(config.input_activation,
+                                  observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2 ** -12))
+        config = dataclasses.replace(config, input_activation=act, output_activation=act)
+    q = XNNPACKQuantizer().set_global(config)
+    if float_layers:
+        filters = [get_module_name_filter(name) for name in float_layers]
+        q.set_filter_function(lambda node: not any(f(node) for f in filters))
+    return q
+
+
+def _observer_nodes(gm: Any) -> list[tuple[Any, tuple[str, str]]]:
+    """(observer node, (observed node name, observer class)) for every observer of a prepared graph."""
+    from torchao.quantization.pt2e import ObserverBase
+
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ObserverBase):
+            out.append((node, (node.args[0].name, type(gm.get_submodule(node.target)).__name__)))
+    return out
+
+
+class Int8Builder:
+    """The exported graph, calibrated once, quantized to int8 and lowered as often as asked with different
+    ``layers`` kept float (the mixed-precision search builds dozens of variants)."""
+
+    def __init__(self, model: Any, *, source: Any, calibration: Any, work: Any = None, **options: Any) -> None:
+        self.o = _checked("int8", bool(getattr(source, "is_detector", False)), options)
+        if calibration is None:
+            raise Edge3dfaError("executorch int8 needs a calibration set")
+        _frameworks()
+        t0 = time.perf_counter()
+        program = exported(model, self.o["max_batch"])
+        names = layer_names(program)
+        self.graph = program.module()
+        unknown = [n for n in self.o["exclude"] if n not in names]
+        if unknown:
+            raise Edge3dfaError(f"exclude: no layer {unknown[0]!r} in the model; layers: {', '.join(names[:4])}, ...")
+        self.always_float = [n for i, n in enumerate(names) if n in self.o["exclude"]
+                             or (i == 0 and self.o["float_input"]) or (i == len(names) - 1 and self.o["float_output"])]
+        self.layers = {n: [n] for n in names if n not in self.always_float}
+        self.crops = crops_of(calibration)
+        full = self._prepared([])
+        self._calibrate(full)
+        self.observers: dict[tuple[str, str], Any] = {}
+        for node, key in _observer_nodes(full):
+            self.observers.setdefault(key, full.get_submodule(node.target))
+        self.seconds = time.perf_counter() - t0
+
+    def _prepared(self, float_layers: list[str]) -> Any:
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+        from edge3dfa.targets.executorch import quiet_imports
+
+        with quiet_imports():
+            return prepare_pt2e(copy.deepcopy(self.graph), _quantizer(self.o, [*self.always_float, *float_layers]))
+
+    def _calibrate(self, prepared: Any) -> None:
+        import torch
+
+        step = self.o["max_batch"]
+        with torch.no_grad():
+            for i in range(0, len(self.crops), step):
+                prepared(torch.from_numpy(np.ascontiguousarray(self.crops[i:i + step])))
+
+    def _reuse_calibration(self, prepared: Any) -> bool:
+        """Give ``prepared`` the calibrated observers of the same tensors; False when one has no counterpart."""
+        nodes = _observer_nodes(prepared)
+        if any(key not in self.observers for _, key in nodes):
+            return False
+        for node, key in nodes:
+            setattr(prepared, node.target, copy.deepcopy(self.observers[key]))
+        return True
+
+    def quantized(self, keep_float: Any = ()) -> Any:
+        """The PT2E-converted graph (quantize/dequantize around int8 ops) with ``keep_float`` layers float."""
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        from edge3dfa.targets.executorch import quiet_imports
+
+        unknown = [k for k in keep_float if k not in self.layers]
+        if unknown:
+            raise Edge3dfaError(f"no layer {unknown[0]!r} in the graph; e.g. {', '.join(list(self.layers)[:3])}")
+        prepared = self._prepared(list(keep_float))
+        if not self._reuse_calibration(prepared):
+            self._calibrate(prepared)
+        with quiet_imports():
+            return convert_pt2e(prepared)
+
+    def export(self, dest: str | os.PathLike, keep_float: Any = ()) -> dict[str, Any]:
+        """Write ``dest`` with ``keep_float`` layers float; returns its manifest fields (as ``export`` does)."""
+        t0 = time.perf_counter()
+        content, coverage = lower(exported(self.quantized(keep_float), self.o["max_batch"]))
+        fields = _write(content, Path(dest), "int8", self.o, coverage, self.seconds + time.perf_counter() - t0)
+        fields["options"].update(always_float=list(self.always_float), float_layers=list(keep_float))
+        return fields
+
+
+# ------------------------------------------------------------------------------------------------ export
+def export(model: Any, dest: Path, precision: str, *, source: Any, calibration: Any = None,
+           **options: Any) -> dict[str, Any]:
+    """Write ``dest`` (.pte) and return the manifest fields this format fills.
+
+    Options: max_batch (32; 1 = static single crop), and for int8 float_input, float_output (true),
+    observer (histogram|minmax), per_channel (true), exclude (layer module paths, comma separated).
+    """
+    o = _checked(precision, bool(getattr(source, "is_detector", False)), options)
+    if precision == "int8":
+        return Int8Builder(model, source=source, calibration=calibration, **options).export(dest)
+    _frameworks()
+    t0 = time.perf_counter()
+    net = _half(model) if precision == "fp16" else model
+    content, coverage = lower(exported(net, o["max_batch"]))
+    return _write(content, Path(dest), precision, o, coverage, time.perf_counter() - t0)
+
+
+def _write(content: bytes, dest: Path, precision: str, o: dict[str, Any], coverage: dict[str, Any],
+           seconds: float) -> dict[str, Any]:
+    """Write ``dest``, check it runs at batch 1 and max_batch, and return the manifest fields."""
+    from importlib.metadata import version
+
+    dest.write_bytes(content)
+    batch_diff = _self_check(dest, o["max_batch"])
+    fallback = ", ".join(f"{k} {v}" for k, v in coverage["cpu_fallback"].items()) or "none"
+    notes = [f"XNNPACK delegate: {sum(coverage['delegated'].values())} ops in {coverage['delegated_subgraphs']} "
+             f"subgraph(s); on ExecuTorch's portable CPU kernels: {fallback}",
+             f"batch: any N (dynamic up to {o['max_batch']} per call, larger batches in chunks; batch 1 vs batch "
+             f"{o['max_batch']} max diff {batch_diff:.2g})" if o["max_batch"] > 1 else
+             "batch: static 1 (the target runs larger batches crop by crop)",
+             "threads: XNNPACK uses ExecuTorch's process-wide pool; set it (Target threads=) or it takes every core",
+             f"converted in {seconds:.1f} s"]
+    used: dict[str, Any] = {"max_batch": o["max_batch"], "route": "torch.export + to_edge_transform_and_lower "
+                            "(XnnpackPartitioner)" + (" after PT2E prepare/convert" if precision == "int8" else ""),
+                            "delegation": coverage}
+    if precision == "int8":
+        used.update(quantizer="XNNPACKQuantizer (symmetric int8)", per_channel=o["per_channel"],
+                    observer=o["observer"], float_input=o["float_input"], float_output=o["float_output"],
+                    exclude=o["exclude"])
+        notes.append("int8: static PT2E quantization (int8 activations and weights), layers in always_float and "
+                     "float_layers run in fp32 inside the same XNNPACK delegate")
+    if precision == "fp16":
+        notes.append("fp16: computes in half precision (XNNPACK f16 kernels; float32 input and output cast at the "
+                     "edges), not just fp16 storage: compare its parity with TFLite's fp16 (weights only)")
+    runtime = version("executorch")
+    notes.append(f"ExecuTorch runtime compatibility (runtime/COMPATIBILITY.md): a .pte runs on the release that wrote "
+                 f"it ({runtime}) and at least the next minor release; older runtimes are not guaranteed")
+    return {"options": used, "input": dict(CANONICAL_INPUT), "output": dict(CANONICAL_OUTPUT), "notes": notes,
+            "min_runtime": {"executorch": runtime}, "tools": tool_versions("torch", "executorch", "torchao")}
