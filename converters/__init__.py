@@ -26,7 +26,7 @@ from edge3dfa.manifest import Manifest, publish
 #: format -> module; modules import their framework lazily, so listing them costs nothing
 FORMATS = {"onnx": "edge3dfa.converters.onnx", "tflite": "edge3dfa.converters.tflite",
            "coreml": "edge3dfa.converters.coreml"}
-CALIBRATED = {"int8", "w8a8"}  # precisions that need real face crops
+CALIBRATED = {"int8", "w8a8"}  # precisions that need real face crops; --nme-budget applies to them
 PARITY_COUNT = 64
 
 
@@ -94,8 +94,8 @@ def convert(model: str | os.PathLike | Source = "mb05", to: str | Sequence[str] 
 
     ``calibration`` is a CalibrationSet, a folder of crops or photos, or None (the default disjoint set);
     it is only loaded when a calibrated precision is asked for. ``options`` go to the format's export.
-    ``nme_budget`` (e.g. 0.05): int8 becomes the fastest int8 / mixed-precision artifact whose held-out
-    NME is within that much of fp32 (``converters.mixed_precision``), judged on ``heldout`` (default: the last
+    ``nme_budget`` (e.g. 0.05): int8 (CoreML: w8a8) becomes the fastest int8 / mixed-precision artifact whose
+    held-out NME is within that much of fp32 (``converters.mixed_precision``), judged on ``heldout`` (default: the last
     256 calibration crops, ``validation.datasets.aflw.load_heldout``); ``sensitivity`` adds the per-layer
     ranking to the record even when no layer has to stay float.
     """
@@ -112,9 +112,9 @@ def convert(model: str | os.PathLike | Source = "mb05", to: str | Sequence[str] 
         if bad:
             raise Edge3dfaError(f"{fmt} does not offer precision {', '.join(bad)}; "
                                 f"it offers {', '.join(mod.PRECISIONS)}")
-    if nme_budget is not None and (nme_budget < 0 or "int8" not in precisions):
-        raise Edge3dfaError(f"--nme-budget {nme_budget:g}: needs a budget >= 0 and int8 among the precisions "
-                            f"(asked: {', '.join(precisions)})")
+    if nme_budget is not None and (nme_budget < 0 or not CALIBRATED & set(precisions)):
+        raise Edge3dfaError(f"--nme-budget {nme_budget:g}: needs a budget >= 0 and int8 (CoreML: w8a8) among the "
+                            f"precisions (asked: {', '.join(precisions)})")
     src = model if isinstance(model, Source) else load_source(model, arch)
     out = Path(out_dir) / src.name
     calib = calibration
@@ -139,7 +139,7 @@ def convert(model: str | os.PathLike | Source = "mb05", to: str | Sequence[str] 
                 raise Edge3dfaError(f"cannot create output folder {dest.parent}: {e.strerror or e}") from e
             with tempfile.TemporaryDirectory(prefix=".convert-", dir=dest.parent) as tmpdir:
                 tmp = Path(tmpdir) / dest.name
-                if nme_budget is not None and prec == "int8" and not src.is_detector:
+                if nme_budget is not None and prec in CALIBRATED and not src.is_detector:
                     from edge3dfa.converters.mixed_precision import Budget, export_within_budget
 
                     info = export_within_budget(mod, src.model, tmp, source=src, calibration=calib,

@@ -93,8 +93,8 @@ def register_export(sub: Any) -> None:
     p.add_argument("--calib-count", type=int, default=256, help="calibration crops (default: 256)")
     p.add_argument("--parity-count", type=int, default=64, help="crops per parity set in manifests (default: 64)")
     p.add_argument("--nme-budget", type=float, metavar="DELTA",
-                   help="int8: the fastest artifact within DELTA of fp32 on held-out AFLW crops (see convert); "
-                        "without other gates, int8 is then gated at DELTA (2x DELTA per yaw bin) on AFLW2000-3D")
+                   help="int8 (CoreML: w8a8): the fastest artifact within DELTA of fp32 on held-out AFLW crops "
+                        "(see convert); without other gates, it is then gated at DELTA (2x per yaw bin) on AFLW2000-3D")
     p.add_argument("--sensitivity", action="store_true",
                    help="with --nme-budget: rank every layer by the NME it costs (table and plot in the report)")
     _add_eval_options(p)
@@ -195,7 +195,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from edge3dfa.validation.gates import Gates, Limits
 
         budget = Limits(max_delta_nme=args.nme_budget, max_delta_nme_bin=2 * args.nme_budget)
-        gates = Gates(gates.default, (*gates.precision, ("int8", budget)), gates.format)
+        gates = Gates(gates.default, (*gates.precision, *((p, budget) for p in sorted(CALIBRATED))), gates.format)
     formats = args.to or list(FORMATS)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
@@ -234,7 +234,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             try:
                 arts = convert(src, to=fmt, precision=prec, out_dir=args.out, calibration=calib,
                                calib_count=args.calib_count, parity_count=args.parity_count, threads=args.threads,
-                               nme_budget=args.nme_budget, sensitivity=args.sensitivity)
+                               nme_budget=args.nme_budget if prec in CALIBRATED else None,
+                               sensitivity=args.sensitivity)
             except Exception as e:  # noqa: BLE001 - one failed conversion must not hide the others' report
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                 _log(f"conversion {fmt} {prec} failed: {type(e).__name__}: {msg}")
