@@ -17,9 +17,10 @@ graph is converted by coremltools to an ML program. Precisions:
   the program in the numpy MIL evaluator over the calibration crops, so it converts on Linux too. Defaults
   (``W8A8_DEFAULTS``), each measured on mb05 (README "Int8 within an NME budget"): the params layer stays float
   (``float_output``, as ONNX and TFLite keep it): its 8-bit output tensor was nearly all of w8a8's error;
-  the first conv is int8 (``float_input=false``: keeping it float, which onnxruntime's x86 kernels need,
-  gained nothing measurable here); ranges are min / max clipped to the 99.999th percentile of |x|, chosen
-  over plain min / max on the held-out AFLW crops. ``--nme-budget`` searches more float layers
+  the first conv, whose input is the full-range image, stays float too (``float_input``, as ONNX keeps it:
+  a small gain, but on every set measured); ranges are min / max clipped to the 99.999th percentile of |x|
+  (plain min / max, and the 99.99th percentile, did worse on the held-out AFLW crops, on which every default
+  was chosen). ``--nme-budget`` searches more float layers
   (``converters.mixed_precision``; CoreML's calibrated 8-bit precision is w8a8, so the budget applies to it).
 
 The deployment target is the lowest that has the chosen compression scheme: iOS16 / macOS13 (fp32, fp16, w8),
@@ -74,7 +75,7 @@ _OS_VERSIONS = {"iOS16": {"iOS": "16", "macOS": "13", "tvOS": "16", "watchOS": "
 DETECTOR_RANGE = {"trace": (32, 720, 1080), "export": (129, 720, 1080)}
 CALIB_MAX = 256
 #: w8a8 options and their defaults (module docstring; README "Int8 within an NME budget" has the measurements)
-W8A8_DEFAULTS: dict[str, Any] = {"float_output": True, "float_input": False, "calib_method": "percentile",
+W8A8_DEFAULTS: dict[str, Any] = {"float_output": True, "float_input": True, "calib_method": "percentile",
                                  "percentile": 99.999, "float_layers": ()}
 CALIB_METHODS = ("minmax", "percentile")
 RANGE_BINS = 2048
@@ -478,26 +479,15 @@ class Int8Builder:
         if unknown:
             close = difflib.get_close_matches(unknown[0], names, n=3) or names[:3]
             raise Edge3dfaError(f"coreml float_layers: no layer {unknown[0]!r}; e.g. {', '.join(close)}")
-        keep = [*self.o["float_layers"], *([names[-1]] if self.o["float_output"] else []),
-                *([names[0]] if self.o["float_input"] else [])]
-        return list(dict.fromkeys(keep))
+        keep = {*self.o["float_layers"], *([names[-1]] if self.o["float_output"] else []),
+                *([names[0]] if self.o["float_input"] else [])}
+        return [k for k in names if k in keep]  # program order
 
-    def export(self, dest: str | os.PathLike, keep_float: Any = ()) -> dict[str, Any]:
-        """Write ``dest`` with ``keep_float`` layers float too; returns its manifest fields (as ``export`` does)."""
-        unknown = [k for k in keep_float if k not in self.layers]
-        if unknown:
-            raise Edge3dfaError(f"no layer {unknown[0]!r} in the program; e.g. {', '.join(list(self.layers)[:3])}")
-        t0 = time.perf_counter()
-        float_layers = list(dict.fromkeys([*self.always_float, *keep_float]))
-        ops = [n for k in float_layers for n in self.units[k]]
-        mlmodel = _quantize_activations(self.ct, self.mlmodel, self.ranges, ops)
-        if ops:
-            mlmodel = _float_readers(self.ct, mlmodel, ops)
-        ios18 = TARGETS.index(self.target) >= TARGETS.index("iOS18")
-        mlmodel = _compress(self.ct, mlmodel, "w8", ios18, ops)
+    def _record(self, float_layers: list[str], ios18: bool) -> tuple[dict[str, Any], list[str]]:
+        """The manifest's ``compression`` and notes for a w8a8 artifact with ``float_layers`` float."""
         o = self.o
-        how = "min/max" if o["calib_method"] == "minmax" else f"min/max clipped to the {o['percentile']:g}th " \
-                                                              "percentile of |x|"
+        how = ("min/max" if o["calib_method"] == "minmax"
+               else f"min/max clipped to the {o['percentile']:g}th percentile of |x|")
         compression = {"activations": {"dtype": "int8", "mode": "linear_symmetric", "granularity": "per_tensor",
                                        "calibration": f"{how} over {self.samples} crops, numpy MIL evaluator",
                                        "calib_method": o["calib_method"], "float_output": o["float_output"],
@@ -509,11 +499,29 @@ class Int8Builder:
         notes.append(f"activation ranges: {how} over every calibration crop, from the numpy MIL evaluator "
                      "(coremltools' own calibration runs CoreML predict, macOS only)")
         if float_layers:
-            notes.append(f"w8a8: {len(float_layers)} layer(s) kept float (no quantize/dequantize pair, fp16 "
-                         f"weights): {', '.join(float_layers)}"
-                         + ("; the params layer by default (float_output): an 8-bit params tensor costs most of "
-                            "w8a8's error (README 'Int8 within an NME budget')" if o["float_output"] else ""))
+            why = [w for w, on in (("float_input: the first conv reads the full-range image", o["float_input"]),
+                                   ("float_output: an 8-bit params tensor was most of w8a8's error",
+                                    o["float_output"])) if on]
+            notes.append(f"w8a8: {len(float_layers)} layer(s) kept float (no quantize/dequantize pair in front, "
+                         f"{self.compute} weights): {', '.join(float_layers)}"
+                         + (f" ({'; '.join(why)}; README 'Int8 within an NME budget')" if why else ""))
         notes += _weight_notes("w8a8", self.compute, ios18)
+        return compression, notes
+
+    def export(self, dest: str | os.PathLike, keep_float: Any = ()) -> dict[str, Any]:
+        """Write ``dest`` with ``keep_float`` layers float too; returns its manifest fields (as ``export`` does)."""
+        unknown = [k for k in keep_float if k not in self.layers]
+        if unknown:
+            raise Edge3dfaError(f"no layer {unknown[0]!r} in the program; e.g. {', '.join(list(self.layers)[:3])}")
+        t0 = time.perf_counter()
+        float_layers = [k for k in self.units if k in {*self.always_float, *keep_float}]  # program order
+        ops = [n for k in float_layers for n in self.units[k]]
+        mlmodel = _quantize_activations(self.ct, self.mlmodel, self.ranges, ops)
+        if ops:
+            mlmodel = _float_readers(self.ct, mlmodel, ops)
+        ios18 = TARGETS.index(self.target) >= TARGETS.index("iOS18")
+        mlmodel = _compress(self.ct, mlmodel, "w8", ios18, ops)
+        compression, notes = self._record(float_layers, ios18)
         notes.append(f"converted in {self.seconds + time.perf_counter() - t0:.1f} s")
         fields = _save(mlmodel, Path(dest), self.source, "w8a8", notes, input=self.input, route=self.route,
                        compute=self.compute, target=self.target, compression=compression)

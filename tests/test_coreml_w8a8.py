@@ -45,15 +45,19 @@ def test_builder_keeps_exactly_the_requested_layers_float(mb05, tmp_path):
     assert len(names) == 1 + 2 * 13 + 1  # MobileNet-V1: conv1, 13 depthwise-separable blocks, fc
     b = conv.Int8Builder(mb05.model, source=mb05, calibration=load_calibration(None, count=16))
     assert list(b.units) == names
-    assert b.always_float == ["fc"] and list(b.layers) == names[:-1]  # the params layer: float by default
+    assert b.always_float == ["conv1", "fc"] and list(b.layers) == names[1:-1]  # first conv, params layer: float
 
     b.export(tmp_path / "default.mlpackage")
-    keep = ["conv1", "dw5_1/conv_sep"]
-    b.export(tmp_path / "mixed.mlpackage", keep)
-    assert float_inputs(tmp_path / "default.mlpackage") == {names.index("fc")}
+    keep = ["dw2_2/conv_sep", "dw5_1/conv_sep"]  # each after an int8 layer, whose output pair it must not read
+    fields = b.export(tmp_path / "mixed.mlpackage", keep)
+    assert fields["options"]["compression"]["activations"]["float_layers"] == [
+        "conv1", "dw2_2/conv_sep", "dw5_1/conv_sep", "fc"]
+    assert fields["options"]["float_layers"] == keep
+    default = float_inputs(tmp_path / "default.mlpackage")
+    assert default == {0, names.index("fc")}
     mixed = float_inputs(tmp_path / "mixed.mlpackage")
-    assert mixed == {names.index(k) for k in [*keep, "fc"]}
-    for path, floats in ((tmp_path / "default.mlpackage", {names.index("fc")}), (tmp_path / "mixed.mlpackage", mixed)):
+    assert mixed == default | {names.index(k) for k in keep}
+    for path, floats in ((tmp_path / "default.mlpackage", default), (tmp_path / "mixed.mlpackage", mixed)):
         for i, op in enumerate(weighted_ops(path)):
             w = op.inputs["weight"]
             if i in floats:
@@ -106,7 +110,7 @@ def test_budget_search_runs_on_coreml(mb05, tmp_path):
     calib = load_calibration(None, count=16)
     (art,) = convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calibration=calib, parity_count=8,
                      verbose=False, nme_budget=0.05, heldout=held, sensitivity=True, threads=1,
-                     float_output=False, float_layers=[n for n in names if n not in int8])
+                     float_input=False, float_output=False, float_layers=[n for n in names if n not in int8])
     q = art.manifest.quantization
     assert [c["name"] for c in q["candidates"]] == ["w8a8"]
     assert sorted(r["layer"] for r in q["sensitivity"]) == sorted(int8)
