@@ -302,7 +302,7 @@ def layer_units(program: Any, modules: list[tuple[str, tuple[int, ...]]] | None 
            if op.op_type != "const" and not op.op_type.startswith("constexpr_")]
     weighted = [op for op in ops if _weighted(op)]
     shapes = [tuple(op.inputs["weight"].shape) for op in weighted]
-    lined_up = modules is not None and [s for _, s in modules] == shapes
+    lined_up = modules is not None and [s for _, s in modules] == shapes and len({n for n, _ in modules}) == len(shapes)
     names = iter([n for n, _ in modules] if lined_up else [op.name for op in weighted])
     units: dict[str, list[str]] = {}
     pending: list[str] = []
