@@ -37,9 +37,9 @@ CALIBRATIONS = {"percentile 99.999": {}, "percentile 99.99": {"percentile": 99.9
                 "minmax": {"calib_method": "minmax"}}
 #: name -> (calibration, options changing the float layers); "default" is W8A8_DEFAULTS
 CHOICES = {"default": ("percentile 99.999", {}), "percentile 99.99": ("percentile 99.99", {}),
-           "minmax": ("minmax", {}), "first conv int8": ("percentile 99.999", {"float_input": False}),
+           "minmax": ("minmax", {}), "first conv float too": ("percentile 99.999", {"float_input": True}),
            "params layer int8": ("percentile 99.999", {"float_output": False}),
-           "former default (minmax, every layer int8)": ("minmax", {"float_input": False, "float_output": False})}
+           "former default (minmax, every layer int8)": ("minmax", {"float_output": False})}
 
 
 def scores(params: np.ndarray, data, aflw21: bool) -> dict:  # noqa: ANN001

@@ -45,16 +45,16 @@ def test_builder_keeps_exactly_the_requested_layers_float(mb05, tmp_path):
     assert len(names) == 1 + 2 * 13 + 1  # MobileNet-V1: conv1, 13 depthwise-separable blocks, fc
     b = conv.Int8Builder(mb05.model, source=mb05, calibration=load_calibration(None, count=16))
     assert list(b.units) == names
-    assert b.always_float == ["conv1", "fc"] and list(b.layers) == names[1:-1]  # first conv, params layer: float
+    assert b.always_float == ["fc"] and list(b.layers) == names[:-1]  # the params layer: float by default
 
     b.export(tmp_path / "default.mlpackage")
-    keep = ["dw2_2/conv_sep", "dw5_1/conv_sep"]  # each after an int8 layer, whose output pair it must not read
+    keep = ["conv1", "dw5_1/conv_sep"]  # the second after an int8 layer, whose output pair it must not read
     fields = b.export(tmp_path / "mixed.mlpackage", keep)
     assert fields["options"]["compression"]["activations"]["float_layers"] == [
-        "conv1", "dw2_2/conv_sep", "dw5_1/conv_sep", "fc"]
+        "conv1", "dw5_1/conv_sep", "fc"]
     assert fields["options"]["float_layers"] == keep
     default = float_inputs(tmp_path / "default.mlpackage")
-    assert default == {0, names.index("fc")}
+    assert default == {names.index("fc")}
     mixed = float_inputs(tmp_path / "mixed.mlpackage")
     assert mixed == default | {names.index(k) for k in keep}
     for path, floats in ((tmp_path / "default.mlpackage", default), (tmp_path / "mixed.mlpackage", mixed)):
