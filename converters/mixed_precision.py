@@ -205,7 +205,10 @@ def _sensitivity(mod: Any, builder: Any, base: dict[str, Any], judge: _Judge, wo
         rows.append({"layer": layer, "index": i, "sqnr_db": sqnr.get(layer),  # index: graph order, for plots
                      "nme_alone_float": s["heldout"]["balanced"],
                      "gain": base["heldout"]["balanced"] - s["heldout"]["balanced"]})
-        shutil.rmtree(path) if path.is_dir() else path.unlink()  # a CoreML .mlpackage is a folder
+        if path.is_dir():  # a CoreML .mlpackage is a folder
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     rows.sort(key=lambda r: -r["gain"])
     return rows
 
