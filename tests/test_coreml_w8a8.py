@@ -128,3 +128,25 @@ def test_budget_search_runs_on_coreml(mb05, tmp_path):
     assert q["met"] == Budget(0.05).met(delta)
     floats = {names.index(n) for n in names if n not in int8 or n in q["float_layers"]}
     assert float_inputs(art.path) == floats
+
+
+def test_export_with_a_budget_searches_w8a8_and_gates_it(tmp_path):
+    """`edge3dfa export --nme-budget`: the budget goes to w8a8 only (fp32 converts as usual), w8a8 is gated at the
+    budget, and the report renders the search record that has no latency (CoreML is not timed off macOS)."""
+    import json
+
+    from edge3dfa.cli import main
+    from edge3dfa.targets.coreml import coreml_runtime_available
+
+    code = main(["export", "--model", "mb05", "--to", "coreml", "--precision", "fp32,w8a8", "--nme-budget", "0.5",
+                 "--calib-count", "16", "--parity-count", "8", "--samples", "16", "--latency-runs", "0",
+                 "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "mb05" / "report.json").read_text())
+    rows = {t["precision"]: t for t in report["targets"] if t["role"] == "artifact"}
+    assert code == 0 and set(rows) == {"fp32", "w8a8"} and all(t["status"] == "ok" for t in rows.values())
+    gates = {g["gate"]: g["limit"] for g in rows["w8a8"]["gates"]}
+    assert gates == {"max_delta_nme": 0.5, "max_delta_nme_bin": 1.0}
+    q = json.loads((tmp_path / "mb05" / "coreml" / "mb05_w8a8.json").read_text())["quantization"]
+    assert q["budget"]["nme"] == 0.5 and q["met"]
+    if not coreml_runtime_available():
+        assert q["latency_ms"] is None  # and the report with its budget table was written all the same (code 0)
