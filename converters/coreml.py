@@ -149,6 +149,9 @@ def _checked(precision: str, source: Any, calibration: Any, input: str, route: s
         raise Edge3dfaError("w8a8 calibrates on face crops; convert the detector at fp32, fp16, w8, pal6 or pal4")
     if precision == "w8a8" and calibration is None:
         raise Edge3dfaError("coreml w8a8 needs a calibration set (real face crops)")
+    if precision == "w8a8" and compute == "fp32":  # its pairs after conv/add get fp16 scales whatever the program
+        raise Edge3dfaError("coreml w8a8 computes in fp16 (coremltools' activation quantization writes fp16 "
+                            "scales); compute=fp32 is for w8, pal6 and pal4")
     return target, compute or ("fp32" if precision == "fp32" else "fp16")
 
 

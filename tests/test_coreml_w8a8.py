@@ -88,6 +88,8 @@ def test_w8a8_options_are_checked(mb05, tmp_path):
     with pytest.raises(Edge3dfaError, match="float_output must be true or false"):
         convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calib_count=4, verbose=False,
                 float_output="maybe")
+    with pytest.raises(Edge3dfaError, match="w8a8 computes in fp16"):
+        convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calib_count=4, verbose=False, compute="fp32")
     with pytest.raises(Edge3dfaError, match="nme-budget"):  # the budget needs a calibrated precision
         convert(mb05, to="coreml", precision="fp16", out_dir=tmp_path, nme_budget=0.05, verbose=False)
     assert not list(tmp_path.rglob("*.mlpackage"))
