@@ -29,7 +29,7 @@ from edge3dfa.manifest import Manifest, publish
 #: format -> module; modules import their framework lazily, so listing them costs nothing
 FORMATS = {"onnx": "edge3dfa.converters.onnx", "tflite": "edge3dfa.converters.tflite",
            "coreml": "edge3dfa.converters.coreml", "executorch": "edge3dfa.converters.executorch"}
-CALIBRATED = {"int8", "w8a8"}  # precisions that need real face crops
+CALIBRATED = {"int8", "w8a8"}  # precisions that need real face crops; --nme-budget applies to them
 PARITY_COUNT = 64
 
 
@@ -83,9 +83,9 @@ def check_budget(nme_budget: float | None, precisions: Sequence[str]) -> None:
     if isinstance(nme_budget, bool) or not isinstance(nme_budget, (int, float)) or not math.isfinite(nme_budget) \
             or nme_budget < 0:
         raise Edge3dfaError(f"--nme-budget must be a finite number >= 0 (NME points, e.g. 0.05), got {nme_budget}")
-    if "int8" not in precisions:
-        raise Edge3dfaError(f"--nme-budget {nme_budget:g} chooses among int8 artifacts: add int8 to the precisions "
-                            f"(asked: {', '.join(precisions)})")
+    if not CALIBRATED & set(precisions):
+        raise Edge3dfaError(f"--nme-budget {nme_budget:g} chooses among int8 artifacts: add int8 (CoreML: w8a8) to "
+                            f"the precisions (asked: {', '.join(precisions)})")
 
 
 def over_budget(artifacts: Sequence[Artifact]) -> list[Artifact]:
@@ -131,8 +131,8 @@ def convert(model: str | os.PathLike | Source = "mb05", to: str | Sequence[str] 
 
     ``calibration`` is a CalibrationSet, a folder of crops or photos, or None (the default disjoint set);
     it is only loaded when a calibrated precision is asked for. ``options`` go to the format's export.
-    ``nme_budget`` (e.g. 0.05): int8 becomes the fastest int8 / mixed-precision artifact whose held-out
-    NME is within that much of fp32 (``converters.mixed_precision``), judged on ``heldout`` (default: the last
+    ``nme_budget`` (e.g. 0.05): int8 (CoreML: w8a8) becomes the fastest int8 / mixed-precision artifact whose
+    held-out NME is within that much of fp32 (``converters.mixed_precision``), judged on ``heldout`` (default: the last
     256 calibration crops, ``validation.datasets.aflw.load_heldout``); ``sensitivity`` adds the per-layer
     ranking to the record even when no layer has to stay float.
     """
@@ -181,7 +181,7 @@ def convert(model: str | os.PathLike | Source = "mb05", to: str | Sequence[str] 
             _prepare(dest.parent, verbose)
             with temp_folder(dest.parent, "convert", dest=dest) as work, write_errors([dest], work):
                 tmp = work / dest.name
-                if nme_budget is not None and prec == "int8" and not src.is_detector:
+                if nme_budget is not None and prec in CALIBRATED and not src.is_detector:
                     from edge3dfa.converters.mixed_precision import Budget, export_within_budget
 
                     info = export_within_budget(mod, src.model, tmp, source=src, calibration=calib,

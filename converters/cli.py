@@ -20,8 +20,8 @@ def register(sub: Any) -> None:
     p.add_argument("--calib-count", type=int, default=256, help="calibration crops to use (default: 256)")
     p.add_argument("--threads", type=int, help="threads for parity runs")
     p.add_argument("--nme-budget", type=float, metavar="DELTA",
-                   help="int8: the fastest artifact (int8 variant or mixed precision) whose NME on held-out AFLW crops "
-                        "stays within DELTA of fp32 (balanced; 2x DELTA per yaw bin), e.g. 0.05")
+                   help="int8 (CoreML: w8a8): the fastest artifact (int8 variant or mixed precision) whose NME on "
+                        "held-out AFLW crops stays within DELTA of fp32 (balanced; 2x DELTA per yaw bin), e.g. 0.05")
     p.add_argument("--allow-over-budget", action="store_true",
                    help="with --nme-budget: exit 0 even when no int8 artifact meets the budget (the best one found "
                         "is written either way, with quantization.met false in its manifest; default: exit 1)")

@@ -7,7 +7,8 @@ Everything is judged on the held-out calibration crops (AFLW, 21-point ground tr
 1. the fp32 NME of the same model (PyTorch) on the held-out crops;
 2. each of the format's int8 ``INT8_CANDIDATES`` (e.g. ONNX: s8 weights, reduce_range, u8 x u8), every layer
    int8: held-out NME and latency (batch 1, one thread, 10th percentile, this machine's kernels). The fastest
-   within budget wins;
+   within budget wins. A format whose artifacts cannot be timed here says why (``latency_unmeasured()``, e.g.
+   CoreML off macOS, run by the numpy MIL evaluator): then there is no latency, and the fewest float layers win;
 3. if none is, layer sensitivity on the fastest candidate: the held-out NME when each layer *alone* stays
    float (plus the SQNR of each layer's output where the format offers it), then greedily keep the
    most-helping layers float until the budget holds;
@@ -15,6 +16,9 @@ Everything is judged on the held-out calibration crops (AFLW, 21-point ground tr
 
 The budget: balanced NME (mean of the three yaw-bin means) at most ``nme`` above fp32, and no bin more than
 ``bin_nme`` above (default 2x ``nme``). The record of the search goes into the manifest (``quantization``).
+
+The budget applies to each format's calibrated 8-bit precision (``converters.CALIBRATED``): ONNX and TFLite
+``int8``, CoreML ``w8a8`` (int8 weights and activations); the format module offers ``Int8Builder``.
 """
 
 from __future__ import annotations
@@ -61,10 +65,10 @@ def _summary(params: np.ndarray, data: Any) -> dict[str, Any]:
 class _Judge:
     """Scores artifacts on the held-out crops against the fp32 reference, and times them."""
 
-    def __init__(self, reference: Any, data: Any, budget: Budget) -> None:
+    def __init__(self, reference: Any, data: Any, budget: Budget, untimed: str | None = None) -> None:
         from edge3dfa.validation.harness import predict_all
 
-        self.data, self.budget = data, budget
+        self.data, self.budget, self.untimed = data, budget, untimed
         self.fp32 = _summary(predict_all(reference, data.inputs), data)
 
     def score(self, path: Path) -> dict[str, Any]:
@@ -76,12 +80,15 @@ class _Judge:
         d = metrics.delta(s, self.fp32)
         return {"heldout": s, "delta": d, "within_budget": self.budget.met(d)}
 
-    def latency_ms(self, path: Path) -> float:
+    def latency_ms(self, path: Path) -> float | None:
         """10th percentile of batch-1, one-thread calls: on a shared machine the median follows the load of
-        the moment, which would decide between candidates measured a minute apart; the fast tail does not."""
+        the moment, which would decide between candidates measured a minute apart; the fast tail does not.
+        None where the format's artifacts cannot be timed on this machine (``untimed`` says why)."""
         from edge3dfa.target import open_target
         from edge3dfa.validation.latency import time_calls
 
+        if self.untimed:
+            return None
         t = open_target(path, threads=1)
         x = np.ascontiguousarray(self.data.inputs[:1])
         return time_calls(lambda: t.predict(x), 20, LATENCY_RUNS)["p10_ms"]
@@ -110,7 +117,8 @@ def export_within_budget(mod: Any, model: Any, dest: Path, *, source: Any, calib
     t0 = time.perf_counter()
     data = heldout if heldout is not None else load_heldout()
     _check_disjoint(calibration, data)
-    judge = _Judge(reference, data, budget)
+    untimed = mod.latency_unmeasured() if hasattr(mod, "latency_unmeasured") else None
+    judge = _Judge(reference, data, budget, untimed)
     log(f"  fp32 held-out NME {judge.fp32['balanced']:.3f} (balanced, {len(data)} AFLW crops); budget "
         f"+{budget.nme:g} balanced, +{budget.per_bin:g} per yaw bin")
     dest = Path(dest)
@@ -128,18 +136,18 @@ def export_within_budget(mod: Any, model: Any, dest: Path, *, source: Any, calib
                  "latency_ms": judge.latency_ms(path), "path": path, "float_layers": []}
             candidates.append(c)
             log(f"  candidate {name:14s} NME {c['heldout']['balanced']:.3f} ({c['delta']['balanced']:+.3f}) "
-                f"{c['latency_ms']:.2f} ms{'  within budget' if c['within_budget'] else ''}")
-        fp32_ms = judge.latency_ms(_fp32_artifact(mod, model, source, work))
+                f"{_ms(c['latency_ms'])}{'  within budget' if c['within_budget'] else ''}")
+        fp32_ms = None if untimed else judge.latency_ms(_fp32_artifact(mod, model, source, work))
         ok = [c for c in candidates if c["within_budget"]]
         record: dict[str, Any] = {"budget": {"nme": budget.nme, "bin_nme": budget.per_bin},
                                   "heldout": data.describe(), "fp32": judge.fp32, "fp32_latency_ms": fp32_ms,
-                                  "machine": _machine(), "sensitivity": [], "greedy": []}
-        fastest = min(candidates, key=lambda c: c["latency_ms"])
-        chosen = min(ok, key=lambda c: c["latency_ms"]) if ok else None
+                                  "latency_note": untimed, "machine": _machine(), "sensitivity": [], "greedy": []}
+        fastest = min(candidates, key=_speed)  # untimed: the first candidate
+        chosen = min(ok, key=_speed) if ok else None
         if chosen is not fastest:  # keeping a few layers of the fastest float may beat a slower candidate
             mixed, record["sensitivity"], record["greedy"] = _mixed(mod, builders[fastest["name"]], fastest, judge,
                                                                     work, log)
-            if chosen is None or (mixed["within_budget"] and mixed["latency_ms"] < chosen["latency_ms"]):
+            if chosen is None or (mixed["within_budget"] and _speed(mixed) < _speed(chosen)):
                 chosen = mixed
         if sensitivity and not record["sensitivity"]:
             record["sensitivity"] = _sensitivity(mod, builders[chosen["name"]], chosen, judge, work, log)
@@ -151,13 +159,14 @@ def export_within_budget(mod: Any, model: Any, dest: Path, *, source: Any, calib
                   seconds=round(time.perf_counter() - t0, 1))
     fields["quantization"] = record
     verdict = "within budget" if chosen["within_budget"] else "BUDGET NOT MET (best found)"
+    speed = (f"latency not measured ({untimed})" if untimed else
+             f"{chosen['latency_ms']:.2f} ms vs fp32 {fp32_ms:.2f} ms (batch 1, 1 thread, 10th percentile, "
+             f"{record['machine']})")
     fields["notes"] = [*fields.get("notes", []),
                        f"--nme-budget {budget.nme:g}: {verdict}: candidate {chosen['name']}, "
                        f"{len(chosen['float_layers'])} layer(s) kept float, held-out NME "
-                       f"{chosen['delta']['balanced']:+.3f} vs fp32, {chosen['latency_ms']:.2f} ms vs fp32 "
-                       f"{fp32_ms:.2f} ms (batch 1, 1 thread, 10th percentile, "
-                       f"{record['machine']}); search took {record['seconds']:.0f} s"]
-    if chosen["latency_ms"] >= fp32_ms:
+                       f"{chosen['delta']['balanced']:+.3f} vs fp32, {speed}; search took {record['seconds']:.0f} s"]
+    if not untimed and chosen["latency_ms"] >= fp32_ms:
         fields["notes"].append(f"WARNING: on this machine ({record['machine']}) fp32 ran in {fp32_ms:.2f} ms, "
                                f"no slower than this int8 artifact ({chosen['latency_ms']:.2f} ms): int8 only "
                                "saves size here; measure on the target device")
@@ -165,6 +174,14 @@ def export_within_budget(mod: Any, model: Any, dest: Path, *, source: Any, calib
     log(f"  chose {chosen['name']} with {len(chosen['float_layers'])} float layer(s): {verdict} "
         f"({record['seconds']:.0f} s)")
     return fields
+
+
+def _speed(c: dict[str, Any]) -> float:
+    return 0.0 if c["latency_ms"] is None else c["latency_ms"]
+
+
+def _ms(latency: float | None) -> str:
+    return "latency not measured" if latency is None else f"{latency:.2f} ms"
 
 
 def _fp32_artifact(mod: Any, model: Any, source: Any, work: Path) -> Path:
@@ -187,7 +204,10 @@ def _sensitivity(mod: Any, builder: Any, base: dict[str, Any], judge: _Judge, wo
         rows.append({"layer": layer, "index": i, "sqnr_db": sqnr.get(layer),  # index: graph order, for plots
                      "nme_alone_float": s["heldout"]["balanced"],
                      "gain": base["heldout"]["balanced"] - s["heldout"]["balanced"]})
-        path.unlink()
+        if path.is_dir():  # a CoreML .mlpackage is a folder
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     rows.sort(key=lambda r: -r["gain"])
     return rows
 
@@ -206,7 +226,7 @@ def _mixed(mod: Any, builder: Any, base: dict[str, Any], judge: _Judge, work: Pa
                 "latency_ms": judge.latency_ms(path), "path": path, "float_layers": list(keep)}
         steps.append({"float_layers": len(keep), "added": r["layer"], "delta": cand["delta"],
                       "latency_ms": cand["latency_ms"]})
-        log(f"    + {r['layer']}: NME {cand['delta']['balanced']:+.3f}, {cand['latency_ms']:.2f} ms")
+        log(f"    + {r['layer']}: NME {cand['delta']['balanced']:+.3f}, {_ms(cand['latency_ms'])}")
         if cand["delta"]["balanced"] < best["delta"]["balanced"] or cand["within_budget"]:
             best = cand
         if cand["within_budget"]:

@@ -122,8 +122,8 @@ def register_export(sub: Any) -> None:
     p.add_argument("--calib-count", type=int, default=256, help="calibration crops (default: 256)")
     p.add_argument("--parity-count", type=int, default=64, help="crops per parity set in manifests (default: 64)")
     p.add_argument("--nme-budget", type=float, metavar="DELTA",
-                   help="int8: the fastest artifact within DELTA of fp32 on held-out AFLW crops (see convert); "
-                        "without other gates, int8 is then gated at DELTA (2x DELTA per yaw bin) on AFLW2000-3D")
+                   help="int8 (CoreML: w8a8): the fastest artifact within DELTA of fp32 on held-out AFLW crops "
+                        "(see convert); without other gates, it is then gated at DELTA (2x per yaw bin) on AFLW2000-3D")
     p.add_argument("--sensitivity", action="store_true",
                    help="with --nme-budget: rank every layer by the NME it costs (table and plot in the report)")
     _add_eval_options(p)
@@ -240,7 +240,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[tuple[str, Any, list[str]]], l
     offers, a budget that is not a finite number >= 0 or without int8 to apply to. Without --to the plan is
     every installed format; the others are listed as not attempted.
     """
-    from edge3dfa.converters import FORMATS, format_module
+    from edge3dfa.converters import CALIBRATED, FORMATS, format_module
 
     for option, value in (("--to", args.to), ("--precision", args.precision)):
         if value is not None and not value:
@@ -280,8 +280,8 @@ def _plan(args: argparse.Namespace) -> tuple[list[tuple[str, Any, list[str]]], l
     if not plan:
         raise Edge3dfaError("nothing to export: no converter is installed ("
                             + "; ".join(f"{n['what']}: {n['reason']}" for n in not_attempted) + ")")
-    if args.nme_budget is not None and not any("int8" in precs for _, _, precs in plan):
-        raise Edge3dfaError("--nme-budget applies to int8, which the plan does not include")
+    if args.nme_budget is not None and not any(CALIBRATED & set(precs) for _, _, precs in plan):
+        raise Edge3dfaError("--nme-budget applies to int8 (CoreML: w8a8), which the plan does not include")
     return plan, not_attempted
 
 
@@ -308,13 +308,14 @@ def _conversion_error(fmt: str, prec: str, err: Exception, src: Any) -> dict[str
 
 def _export_gates(args: argparse.Namespace):  # noqa: ANN202
     """The gates of export: with --nme-budget and no delta gate of the user's, int8 is gated at the budget."""
+    from edge3dfa.converters import CALIBRATED
     from edge3dfa.validation.gates import Gates, Limits
 
     gates = _gates(args)
     if args.nme_budget is not None and not (args.gates or args.no_gates or args.max_delta_nme is not None
                                             or args.max_delta_nme_bin is not None):
         budget = Limits(max_delta_nme=args.nme_budget, max_delta_nme_bin=2 * args.nme_budget)
-        gates = gates.merged(Gates(precision=(("int8", budget),)))
+        gates = gates.merged(Gates(precision=tuple((p, budget) for p in sorted(CALIBRATED))))
     return gates
 
 
@@ -344,7 +345,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             try:
                 arts = convert(src, to=fmt, precision=prec, out_dir=args.out, calibration=calib,
                                calib_count=args.calib_count, parity_count=args.parity_count, threads=args.threads,
-                               nme_budget=args.nme_budget if prec == "int8" else None, sensitivity=args.sensitivity)
+                               nme_budget=args.nme_budget if prec in CALIBRATED else None,
+                               sensitivity=args.sensitivity)
             except Exception as e:  # noqa: BLE001 - one failed conversion must not hide the others' report
                 failed_rows.append(_conversion_error(fmt, prec, e, src))
                 continue

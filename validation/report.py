@@ -372,7 +372,7 @@ def _budget_table(report: dict) -> tuple[list[str], list[list[str]]]:
                      _f(q["delta"]["balanced"], "+.3f"),
                      *[_f(q["delta"]["bins"][b], "+.3f") for b in metrics.BIN_LABELS],
                      _f(d32 and d32["balanced"], "+.3f"), _f(r["size_bytes"] / 1e6),
-                     f"{q['latency_ms']:.2f} ({q['fp32_latency_ms']:.2f})", _f(q.get("seconds"), ".0f")])
+                     f"{_f(q['latency_ms'])} ({_f(q['fp32_latency_ms'])})", _f(q.get("seconds"), ".0f")])
     return head, body
 
 

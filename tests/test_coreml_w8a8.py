@@ -1,0 +1,154 @@
+"""CoreML w8a8 through ``Int8Builder``: layers named like the model, exactly the requested layers kept float
+(read back from the saved MIL program), and the --nme-budget search on CoreML on a cheap setting.
+
+What "float" means here is read from the program, independently of the builder's bookkeeping: an int8 layer's
+weighted op reads its input through a ``dequantize`` (coremltools' quantize/dequantize pair) and, above
+coremltools' 2048-element weight threshold, its weight through a ``constexpr_*`` decompression op; a float
+layer reads a plain tensor and a plain fp16 ``const`` weight.
+"""
+
+import numpy as np
+import pytest
+
+ct = pytest.importorskip("coremltools")
+torch = pytest.importorskip("torch")
+
+from edge3dfa.converters import convert, load_source  # noqa: E402
+from edge3dfa.converters import coreml as conv  # noqa: E402
+from edge3dfa.converters.calibration import load_calibration  # noqa: E402
+from edge3dfa.errors import Edge3dfaError  # noqa: E402
+from edge3dfa.targets.mil_eval import load_program  # noqa: E402
+
+
+def module_names(model) -> list[str]:
+    """Conv2d / Linear module paths in registration order (= execution order for these sequential nets)."""
+    return [n.replace(".", "/") for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
+def weighted_ops(path) -> list:
+    ops = load_program(path).functions["main"].operations
+    return [op for op in ops if op.op_type in ("conv", "linear")]
+
+
+def float_inputs(path) -> set[int]:
+    """Program-order indices of the weighted ops whose input is not dequantized (kept float)."""
+    return {i for i, op in enumerate(weighted_ops(path)) if op.inputs["x"].op.op_type != "dequantize"}
+
+
+@pytest.fixture(scope="module")
+def mb05():
+    return load_source("mb05")
+
+
+def test_builder_keeps_exactly_the_requested_layers_float(mb05, tmp_path):
+    names = module_names(mb05.model)
+    assert len(names) == 1 + 2 * 13 + 1  # MobileNet-V1: conv1, 13 depthwise-separable blocks, fc
+    b = conv.Int8Builder(mb05.model, source=mb05, calibration=load_calibration(None, count=16))
+    assert list(b.units) == names
+    assert b.always_float == ["fc"] and list(b.layers) == names[:-1]  # the params layer: float by default
+
+    b.export(tmp_path / "default.mlpackage")
+    keep = ["conv1", "dw5_1/conv_sep"]  # the second after an int8 layer, whose output pair it must not read
+    fields = b.export(tmp_path / "mixed.mlpackage", keep)
+    assert fields["options"]["compression"]["activations"]["float_layers"] == [
+        "conv1", "dw5_1/conv_sep", "fc"]
+    assert fields["options"]["float_layers"] == keep
+    default = float_inputs(tmp_path / "default.mlpackage")
+    assert default == {names.index("fc")}
+    mixed = float_inputs(tmp_path / "mixed.mlpackage")
+    assert mixed == default | {names.index(k) for k in keep}
+    for path, floats in ((tmp_path / "default.mlpackage", default), (tmp_path / "mixed.mlpackage", mixed)):
+        for i, op in enumerate(weighted_ops(path)):
+            w = op.inputs["weight"]
+            if i in floats:
+                assert w.op.op_type == "const", (path.name, names[i])
+            elif np.prod(w.shape) > 2048:
+                assert w.op.op_type.startswith("constexpr_"), (path.name, names[i])
+    params = weighted_ops(tmp_path / "mixed.mlpackage")[-1]
+    assert "quantize" not in {c.op_type for c in params.outputs[0].child_ops}  # the params tensor stays float
+    with pytest.raises(Edge3dfaError, match="no layer"):
+        b.export(tmp_path / "bad.mlpackage", ["conv_1"])
+
+
+def test_mbv3_layers_are_named_like_the_model():
+    """MobileNet-V3 (hard-swish, squeeze-excite Linear layers, residual adds): every weighted op gets its module."""
+    from edge3dfa.models import build_model, randomize_
+    from edge3dfa.targets.mil_eval import import_coremltools, program_of
+
+    model = randomize_(build_model("mbv3_05"), seed=1).eval()
+    mlmodel = conv._convert(import_coremltools(), model, False, "tensor", "trace", "fp16", "iOS17")  # noqa: SLF001
+    units = conv.layer_units(program_of(mlmodel), conv._module_order(model))  # noqa: SLF001
+    assert list(units) == module_names(model)
+
+
+def test_w8a8_options_are_checked(mb05, tmp_path):
+    with pytest.raises(Edge3dfaError, match="calib_method must be one of minmax, percentile"):
+        convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calib_count=4, verbose=False,
+                calib_method="entropy")
+    with pytest.raises(Edge3dfaError, match="float_output must be true or false"):
+        convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calib_count=4, verbose=False,
+                float_output="maybe")
+    with pytest.raises(Edge3dfaError, match="w8a8 computes in fp16"):
+        convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calib_count=4, verbose=False, compute="fp32")
+    with pytest.raises(Edge3dfaError, match="nme-budget"):  # the budget needs a calibrated precision
+        convert(mb05, to="coreml", precision="fp16", out_dir=tmp_path, nme_budget=0.05, verbose=False)
+    assert not list(tmp_path.rglob("*.mlpackage"))
+
+
+def test_budget_search_runs_on_coreml(mb05, tmp_path):
+    """A real search on a cheap setting: three int8 layers (the rest kept float by option), the params layer among
+    them. The ranking must put the params layer first (measured: an 8-bit params tensor is most of w8a8's error),
+    the record must match an independent scoring of the artifact, and what it calls float must be float."""
+    from edge3dfa import runtime
+    from edge3dfa.converters.mixed_precision import Budget
+    from edge3dfa.targets.coreml import CoreMLTarget, coreml_runtime_available
+    from edge3dfa.targets.torch import TorchTarget
+    from edge3dfa.validation import metrics
+    from edge3dfa.validation.datasets.aflw import load_heldout
+
+    names = module_names(mb05.model)
+    int8 = ["conv1", "dw6/conv_sep", "fc"]
+    held = load_heldout(48)
+    calib = load_calibration(None, count=16)
+    (art,) = convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calibration=calib, parity_count=8,
+                     verbose=False, nme_budget=0.05, heldout=held, sensitivity=True, threads=1,
+                     float_input=False, float_output=False, float_layers=[n for n in names if n not in int8])
+    q = art.manifest.quantization
+    assert [c["name"] for c in q["candidates"]] == ["w8a8"]
+    assert sorted(r["layer"] for r in q["sensitivity"]) == sorted(int8)
+    assert q["sensitivity"][0]["layer"] == "fc", q["sensitivity"]
+    if not coreml_runtime_available():
+        assert q["latency_ms"] is None and q["fp32_latency_ms"] is None and "macOS" in q["latency_note"]
+
+    def summary(p):
+        return metrics.summarize(metrics.nme_aflw21(runtime.landmarks(p, held.roi_boxes), held.gt), held.yaw)
+
+    ref = summary(TorchTarget(mb05.path, threads=1, model=mb05.model).predict(held.inputs))
+    got = summary(CoreMLTarget(art.path, backend="mil").predict(held.inputs))
+    delta = metrics.delta(got, ref)
+    assert delta["balanced"] == pytest.approx(q["delta"]["balanced"], abs=1e-6)
+    assert q["met"] == Budget(0.05).met(delta)
+    floats = {names.index(n) for n in names if n not in int8 or n in q["float_layers"]}
+    assert float_inputs(art.path) == floats
+
+
+def test_export_with_a_budget_searches_w8a8_and_gates_it(tmp_path):
+    """`edge3dfa export --nme-budget`: the budget goes to w8a8 only (fp32 converts as usual), w8a8 is gated at the
+    budget, and the report renders the search record that has no latency (CoreML is not timed off macOS)."""
+    import json
+
+    from edge3dfa.cli import main
+    from edge3dfa.targets.coreml import coreml_runtime_available
+
+    code = main(["export", "--model", "mb05", "--to", "coreml", "--precision", "fp32,w8a8", "--nme-budget", "0.5",
+                 "--calib-count", "16", "--parity-count", "8", "--samples", "16", "--latency-runs", "0",
+                 "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "mb05" / "report.json").read_text())
+    rows = {t["precision"]: t for t in report["targets"] if t["role"] == "artifact"}
+    assert code == 0 and set(rows) == {"fp32", "w8a8"} and all(t["status"] == "ok" for t in rows.values())
+    gates = {g["gate"]: g["limit"] for g in rows["w8a8"]["gates"]}
+    assert gates == {"max_delta_nme": 0.5, "max_delta_nme_bin": 1.0}
+    q = json.loads((tmp_path / "mb05" / "coreml" / "mb05_w8a8.json").read_text())["quantization"]
+    assert q["budget"]["nme"] == 0.5 and q["met"]
+    if not coreml_runtime_available():
+        assert q["latency_ms"] is None  # and the report with its budget table was written all the same (code 0)
