@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 from edge3dfa import runtime
+from edge3dfa.datasets import load_crops
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.manifest import Manifest, manifest_path
+from edge3dfa.measure import metrics
 from edge3dfa.target import open_target
-from edge3dfa.validation import metrics
-from edge3dfa.validation.datasets import load_crops
 from edge3dfa.validation.harness import Entry, _precision_rank, discover, predict_all
 
 # Published figures, original ground truth, |yaw| split 1312/383/305. (bins, balanced, plain mean)

@@ -22,15 +22,15 @@ import numpy as np
 
 from edge3dfa import assets, runtime
 from edge3dfa.converters import coreml as conv
-from edge3dfa.converters import load_source
-from edge3dfa.converters.calibration import load_calibration
+from edge3dfa.datasets import load_crops
+from edge3dfa.datasets.aflw2000_3d import select
+from edge3dfa.datasets.calibration import load_calibration
 from edge3dfa.fileio import write_json
+from edge3dfa.measure import metrics
+from edge3dfa.measure.predict import predict_all
+from edge3dfa.models.checkpoint import Checkpoint
 from edge3dfa.targets.coreml import CoreMLTarget
 from edge3dfa.targets.torch import TorchTarget
-from edge3dfa.validation import metrics
-from edge3dfa.validation.datasets import load_crops
-from edge3dfa.validation.datasets.aflw2000_3d import select
-from edge3dfa.validation.harness import predict_all
 
 MODELS = {"mb05": ("mb05", None), "mbv3": (None, "mbv3_05")}  # mbv3: the distilled fixture
 CALIBRATIONS = {"percentile 99.999": {}, "percentile 99.99": {"percentile": 99.99},
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--models", default="mb05,mbv3")
     ap.add_argument("--out", default="out/bench")
     args = ap.parse_args()
-    from edge3dfa.validation.datasets.aflw import load_heldout
+    from edge3dfa.datasets.heldout import load_heldout
 
     held, aflw = load_heldout(), load_crops()
     half = select(1000)  # the rows `edge3dfa export` scores by default (all 2000 loaded in protocol order)
@@ -85,8 +85,8 @@ def main() -> None:
           "Δ per yaw bin (1000) | px mean / max | MB |")
     for key in args.models.split(","):
         zoo, arch = MODELS[key]
-        src = load_source(zoo or assets.fetch("mbv3_05_distilled"), arch)
-        torch_t = TorchTarget(src.path, threads=1, model=src.model)
+        src = Checkpoint.open(zoo or assets.fetch("mbv3_05_distilled"), arch)
+        torch_t = TorchTarget(src.path, threads=1, model=src.load())
         p_ref = predict_all(torch_t, aflw.inputs)
         ref = {"heldout": scores(predict_all(torch_t, held.inputs), held, True), "aflw2000": scores(p_ref, aflw, False),
                "half": metrics.summarize(s_all_errors(p_ref, aflw)[half], aflw.yaw[half]), "aflw2000_params": p_ref}
@@ -95,12 +95,12 @@ def main() -> None:
             work = Path(tmp)
             for prec in ("fp16", "w8"):
                 path = work / f"{prec}.mlpackage"
-                conv.export(src.model, path, prec, source=src)
+                conv.export(src.load(), path, prec, source=src)
                 _record(results[key], key, prec, measure(path, ref, held, aflw, half))
             builders = {}
             for name, opts in CALIBRATIONS.items():
                 t0 = time.perf_counter()
-                builders[name] = conv.Int8Builder(src.model, source=src, calibration=pool, **opts)
+                builders[name] = conv.Int8Builder(src.load(), source=src, calibration=pool, **opts)
                 print(f"{key}: {name} calibration {time.perf_counter() - t0:.0f} s", flush=True)
             for name, (calib, opts) in CHOICES.items():
                 b = copy.copy(builders[calib])

@@ -23,10 +23,10 @@ from dataclasses import replace
 import numpy as np
 
 from edge3dfa import assets, runtime
+from edge3dfa.datasets import load_crops, load_pipeline
+from edge3dfa.datasets.aflw2000_3d import GROUND_TRUTH
 from edge3dfa.errors import Edge3dfaError
-from edge3dfa.validation import metrics
-from edge3dfa.validation.datasets import load_crops, load_pipeline
-from edge3dfa.validation.datasets.aflw2000_3d import GROUND_TRUTH
+from edge3dfa.measure import metrics
 
 
 def _models() -> list[tuple[str, object]]:

@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from edge3dfa import assets, runtime
-from edge3dfa.converters import load_source
-from edge3dfa.converters.calibration import load_calibration
+from edge3dfa.datasets import load_crops
+from edge3dfa.datasets.calibration import load_calibration
+from edge3dfa.datasets.heldout import load_heldout
 from edge3dfa.fileio import write_json
+from edge3dfa.measure import metrics
+from edge3dfa.measure.predict import predict_all
+from edge3dfa.measure.timing import time_calls
+from edge3dfa.models.checkpoint import Checkpoint
 from edge3dfa.target import open_target
 from edge3dfa.targets.torch import TorchTarget
-from edge3dfa.validation import metrics
-from edge3dfa.validation.datasets import load_crops
-from edge3dfa.validation.datasets.aflw import load_heldout
-from edge3dfa.validation.harness import predict_all
-from edge3dfa.validation.latency import time_calls
 
 #: key -> zoo name or distilled fixture (assets fixtures/README.md; MobileNet-V3-small / large x0.5, arch inferred)
 MODELS = {"mb05": "mb05", "mbv3": "mbv3_05_distilled", "mbv3_large": "mbv3_large_05_distilled"}
@@ -87,8 +87,8 @@ def main() -> None:
     pool = load_calibration(None, count=256)
     results = {}
     for key in args.models.split(","):
-        src = load_source(MODELS[key] if key == "mb05" else assets.fetch(MODELS[key]))
-        torch_t = TorchTarget(src.path, threads=1, model=src.model)
+        src = Checkpoint.open(MODELS[key] if key == "mb05" else assets.fetch(MODELS[key]))
+        torch_t = TorchTarget(src.path, threads=1, model=src.load())
         ref = {"heldout": scores(predict_all(torch_t, held.inputs), held, True),
                "aflw2000": scores(predict_all(torch_t, aflw.inputs), aflw, False)}
         results[key] = {"fp32": ref}
@@ -98,14 +98,14 @@ def main() -> None:
                 from edge3dfa.converters import onnx as conv
 
                 fp32 = work / "fp32.onnx"
-                conv.export(src.model, fp32, "fp32", source=src)
+                conv.export(src.load(), fp32, "fp32", source=src)
                 results[key]["onnx fp32 ms"] = latency(fp32)
                 for name, (opts, n) in ONNX_CHOICES.items():
                     t0 = time.perf_counter()
                     path = work / f"{len(results[key])}.onnx"
                     sub = work / f"w{len(results[key])}"
                     sub.mkdir()
-                    conv.Int8Builder(src.model, source=src, calibration=pool.data[:n], work=sub, **opts).export(path)
+                    conv.Int8Builder(src.load(), source=src, calibration=pool.data[:n], work=sub, **opts).export(path)
                     row = {**measure(path, ref, held, aflw, True), "build_s": time.perf_counter() - t0}
                     results[key][f"onnx {name}"] = row
                     _print(key, f"onnx {name}", row)
@@ -113,9 +113,9 @@ def main() -> None:
                 from edge3dfa.converters import tflite as conv
 
                 fp32 = work / "fp32.tflite"
-                conv.export(src.model, fp32, "fp32", source=src)
+                conv.export(src.load(), fp32, "fp32", source=src)
                 results[key]["tflite fp32 ms"] = latency(fp32)
-                builder = conv.Int8Builder(src.model, source=src, calibration=pool.data)
+                builder = conv.Int8Builder(src.load(), source=src, calibration=pool.data)
                 for name, (head, n) in TFLITE_CHOICES.items():
                     builder.o["head"] = head
                     builder.head = conv._head_tensors(builder.content) if head == "float" else []  # noqa: SLF001
@@ -143,11 +143,11 @@ def executorch_choices(src, pool, ref: dict, held, aflw, work: Path, key: str) -
     rows = {}
     for prec in ("fp32", "fp16"):
         path = work / f"et_{prec}.pte"
-        conv.export(src.model, path, prec, source=src)
+        conv.export(src.load(), path, prec, source=src)
         rows[f"executorch {prec}"] = measure(path, ref, held, aflw, False)
         _print(key, f"executorch {prec}", rows[f"executorch {prec}"])
     t0 = time.perf_counter()
-    builder = conv.Int8Builder(src.model, source=src, calibration=pool.data, float_input=False, float_output=False)
+    builder = conv.Int8Builder(src.load(), source=src, calibration=pool.data, float_input=False, float_output=False)
     names = list(builder.layers)
     for name, keep in EXECUTORCH_FLOAT_CHOICES.items():
         path = work / f"et_{name.replace(' ', '_')}.pte"
@@ -157,7 +157,7 @@ def executorch_choices(src, pool, ref: dict, held, aflw, work: Path, key: str) -
         t0 = time.perf_counter()
     for name, (opts, n) in EXECUTORCH_CHOICES.items():
         path = work / f"et_{name.replace(' ', '_')}.pte"
-        conv.Int8Builder(src.model, source=src, calibration=pool.data[:n], **opts).export(path)
+        conv.Int8Builder(src.load(), source=src, calibration=pool.data[:n], **opts).export(path)
         rows[f"executorch {name}"] = {**measure(path, ref, held, aflw, False), "build_s": time.perf_counter() - t0}
         _print(key, f"executorch {name}", rows[f"executorch {name}"])
         t0 = time.perf_counter()

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from edge3dfa import assets
-from edge3dfa.converters import load_source
-from edge3dfa.converters.calibration import load_calibration
+from edge3dfa.datasets.calibration import load_calibration
+from edge3dfa.measure.timing import cpu_threads, time_calls
+from edge3dfa.models.checkpoint import Checkpoint
 from edge3dfa.target import open_target
-from edge3dfa.validation.latency import cpu_threads, time_calls
 
 #: key -> zoo name or distilled fixture (assets fixtures/README.md; MobileNet-V3-small / large x0.5, arch inferred)
 MODELS = {"mb05": "mb05", "mbv3": "mbv3_05_distilled", "mbv3_large": "mbv3_large_05_distilled"}
@@ -33,11 +33,11 @@ def variants(fmt: str, src, calib, work: Path, keep: list[str]) -> dict[str, Pat
 
     conv = import_module(f"edge3dfa.converters.{fmt}")
     out = {"fp32": work / f"fp32.{fmt}"}
-    conv.export(src.model, out["fp32"], "fp32", source=src)
+    conv.export(src.load(), out["fp32"], "fp32", source=src)
     for name, opts in (("all int8", ALL_INT8[fmt]), ("default int8", {})):
         sub = work / name.replace(" ", "_")
         sub.mkdir()
-        builder = conv.Int8Builder(src.model, source=src, calibration=calib, work=sub, **opts)
+        builder = conv.Int8Builder(src.load(), source=src, calibration=calib, work=sub, **opts)
         out[name] = sub / f"m.{fmt}"
         builder.export(out[name])
         if keep and name == "default int8":
@@ -71,7 +71,7 @@ def main() -> None:
     print("| model | format | threads | fp32 ms | all int8 ms | variant | variant ms | kept of int8 speed-up |")
     print("|---|---|---|---|---|---|---|---|")
     for key in args.models.split(","):
-        src = load_source(MODELS[key] if key == "mb05" else assets.fetch(MODELS[key]))
+        src = Checkpoint.open(MODELS[key] if key == "mb05" else assets.fetch(MODELS[key]))
         for fmt in args.formats.split(","):
             with tempfile.TemporaryDirectory() as tmp:
                 paths = variants(fmt, src, calib, Path(tmp), args.keep if fmt == "onnx" else [])

@@ -45,14 +45,14 @@ def main() -> None:
 
     from edge3dfa import assets
     from edge3dfa.converters import convert
-    from edge3dfa.converters.calibration import load_eval_crops
+    from edge3dfa.datasets.calibration import load_eval_crops
     from edge3dfa.targets.onnxruntime import OnnxTarget
     from edge3dfa.targets.torch import TorchTarget
 
     precisions = args.precisions.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        arts = convert(args.model, to="onnx", precision=precisions, out_dir=tmp, calib_count=args.calib_count,
-                       verbose=False)
+        arts = convert(args.model, to="onnx", precision=precisions, out_dir=tmp,
+                       calibration={"count": args.calib_count}, verbose=False)
         paths = {a.manifest.precision: a.path for a in arts}
         if args.model == "mb05":
             paths["stableview fp32"] = assets.fetch("stableview_mb05_onnx")

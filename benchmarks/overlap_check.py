@@ -1,4 +1,4 @@
-"""Where the calibration/evaluation overlap check (``edge3dfa.converters.overlap``) draws its line, measured.
+"""Where the calibration/evaluation overlap check (``edge3dfa.datasets.overlap``) draws its line, measured.
 
 Prints, in bits of the 255-bit pHash (Hamming distance to the nearest AFLW2000-3D image):
 
@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from edge3dfa import assets
-from edge3dfa.converters.overlap import HASH_BITS, NEAR_DUPLICATE_BITS, hash_distance, image_hash, reference
+from edge3dfa.datasets.overlap import HASH_BITS, NEAR_DUPLICATE_BITS, hash_distance, image_hash, reference
 from edge3dfa.runtime import read_image
 
 

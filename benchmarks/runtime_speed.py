@@ -99,13 +99,14 @@ _NEEDS = {"onnx": "onnxruntime", "tflite": "ai_edge_litert", "executorch": "exec
 
 def deployment_runtimes(args: argparse.Namespace) -> None:
     """mb05 fp32 and int8 on each installed runtime, batch 1, round-robin at 1 thread and at all threads."""
-    from edge3dfa.converters import convert, load_source
+    from edge3dfa.converters import convert
     from edge3dfa.manifest import manifest_path
+    from edge3dfa.measure.timing import cpu_threads, time_calls
+    from edge3dfa.models.checkpoint import Checkpoint
     from edge3dfa.target import open_target
-    from edge3dfa.validation.latency import cpu_threads, time_calls
 
     formats = [f for f in args.formats.split(",") if importlib.util.find_spec(_NEEDS.get(f, f)) is not None]
-    src = load_source("mb05")
+    src = Checkpoint.open("mb05")
     paths: dict[tuple[str, str], Path] = {}
     for fmt in formats:
         suffix = {"onnx": ".onnx", "tflite": ".tflite", "executorch": ".pte"}[fmt]

@@ -16,9 +16,10 @@ import time
 import numpy as np
 
 from edge3dfa import assets
-from edge3dfa.converters import convert, load_source
-from edge3dfa.converters.calibration import load_eval_crops
+from edge3dfa.converters import convert
+from edge3dfa.datasets.calibration import load_eval_crops
 from edge3dfa.manifest import manifest_path
+from edge3dfa.models.checkpoint import Checkpoint
 from edge3dfa.targets.tflite import TFLiteTarget
 from edge3dfa.targets.torch import TorchTarget
 
@@ -41,7 +42,7 @@ FIXTURES = {"mbv3_05": "mbv3_05_distilled", "mbv3_large_05": "mbv3_large_05_dist
 
 
 def source(name: str):  # noqa: ANN201
-    return load_source(assets.fetch(FIXTURES[name]) if name in FIXTURES else name)
+    return Checkpoint.open(assets.fetch(FIXTURES[name]) if name in FIXTURES else name)
 
 
 def artifacts(name: str, out: str, calib_count: int) -> dict[str, str]:
@@ -54,7 +55,8 @@ def artifacts(name: str, out: str, calib_count: int) -> dict[str, str]:
         else:
             missing.append(p)
     if missing:
-        for a in convert(src, to="tflite", precision=missing, out_dir=out, calib_count=calib_count, verbose=True):
+        for a in convert(src, to="tflite", precision=missing, out_dir=out, calibration={"count": calib_count},
+                         verbose=True):
             paths[a.manifest.precision] = str(a.path)
     return {"source": src, **paths}
 
@@ -74,7 +76,7 @@ def main() -> None:
         arts = artifacts(name, args.out, args.calib_count)
         src = arts.pop("source")
         for threads in thread_counts:
-            reference = TorchTarget(src.path, threads=threads, model=src.model)
+            reference = TorchTarget(src.path, threads=threads, model=src.load())
             torch_ms = median_ms(lambda t=reference: t.predict(x), max(50, args.repeats // 3))
             rows.append((name, "pytorch eager", threads, torch_ms, 1.0))
             for p in PRECISIONS:

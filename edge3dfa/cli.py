@@ -4,6 +4,7 @@ through the ``edge3dfa.commands`` entry-point group (each exposes ``register(sub
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import traceback
@@ -41,21 +42,18 @@ def open_aligner(model: str = "mb05", arch: str | None = None, artifact: str | N
                  verify: bool = True):  # noqa: ANN201
     """The FaceAligner the CLI uses: the artifact (or PyTorch checkpoint) plus FaceBoxes; ``verify=False``
     uses artifacts that do not match their manifests (with a warning)."""
-    from edge3dfa import assets
     from edge3dfa.pipeline import FaceAligner
     from edge3dfa.runtime import load_dense_bfm
     from edge3dfa.target import open_target
 
     regressor = open_artifact(artifact, threads, verify) if artifact else open_target(model, threads, arch=arch)
     if detector:
-        det = open_artifact(detector, threads, verify, **({"arch": "faceboxes"} if detector.endswith(".pth") else {}))
+        det = open_artifact(detector, threads, verify)
     else:
-        try:
-            import torch  # noqa: F401
-        except ImportError as e:
+        if importlib.util.find_spec("torch") is None:
             raise Edge3dfaError("torch is not installed: pass --detector with a converted FaceBoxes "
-                                "artifact (.onnx or .tflite)") from e
-        det = open_target(assets.fetch("faceboxes"), threads=threads, arch="faceboxes")
+                                "artifact (.onnx or .tflite)")
+        det = open_target("faceboxes", threads=threads)
     return FaceAligner(regressor, det, dense=load_dense_bfm(dense_bfm) if dense_bfm else None)
 
 

@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                              "landmarks": faces.landmarks.tolist(), "params": faces.params.tolist()}
     crops = {}
     if args.crops:
-        from edge3dfa.validation.datasets import load_crops
-        from edge3dfa.validation.harness import predict_all
+        from edge3dfa.datasets import load_crops
+        from edge3dfa.measure.predict import predict_all
 
         data = load_crops(args.crops)
         pts = runtime.landmarks(predict_all(aligner.regressor, data.inputs), data.roi_boxes)

@@ -17,13 +17,14 @@ torch = pytest.importorskip("torch")
 
 from edge3dfa import assets, runtime  # noqa: E402
 from edge3dfa.cli import main  # noqa: E402
-from edge3dfa.converters import Source, convert, load_source  # noqa: E402
+from edge3dfa.converters import convert  # noqa: E402
 from edge3dfa.converters import coreml as conv  # noqa: E402
-from edge3dfa.converters.calibration import load_eval_crops  # noqa: E402
-from edge3dfa.converters.parity import compare  # noqa: E402
+from edge3dfa.datasets.calibration import load_eval_crops  # noqa: E402
 from edge3dfa.errors import Edge3dfaError  # noqa: E402
 from edge3dfa.manifest import Manifest, manifest_path  # noqa: E402
+from edge3dfa.measure.parity import compare  # noqa: E402
 from edge3dfa.models import build_model, get_spec, randomize_  # noqa: E402
+from edge3dfa.models.checkpoint import Checkpoint  # noqa: E402
 from edge3dfa.target import open_target  # noqa: E402
 from edge3dfa.targets.coreml import CoreMLTarget, coreml_runtime_available  # noqa: E402
 from edge3dfa.targets.mil_eval import MILEvaluator, load_program  # noqa: E402
@@ -39,7 +40,7 @@ def out(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mb05():
-    return load_source("mb05")
+    return Checkpoint.open("mb05")
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +60,8 @@ def arts(mb05, out):
     res = {}
     for prec, opts in (("fp32", {}), ("fp16", {}), ("w8", {}), ("pal6", {}), ("w8a8", {})):
         t = time.perf_counter()
-        (a,) = convert(mb05, to="coreml", precision=prec, out_dir=out, calib_count=64, verbose=False, **opts)
+        (a,) = convert(mb05, to="coreml", precision=prec, out_dir=out, calibration={"count": 64}, verbose=False,
+                       options=opts)
         TIMES[f"mb05 {prec} convert+parity"] = time.perf_counter() - t
         res[prec] = a
     return res
@@ -123,7 +125,7 @@ def test_default_w8a8_costs_at_most_as_much_again_as_w8(mb05, arts):
     the params layer float its landmark error may be at most as much again as w8's (2x w8, both measured here
     on the same crops). Measured on these crops: default 1.4x, the params layer int8 2.4x, the former default
     (min/max ranges, every layer int8) 2.7x."""
-    from edge3dfa.converters.calibration import load_calibration
+    from edge3dfa.datasets.calibration import load_calibration
 
     held = load_calibration(None, count=512).data[-64:]
     with torch.no_grad():
@@ -213,14 +215,14 @@ def test_ios18_w8_uses_blockwise_ops(mb05, crops, reference, out):
 @pytest.mark.parametrize("name", ["mb1", "mbv3_05", "resnet22"])
 def test_zoo_archs_without_public_weights_convert(name, crops, out):
     spec = get_spec(name)
-    src = Source(randomize_(build_model(name), seed=3).eval(), name, spec.arch, spec.widen_factor, "random", "0" * 64)
+    src = Checkpoint.from_module(randomize_(build_model(name), seed=3).eval(), name, spec.arch, spec.widen_factor)
     x = crops[:4]
     with torch.no_grad():
-        ref = src.model(torch.from_numpy(x)).numpy()
+        ref = src.load()(torch.from_numpy(x)).numpy()
     for prec in ("fp32", "fp16") if name == "mbv3_05" else ("fp32",):  # fp16 where hard-swish is
         dest = out / f"{name}_{prec}.mlpackage"
         t = time.perf_counter()
-        conv.export(src.model, dest, prec, source=src)
+        conv.export(src.load(), dest, prec, source=src)
         TIMES[f"{name} {prec} export"] = time.perf_counter() - t
         got = predict(dest, x)
         err = np.abs(got - ref).max() / max(1.0, np.abs(ref).max())
@@ -311,11 +313,12 @@ def test_cli_names_an_op_the_evaluator_lacks(tmp_path, capsys):
 
 def test_bad_options_leave_nothing_behind(mb05, tmp_path):
     with pytest.raises(Edge3dfaError, match="w8a8 calibrates on face crops"):
-        convert("faceboxes", to="coreml", precision="w8a8", out_dir=tmp_path, calib_count=8, verbose=False)
+        convert("faceboxes", to="coreml", precision="w8a8", out_dir=tmp_path, calibration={"count": 8}, verbose=False)
     with pytest.raises(Edge3dfaError, match="input must be one of tensor, image"):
-        convert(mb05, to="coreml", precision="fp16", out_dir=tmp_path, input="rgb", verbose=False)
+        convert(mb05, to="coreml", precision="fp16", out_dir=tmp_path, options={"input": "rgb"}, verbose=False)
     with pytest.raises(Edge3dfaError, match="needs deployment target iOS17"):
-        convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, target="iOS16", calib_count=8, verbose=False)
+        convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, options={"target": "iOS16"},
+                calibration={"count": 8}, verbose=False)
     assert not [p for p in tmp_path.rglob("*") if p.is_file() or p.suffix == ".mlpackage"]
 
 

@@ -13,11 +13,13 @@ import pytest
 ct = pytest.importorskip("coremltools")
 torch = pytest.importorskip("torch")
 
-from edge3dfa.converters import convert, load_source  # noqa: E402
+from edge3dfa.converters import convert  # noqa: E402
 from edge3dfa.converters import coreml as conv  # noqa: E402
-from edge3dfa.converters.calibration import load_calibration  # noqa: E402
+from edge3dfa.datasets.calibration import load_calibration  # noqa: E402
 from edge3dfa.errors import Edge3dfaError  # noqa: E402
+from edge3dfa.models.checkpoint import Checkpoint  # noqa: E402
 from edge3dfa.targets.mil_eval import load_program  # noqa: E402
+from edge3dfa.workflows import convert as budget_convert  # noqa: E402
 
 
 def module_names(model) -> list[str]:
@@ -37,7 +39,7 @@ def float_inputs(path) -> set[int]:
 
 @pytest.fixture(scope="module")
 def mb05():
-    return load_source("mb05")
+    return Checkpoint.open("mb05")
 
 
 def test_builder_keeps_exactly_the_requested_layers_float(mb05, tmp_path):
@@ -83,15 +85,16 @@ def test_mbv3_layers_are_named_like_the_model():
 
 def test_w8a8_options_are_checked(mb05, tmp_path):
     with pytest.raises(Edge3dfaError, match="calib_method must be one of minmax, percentile"):
-        convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calib_count=4, verbose=False,
-                calib_method="entropy")
+        convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calibration={"count": 4}, verbose=False,
+                options={"calib_method": "entropy"})
     with pytest.raises(Edge3dfaError, match="float_output must be true or false"):
-        convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calib_count=4, verbose=False,
-                float_output="maybe")
+        convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calibration={"count": 4}, verbose=False,
+                options={"float_output": "maybe"})
     with pytest.raises(Edge3dfaError, match="w8a8 computes in fp16"):
-        convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calib_count=4, verbose=False, compute="fp32")
+        convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calibration={"count": 4}, verbose=False,
+                options={"compute": "fp32"})
     with pytest.raises(Edge3dfaError, match="nme-budget"):  # the budget needs a calibrated precision
-        convert(mb05, to="coreml", precision="fp16", out_dir=tmp_path, nme_budget=0.05, verbose=False)
+        budget_convert(mb05, to="coreml", precision="fp16", out_dir=tmp_path, budget=0.05, verbose=False)
     assert not list(tmp_path.rglob("*.mlpackage"))
 
 
@@ -100,19 +103,21 @@ def test_budget_search_runs_on_coreml(mb05, tmp_path):
     them. The ranking must put the params layer first (measured: an 8-bit params tensor is most of w8a8's error),
     the record must match an independent scoring of the artifact, and what it calls float must be float."""
     from edge3dfa import runtime
-    from edge3dfa.converters.mixed_precision import Budget
+    from edge3dfa.datasets.heldout import load_heldout
+    from edge3dfa.measure import metrics
     from edge3dfa.targets.coreml import CoreMLTarget, coreml_runtime_available
     from edge3dfa.targets.torch import TorchTarget
-    from edge3dfa.validation import metrics
-    from edge3dfa.validation.datasets.aflw import load_heldout
+    from edge3dfa.workflows.budget import Budget
 
     names = module_names(mb05.model)
     int8 = ["conv1", "dw6/conv_sep", "fc"]
     held = load_heldout(48)
     calib = load_calibration(None, count=16)
-    (art,) = convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calibration=calib, parity_count=8,
-                     verbose=False, nme_budget=0.05, heldout=held, sensitivity=True, threads=1,
-                     float_input=False, float_output=False, float_layers=[n for n in names if n not in int8])
+    (art,) = budget_convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calibration=calib,
+                            parity_count=8, verbose=False, budget=Budget.parse({"nme": 0.05, "sensitivity": True}),
+                            heldout=held, threads=1,
+                            options={"float_input": False, "float_output": False,
+                                     "float_layers": [n for n in names if n not in int8]})
     q = art.manifest.quantization
     assert [c["name"] for c in q["candidates"]] == ["w8a8"]
     assert sorted(r["layer"] for r in q["sensitivity"]) == sorted(int8)

@@ -23,10 +23,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from edge3dfa import assets, runtime  # noqa: E402
-from edge3dfa.converters import convert, load_source  # noqa: E402
+from edge3dfa.converters import convert  # noqa: E402
 from edge3dfa.converters import executorch as conv  # noqa: E402
 from edge3dfa.errors import Edge3dfaError  # noqa: E402
 from edge3dfa.manifest import Manifest, manifest_path  # noqa: E402
+from edge3dfa.models.checkpoint import Checkpoint  # noqa: E402
 from edge3dfa.target import open_target  # noqa: E402
 from edge3dfa.targets.executorch import ExecuTorchTarget  # noqa: E402
 from edge3dfa.targets.torch import TorchTarget  # noqa: E402
@@ -84,7 +85,7 @@ def crops() -> np.ndarray:
 @pytest.fixture(scope="module")
 def mb05(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("executorch_out")
-    arts = convert("mb05", to="executorch", precision=["fp32", "int8"], out_dir=out, calib_count=CALIB,
+    arts = convert("mb05", to="executorch", precision=["fp32", "int8"], out_dir=out, calibration={"count": CALIB},
                    threads=THREADS, verbose=False)
     return {a.manifest.precision: a for a in arts}
 
@@ -227,6 +228,6 @@ def test_bad_options_and_inputs_are_user_errors(tiny_builder, crops):
         conv.Int8Builder(tiny(), source=None, calibration=crops[:4], exclude="stem.9")
     with pytest.raises(Edge3dfaError, match="calibration"):
         conv.export(tiny(), Path("unused.pte"), "int8", source=None)
-    faceboxes = load_source("faceboxes")
+    faceboxes = Checkpoint.open("faceboxes")
     with pytest.raises(Edge3dfaError, match="FaceBoxes"):
         conv.export(faceboxes.model, Path("unused.pte"), "fp32", source=faceboxes)

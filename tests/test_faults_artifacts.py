@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from edge3dfa import assets  # noqa: E402
 from edge3dfa.cli import main  # noqa: E402
-from edge3dfa.converters import FORMATS, convert, format_module  # noqa: E402
+from edge3dfa.converters import convert, formats, get_format  # noqa: E402
 from edge3dfa.errors import Edge3dfaError  # noqa: E402
 from edge3dfa.manifest import CANONICAL_INPUT, Manifest, current_sha256, manifest_path, publish  # noqa: E402
 from edge3dfa.target import open_target, runtime_class  # noqa: E402
@@ -306,10 +306,10 @@ def test_validate_hashes_each_artifact_once(converted, tmp_path, monkeypatch):
 
 
 def test_every_runtime_accepts_exactly_the_precisions_its_converter_writes():
-    for fmt in FORMATS:
-        cls = runtime_class(f"x{format_module(fmt).SUFFIX}")
+    for fmt in formats():
+        cls = runtime_class(f"x{get_format(fmt).suffix}")
         assert cls.format == fmt
-        assert set(cls.precisions) == set(format_module(fmt).PRECISIONS), fmt
+        assert set(cls.precisions) == set(get_format(fmt).precisions), fmt
 
 
 # --------------------------------------------------------------------------------------- broken outputs

@@ -307,7 +307,7 @@ def default_crops(count: int) -> list[Path]:
 
 @pytest.mark.parametrize("copy", ["png", "jpeg50", "jpeg95", "resized240", "resized60", "mirrored", "gray"])
 def test_reencoded_evaluation_crop_is_refused(tmp_path, copy):
-    from edge3dfa.converters.calibration import load_calibration
+    from edge3dfa.datasets.calibration import load_calibration
     from edge3dfa.errors import Edge3dfaError
 
     for p in default_crops(8):
@@ -331,7 +331,7 @@ def test_reencoded_evaluation_crop_is_refused(tmp_path, copy):
 def test_photos_that_copy_the_evaluation_set_are_refused(tmp_path):
     """Photo calibration (not 120x120: detector -> crop): a crop saved at 240x240, and an original AFLW2000-3D
     photo re-encoded smaller, are caught as whole images whatever the detector frames."""
-    from edge3dfa.converters.calibration import load_calibration
+    from edge3dfa.datasets.calibration import load_calibration
     from edge3dfa.errors import Edge3dfaError
 
     def centre(img: np.ndarray) -> np.ndarray:  # a stand-in detector: one box in the middle of the image
@@ -354,7 +354,7 @@ def test_default_calibration_set_passes_and_its_one_copy_is_caught():
     """The first 256 disjoint crops (the default set) pass. The shared folder also holds image67748.jpg, a copy
     of AFLW2000-3D image01624.jpg under another AFLW id (mean pixel difference below 5 of 255, computed here):
     asking for all 512 crops must be refused on it."""
-    from edge3dfa.converters.calibration import load_calibration
+    from edge3dfa.datasets.calibration import load_calibration
     from edge3dfa.errors import Edge3dfaError
 
     assert len(load_calibration(None, count=256)) == 256

@@ -339,14 +339,15 @@ def test_a_runtime_not_installed_fails_unless_skipped_by_choice_then_not_verifie
     ["--max-nme", "nan"], ["--max-delta-nme", "-0.1"],
 ], ids=lambda a: " ".join(a))
 def test_export_plan_that_cannot_be_met_is_exit_2_having_built_nothing(args, tmp_path, monkeypatch, capsys):
-    import edge3dfa.converters as converters
-    import edge3dfa.validation.datasets as datasets
+    import edge3dfa.datasets as datasets
+    import edge3dfa.models.checkpoint as checkpoint
+    import edge3dfa.workflows as workflows
 
     def work(*a, **k):  # noqa: ANN002, ANN003, ANN202 - any of these means work started: exit 3, not 2
         raise RuntimeError("work started before the plan was checked")
 
-    monkeypatch.setattr(converters, "load_source", work)
-    monkeypatch.setattr(converters, "convert", work)
+    monkeypatch.setattr(checkpoint.Checkpoint, "open", work)
+    monkeypatch.setattr(workflows, "convert", work)
     monkeypatch.setattr(datasets, "load_crops", work)
     out = tmp_path / "out"
     rc = main(["export", "--model", "mb05", "--out", str(out), *FAST, *args])
@@ -357,9 +358,9 @@ def test_export_plan_that_cannot_be_met_is_exit_2_having_built_nothing(args, tmp
 
 
 def test_export_asked_for_a_format_whose_extra_is_missing_is_exit_2(tmp_path, monkeypatch, capsys):
-    import edge3dfa.validation.cli as vcli
+    import edge3dfa.workflows.export as wexport
 
-    monkeypatch.setattr(vcli, "_missing_packages", lambda extra: ["coremltools"] if extra == "coreml" else [])
+    monkeypatch.setattr(wexport, "missing_packages", lambda extra: ["coremltools"] if extra == "coreml" else [])
     rc = main(["export", "--to", "onnx,coreml", "--out", str(tmp_path / "out"), *FAST])
     err = capsys.readouterr().err
     assert rc == 2 and "--to coreml" in err and "coremltools" in err and not (tmp_path / "out").exists()
@@ -368,18 +369,18 @@ def test_export_asked_for_a_format_whose_extra_is_missing_is_exit_2(tmp_path, mo
 def test_export_says_what_it_did_not_attempt_and_a_failed_conversion_fails(tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
-    import edge3dfa.converters as converters
-    import edge3dfa.validation.cli as vcli
+    import edge3dfa.workflows as workflows
+    import edge3dfa.workflows.export as wexport
 
-    real = converters.convert
+    real = workflows.convert
 
     def convert(*a, **k):  # noqa: ANN002, ANN003, ANN202
         if k["precision"] == "dyn-int8":
             raise RuntimeError("converter bug half-way")
         return real(*a, **k)
 
-    monkeypatch.setattr(vcli, "_missing_packages", lambda extra: [f"{extra}-framework"] if extra != "onnx" else [])
-    monkeypatch.setattr(converters, "convert", convert)
+    monkeypatch.setattr(wexport, "missing_packages", lambda extra: [f"{extra}-framework"] if extra != "onnx" else [])
+    monkeypatch.setattr(workflows, "convert", convert)
     monkeypatch.setenv("EDGE3DFA_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     rc = main(["export", "--precision", "fp32,dyn-int8", "--parity-count", "8", "--out", str(out), *FAST])

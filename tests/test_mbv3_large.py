@@ -15,9 +15,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from edge3dfa import assets, runtime  # noqa: E402
-from edge3dfa.converters import Source, format_module, load_source  # noqa: E402
-from edge3dfa.converters.calibration import load_eval_crops  # noqa: E402
+from edge3dfa.converters import get_format  # noqa: E402
+from edge3dfa.datasets.calibration import load_eval_crops  # noqa: E402
 from edge3dfa.models import build_model, randomize_  # noqa: E402
+from edge3dfa.models.checkpoint import Checkpoint  # noqa: E402
 from edge3dfa.target import open_target  # noqa: E402
 from edge3dfa.targets.torch import TorchTarget  # noqa: E402
 
@@ -36,35 +37,35 @@ def random_model() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def sources(random_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Source]:
+def sources(random_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Checkpoint]:
     path = tmp_path_factory.mktemp("ckpt") / "mbv3_large_075_random.pth"
     sd = {f"module.{k}": v for k, v in random_model.state_dict().items()}  # as upstream's DataParallel saves it
     torch.save({"epoch": 1, "state_dict": sd}, path)
-    return {"fixture": load_source(assets.fetch("mbv3_large_05_distilled")), "random_x0.75": load_source(path)}
+    return {"fixture": Checkpoint.open(assets.fetch("mbv3_large_05_distilled")), "random_x0.75": Checkpoint.open(path)}
 
 
 @pytest.fixture(scope="module", params=list(FRAMEWORK))
-def converted(request: pytest.FixtureRequest, sources: dict[str, Source],
+def converted(request: pytest.FixtureRequest, sources: dict[str, Checkpoint],
               tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
     fmt = request.param
     pytest.importorskip(FRAMEWORK[fmt])
-    mod = format_module(fmt)
+    form = get_format(fmt)
     out = tmp_path_factory.mktemp(fmt)
     arts = {}
     for name, src in sources.items():
-        dest = out / f"{name}_fp32{mod.SUFFIX}"
-        info = mod.export(src.model, dest, "fp32", source=src)
+        dest = out / f"{name}_fp32{form.suffix}"
+        info = form.write(src, dest, "fp32", form.Options(), None)
         arts[name] = (dest, info)
     return fmt, arts
 
 
-def test_sources_are_inferred_as_large_mode(sources: dict[str, Source], random_model: torch.nn.Module,
+def test_sources_are_inferred_as_large_mode(sources: dict[str, Checkpoint], random_model: torch.nn.Module,
                                            crops: np.ndarray) -> None:
     assert (sources["fixture"].arch, sources["fixture"].widen_factor) == ("mobilenet_v3_large", 0.5)
     assert (sources["random_x0.75"].arch, sources["random_x0.75"].widen_factor) == ("mobilenet_v3_large", 0.75)
     x = torch.from_numpy(crops[:2])
     with torch.no_grad():  # the checkpoint round trip gives back the very network that was saved
-        assert torch.equal(sources["random_x0.75"].model(x), random_model(x))
+        assert torch.equal(sources["random_x0.75"].load()(x), random_model(x))
 
 
 def _landmarks_px(params: np.ndarray) -> np.ndarray:
@@ -73,7 +74,7 @@ def _landmarks_px(params: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", ["fixture", "random_x0.75"])
-def test_fp32_parity(converted: tuple[str, dict], sources: dict[str, Source], crops: np.ndarray, name: str) -> None:
+def test_fp32_parity(converted: tuple[str, dict], sources: dict[str, Checkpoint], crops: np.ndarray, name: str) -> None:
     fmt, arts = converted
     path, _ = arts[name]
     ref = TorchTarget(threads=2, model=sources[name].model).predict(crops)

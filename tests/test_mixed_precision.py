@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge3dfa.converters.mixed_precision import Budget, _mixed
-from edge3dfa.validation import metrics
+from edge3dfa.measure import metrics
+from edge3dfa.workflows.budget import Budget, _mixed
 
 # 3DDFA v1 benchmark_aflw.py, 1-based as published: AFLW point k is the mean of these 68-point indices
 UPSTREAM_68TO21 = [[18], [20], [22], [23], [25], [27], [37], [37, 38, 39, 40, 41, 42], [40], [43],
@@ -51,8 +51,8 @@ def test_nme_aflw21_hand_computed():
 # ----------------------------------------------------------------------------------------- held-out
 def test_heldout_is_disjoint_from_calibration_and_evaluation():
     from edge3dfa import assets
-    from edge3dfa.converters.calibration import load_calibration
-    from edge3dfa.validation.datasets.aflw import load_heldout
+    from edge3dfa.datasets.calibration import load_calibration
+    from edge3dfa.datasets.heldout import load_heldout
 
     held = load_heldout(64)
     calib = load_calibration(None, count=256)
@@ -72,8 +72,8 @@ def test_heldout_is_disjoint_from_calibration_and_evaluation():
 def test_mb05_heldout_nme_is_plausible():
     """PyTorch mb05 on the held-out crops: an accurate model, and the yaw bins get harder as yaw grows."""
     from edge3dfa import runtime
+    from edge3dfa.datasets.heldout import load_heldout
     from edge3dfa.targets.torch import TorchTarget
-    from edge3dfa.validation.datasets.aflw import load_heldout
 
     held = load_heldout(128)
     p = TorchTarget("mb05", threads=1).predict(held.inputs)
@@ -152,15 +152,15 @@ def test_greedy_reports_best_found_when_budget_cannot_be_met(tmp_path):
 # ------------------------------------------------------------------------------------- a real search
 @pytest.fixture(scope="session")
 def budget_mb05(tmp_path_factory):
-    from edge3dfa.converters import convert
-    from edge3dfa.converters.calibration import load_calibration
-    from edge3dfa.converters.mixed_precision import LATENCY_RUNS  # noqa: F401 - module must import
-    from edge3dfa.validation.datasets.aflw import load_heldout
+    from edge3dfa.datasets.calibration import load_calibration
+    from edge3dfa.datasets.heldout import load_heldout
+    from edge3dfa.workflows import convert
+    from edge3dfa.workflows.budget import LATENCY_RUNS  # noqa: F401 - module must import
 
     out = tmp_path_factory.mktemp("budget")
     held = load_heldout(96)
     arts = convert("mb05", to="onnx", precision="int8", out_dir=out, calibration=load_calibration(None, count=64),
-                   parity_count=16, verbose=False, nme_budget=0.05, threads=1, heldout=held)
+                   parity_count=16, verbose=False, budget=0.05, threads=1, heldout=held)
     return arts[0], held
 
 
@@ -202,15 +202,15 @@ def test_budget_search_float_layers_really_are_float(budget_mb05):
 
 
 def test_budget_needs_disjoint_calibration(tmp_path):
-    from edge3dfa.converters import convert
-    from edge3dfa.converters.calibration import load_calibration
+    from edge3dfa.datasets.calibration import load_calibration
+    from edge3dfa.datasets.heldout import load_heldout
     from edge3dfa.errors import Edge3dfaError
-    from edge3dfa.validation.datasets.aflw import load_heldout
+    from edge3dfa.workflows import convert
 
     calib = load_calibration(None, count=512, check_disjoint=False)  # all 512, one a copy of an AFLW2000-3D crop
     with pytest.raises(Edge3dfaError, match="also held-out"):
         convert("mb05", to="onnx", precision="int8", out_dir=tmp_path, calibration=calib,
-                verbose=False, nme_budget=0.05, heldout=load_heldout(32))
+                verbose=False, budget=0.05, heldout=load_heldout(32))
     assert not list(tmp_path.rglob("*.onnx"))
 
 
@@ -218,12 +218,12 @@ def test_tflite_layers_and_keep_float(tmp_path):
     """TFLite layers are named like ONNX ones; a layer kept float has float weights, the others int8."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from edge3dfa.converters import load_source
     from edge3dfa.converters import tflite as conv
-    from edge3dfa.converters.calibration import load_calibration
+    from edge3dfa.datasets.calibration import load_calibration
+    from edge3dfa.models.checkpoint import Checkpoint
 
-    src = load_source("mb05")
-    b = conv.Int8Builder(src.model, source=src, calibration=load_calibration(None, count=16).data)
+    src = Checkpoint.open("mb05")
+    b = conv.Int8Builder(src.load(), source=src, calibration=load_calibration(None, count=16).data)
     names = list(b.layers)
     assert len(names) == 1 + 2 * 13  # MobileNet-V1: conv1 + 13 depthwise-separable blocks; the head stays float
     assert names[:3] == ["conv1", "dw2_1/conv_dw", "dw2_1/conv_sep"]
@@ -247,27 +247,27 @@ def test_bias_correction_repairs_per_tensor_weights(tmp_path):
     """Per-tensor int8 weights bias mb05's depthwise outputs (measured +0.14 NME); correcting each layer's own
     rounding error must take most of that back, judged on held-out crops with their ground truth."""
     from edge3dfa import runtime
-    from edge3dfa.converters import load_source
     from edge3dfa.converters import onnx as conv
-    from edge3dfa.converters.calibration import load_calibration
+    from edge3dfa.datasets.calibration import load_calibration
+    from edge3dfa.datasets.heldout import load_heldout
+    from edge3dfa.models.checkpoint import Checkpoint
     from edge3dfa.targets.onnxruntime import OnnxTarget
     from edge3dfa.targets.torch import TorchTarget
-    from edge3dfa.validation.datasets.aflw import load_heldout
 
     held, cal = load_heldout(128), load_calibration(None, count=64)
-    src = load_source("mb05")
+    src = Checkpoint.open("mb05")
 
     def nme(target):
         p = target.predict(held.inputs)
         e = metrics.nme_aflw21(runtime.landmarks(p, held.roi_boxes), held.gt)
         return metrics.summarize(e, held.yaw)["balanced"]
 
-    ref = nme(TorchTarget(src.path, threads=1, model=src.model))
+    ref = nme(TorchTarget(src.path, threads=1, model=src.load()))
     delta = {}
     for corrected in (False, True):
         work = tmp_path / str(corrected)
         work.mkdir()
-        conv.Int8Builder(src.model, source=src, calibration=cal, work=work, per_channel=False,
+        conv.Int8Builder(src.load(), source=src, calibration=cal, work=work, per_channel=False,
                          bias_correction=corrected).export(work / "m.onnx")
         delta[corrected] = nme(OnnxTarget(work / "m.onnx", threads=1)) - ref
     assert delta[False] > 0.08, delta  # the problem is real
@@ -275,10 +275,10 @@ def test_bias_correction_repairs_per_tensor_weights(tmp_path):
 
 
 def test_budget_arguments_are_checked(tmp_path):
-    from edge3dfa.converters import convert
     from edge3dfa.errors import Edge3dfaError
+    from edge3dfa.workflows import convert
 
     for budget, precision in ((0.05, "fp32"), (-0.1, "int8")):
         with pytest.raises(Edge3dfaError, match="nme-budget"):
-            convert("mb05", to="onnx", precision=precision, out_dir=tmp_path, nme_budget=budget, verbose=False)
+            convert("mb05", to="onnx", precision=precision, out_dir=tmp_path, budget=budget, verbose=False)
     assert not any(tmp_path.iterdir())

@@ -114,8 +114,8 @@ def test_mbv3_large_fixture_nme_on_500_crops_agrees_with_its_readme() -> None:
     (per yaw bin, with the finite-population correction for drawing n of the bin's N), plus the README's rounding.
     """
     from edge3dfa import runtime
-    from edge3dfa.validation import metrics
-    from edge3dfa.validation.datasets import load_crops
+    from edge3dfa.datasets import load_crops
+    from edge3dfa.measure import metrics
 
     data = load_crops(500)
     with torch.no_grad():

@@ -19,11 +19,12 @@ pytest.importorskip("onnxruntime")
 
 from edge3dfa import assets, runtime  # noqa: E402
 from edge3dfa.cli import main  # noqa: E402
-from edge3dfa.converters import Source, convert  # noqa: E402
+from edge3dfa.converters import convert  # noqa: E402
 from edge3dfa.converters import onnx as conv  # noqa: E402
-from edge3dfa.converters.calibration import load_calibration  # noqa: E402
+from edge3dfa.datasets.calibration import load_calibration  # noqa: E402
 from edge3dfa.errors import Edge3dfaError  # noqa: E402
 from edge3dfa.manifest import Manifest, manifest_path  # noqa: E402
+from edge3dfa.models.checkpoint import Checkpoint  # noqa: E402
 from edge3dfa.target import open_target  # noqa: E402
 from edge3dfa.targets.onnxruntime import OnnxTarget  # noqa: E402
 from edge3dfa.targets.torch import TorchTarget  # noqa: E402
@@ -52,7 +53,7 @@ def files_under(folder: Path) -> list[Path]:
 @pytest.fixture(scope="session")
 def mb05(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("onnx_out")
-    arts = convert("mb05", to="onnx", precision=["fp32", "int8", "dyn-int8"], out_dir=out, calib_count=CALIB,
+    arts = convert("mb05", to="onnx", precision=["fp32", "int8", "dyn-int8"], out_dir=out, calibration={"count": CALIB},
                    threads=THREADS, verbose=False)
     return {a.manifest.precision: a for a in arts}
 
@@ -61,7 +62,7 @@ def mb05(tmp_path_factory) -> dict:
 def mb05_landmarks(tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx_head")
     return convert("mb05", to="onnx", precision="fp32", out_dir=out, threads=THREADS, verbose=False,
-                   head="landmarks")[0]
+                   options={"head": "landmarks"})[0]
 
 
 @pytest.fixture(scope="session")
@@ -116,7 +117,7 @@ def test_fp32_randomized_archs(tmp_path, name, seed):
 
     spec = get_spec(name)
     model = randomize_(build_model(name), seed).eval()
-    src = Source(model, name, spec.arch, spec.widen_factor, "random", "0" * 64)
+    src = Checkpoint.from_module(model, name, spec.arch, spec.widen_factor)
     dest = tmp_path / f"{name}.onnx"
     conv.export(model, dest, "fp32", source=src)
     x = eval_crops(0, 8)
@@ -127,20 +128,20 @@ def test_fp32_randomized_archs(tmp_path, name, seed):
 
 
 def test_mbv3_fixture_fp32(tmp_path):
-    from edge3dfa.converters import load_source
+    from edge3dfa.models.checkpoint import Checkpoint
 
-    src = load_source(assets.fetch("mbv3_05_distilled"), arch="mbv3_05")
+    src = Checkpoint.open(assets.fetch("mbv3_05_distilled"), "mbv3_05")
     dest = tmp_path / "mbv3.onnx"
-    conv.export(src.model, dest, "fp32", source=src)
+    conv.export(src.load(), dest, "fp32", source=src)
     x = eval_crops(0, 16)
-    ref = TorchTarget(threads=THREADS, model=src.model).predict(x)
+    ref = TorchTarget(threads=THREADS, model=src.load()).predict(x)
     got = OnnxTarget(dest, threads=THREADS).predict(x)
     assert np.abs(got - ref).max() <= 1e-4
     assert np.linalg.norm(crop_px(got) - crop_px(ref), axis=1).max() <= 0.01
 
 
 def test_dynamo_exporter_same_params(tmp_path, mb05, torch_mb05):
-    src = Source(torch_mb05.model, "mb05", "mobilenet_v1", 0.5, "mb05", "0" * 64)
+    src = Checkpoint.from_module(torch_mb05.model, "mb05", "mobilenet_v1", 0.5)
     dest = tmp_path / "dyn.onnx"
     info = conv.export(torch_mb05.model, dest, "fp32", source=src, exporter="dynamo")
     assert info["options"]["exporter"] == "dynamo"
@@ -151,8 +152,7 @@ def test_dynamo_exporter_same_params(tmp_path, mb05, torch_mb05):
 
 def test_exports_are_byte_identical(tmp_path, mb05, torch_mb05):
     """Same checkpoint, same calibration -> the same bytes (session artifact vs a fresh export)."""
-    src = Source(torch_mb05.model, "mb05", "mobilenet_v1", 0.5, str(assets.fetch("mb05")),
-                 assets.sha256_file(assets.fetch("mb05")))
+    src = Checkpoint.open("mb05")
     again = tmp_path / "again_fp32.onnx"
     conv.export(torch_mb05.model, again, "fp32", source=src)
     assert again.read_bytes() == mb05["fp32"].path.read_bytes()
@@ -205,7 +205,7 @@ def test_dynamic_int8(mb05):
 
 
 def test_exclude_keeps_named_node_float(tmp_path, torch_mb05):
-    src = Source(torch_mb05.model, "mb05", "mobilenet_v1", 0.5, "mb05", "0" * 64)
+    src = Checkpoint.from_module(torch_mb05.model, "mb05", "mobilenet_v1", 0.5)
     dest = tmp_path / "ex.onnx"
     info = conv.export(torch_mb05.model, dest, "int8", source=src, calibration=load_calibration(None, count=16),
                        exclude="/conv1/Conv")
@@ -292,11 +292,11 @@ def test_unreadable_onnx_is_one_line_error(tmp_path, mb05):
 def test_bad_model_arguments(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(Edge3dfaError, match="unknown"):
-        convert(assets.fetch("mb05"), to="onnx", arch="mb7", out_dir=out, verbose=False)
+        Checkpoint.open(assets.fetch("mb05"), "mb7")
     with pytest.raises(Edge3dfaError):
-        convert(assets.fetch("mb05"), to="onnx", arch="resnet22", out_dir=out, verbose=False)  # mismatch
+        Checkpoint.open(assets.fetch("mb05"), "resnet22").load()  # mismatch
     with pytest.raises(Edge3dfaError, match="unknown onnx option"):
-        convert("mb05", to="onnx", out_dir=out, verbose=False, bogus=1)
+        convert("mb05", to="onnx", out_dir=out, verbose=False, options={"bogus": 1})
     with pytest.raises(Edge3dfaError, match="does not offer"):
         convert("mb05", to="onnx", precision="fp16", out_dir=out, verbose=False)
     assert main(["convert", "--checkpoint", str(assets.fetch("mb05")), "--arch", "mbv3_05", "--out", str(out)]) == 2
@@ -318,7 +318,7 @@ def test_bad_calibration_folders(tmp_path):
     for folder, count, msg in ((empty, 1, "no images"), (broken, 1, "unreadable"), (overlap, 3, "AFLW2000-3D"),
                                (tmp_path / "missing", 1, "not found"), (broken, 2, "more than the 1 images")):
         with pytest.raises(Edge3dfaError, match=msg):
-            convert("mb05", to="onnx", precision="int8", calibration=folder, calib_count=count, out_dir=out,
+            convert("mb05", to="onnx", precision="int8", calibration={"folder": folder, "count": count}, out_dir=out,
                     verbose=False)
         assert files_under(out) == []
     assert main(["convert", "--precision", "int8", "--calib-dir", str(overlap), "--calib-count", "3",

@@ -21,11 +21,12 @@ pytest.importorskip("litert_torch")
 pytest.importorskip("ai_edge_quantizer")
 
 from edge3dfa import assets, runtime  # noqa: E402
-from edge3dfa.converters import Source, convert, load_source  # noqa: E402
+from edge3dfa.converters import convert  # noqa: E402
 from edge3dfa.converters import tflite as conv  # noqa: E402
 from edge3dfa.errors import Edge3dfaError  # noqa: E402
 from edge3dfa.manifest import Manifest, manifest_path  # noqa: E402
 from edge3dfa.models import build_model, randomize_  # noqa: E402
+from edge3dfa.models.checkpoint import Checkpoint  # noqa: E402
 from edge3dfa.target import open_target  # noqa: E402
 from edge3dfa.targets.tflite import TFLiteTarget  # noqa: E402
 from edge3dfa.targets.torch import TorchTarget  # noqa: E402
@@ -70,7 +71,7 @@ def out_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def mb05(out_dir) -> dict:
-    arts = convert("mb05", to="tflite", precision=list(conv.PRECISIONS), out_dir=out_dir, calib_count=CALIB,
+    arts = convert("mb05", to="tflite", precision=list(conv.PRECISIONS), out_dir=out_dir, calibration={"count": CALIB},
                    threads=THREADS, verbose=False)
     return {a.manifest.precision: a for a in arts}
 
@@ -78,11 +79,11 @@ def mb05(out_dir) -> dict:
 @pytest.fixture(scope="session")
 def mb05_int8_variants(tmp_path_factory) -> dict:
     """int8 with int8 I/O, and int8 with float I/O and the same int8 head: they differ only at the I/O."""
-    src = load_source("mb05")
+    src = Checkpoint.open("mb05")
     out = {}
     for key, opts in {"io8": {"io": "int8"}, "io_float_head8": {"io": "float", "head": "int8"}}.items():
-        (a,) = convert(src, to="tflite", precision="int8", out_dir=tmp_path_factory.mktemp(key), calib_count=CALIB,
-                       threads=THREADS, verbose=False, **opts)
+        (a,) = convert(src, to="tflite", precision="int8", out_dir=tmp_path_factory.mktemp(key),
+                       calibration={"count": CALIB}, threads=THREADS, verbose=False, options=opts)
         out[key] = a
     return out
 
@@ -103,7 +104,7 @@ def test_fp32_params_match_pytorch(mb05, mb05_ref, crops):
 def test_fp32_mobilenet_v3_with_squeeze_excite_rewrite(tmp_path, crops):
     """Randomised MBv3 (random BN stats too): the conv-form squeeze-excite must be exact."""
     model = randomize_(build_model("mbv3_05"), seed=3).eval()
-    src = Source(model, "mbv3_05_random", "mobilenet_v3_small", 0.5, "random", "")
+    src = Checkpoint.from_module(model, "mbv3_05_random", "mobilenet_v3_small", 0.5)
     (a,) = convert(src, to="tflite", precision="fp32", out_dir=tmp_path, threads=THREADS, verbose=False)
     ref = TorchTarget(None, threads=THREADS, model=model).predict(crops[:16])
     cand = TFLiteTarget(a.path, threads=THREADS).predict(crops[:16])
@@ -181,9 +182,9 @@ def test_dynamic_range_fc_versions_guard_old_runtimes(mb05):
 
 def test_manifest_warns_when_pi_runtime_cannot_load(tmp_path):
     model = randomize_(build_model("mb05"), seed=1).eval()
-    src = Source(model, "mb05_random", "mobilenet_v1", 0.5, "random", "")
+    src = Checkpoint.from_module(model, "mb05_random", "mobilenet_v1", 0.5)
     (a,) = convert(src, to="tflite", precision="dyn-int8", out_dir=tmp_path, threads=THREADS, verbose=False,
-                   fc_per_channel=True)
+                   options={"fc_per_channel": True})
     assert a.manifest.min_runtime["tflite-runtime"] == "2.17.0"
     assert any(n.startswith("WARNING") and "FULLY_CONNECTED v12" in n for n in a.manifest.notes)
 

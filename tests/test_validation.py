@@ -14,10 +14,10 @@ import pytest
 from edge3dfa import assets
 from edge3dfa.assets import sha256_file
 from edge3dfa.cli import main
+from edge3dfa.datasets import load_crops, select
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.manifest import Manifest, publish
-from edge3dfa.validation import metrics
-from edge3dfa.validation.datasets import load_crops, select
+from edge3dfa.measure import metrics
 from edge3dfa.validation.gates import Limits, check, load_gates
 
 # ---------------------------------------------------------------- metrics, hand-made cases
@@ -137,7 +137,7 @@ def test_default_gates_catch_a_broken_conversion():
 
 
 def test_latency_timing_runs_and_budget():
-    from edge3dfa.validation.latency import MIN_RUNS, time_calls
+    from edge3dfa.measure.timing import MIN_RUNS, time_calls
 
     calls = []
 
@@ -164,8 +164,8 @@ PUBLISHED_MB05 = {"[0,30]": 2.93, "(30,60]": 3.67, "(60,90]": 4.79}  # community
 
 def test_mb05_pytorch_reproduces_the_published_aflw2000_figure():
     pytest.importorskip("torch")
+    from edge3dfa.measure.predict import predict_all
     from edge3dfa.target import open_target
-    from edge3dfa.validation.harness import predict_all
 
     t0 = time.perf_counter()
     data = load_crops("all")
@@ -204,10 +204,10 @@ def artifacts(tmp_path_factory):
     pytest.importorskip("torch")
     root = tmp_path_factory.mktemp("out")
     _torch_artifact(root / "mb05" / "torch")
-    from edge3dfa.converters import convert, format_module
+    from edge3dfa.converters import convert, get_format
 
     try:
-        format_module("onnx")
+        get_format("onnx")
     except Edge3dfaError:
         return root / "mb05", None  # the onnx extra is not installed: the torch artifact only
     onnx = convert("mb05", to="onnx", precision="fp32", out_dir=root, parity_count=8, verbose=False)[0].path

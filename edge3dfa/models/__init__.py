@@ -1,4 +1,4 @@
-"""Model zoo: architectures, checkpoint loading and complexity counts for 3DDFA_V2 regressors.
+"""Model zoo: architectures, checkpoints and complexity counts of the 3DDFA_V2 regressors and FaceBoxes.
 
 The registry is plain data and imports without torch; the torch-needing functions are resolved lazily on
 first attribute access, so ``import edge3dfa.models`` works on a board that only has the numpy runtime.
@@ -9,9 +9,10 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from edge3dfa.models.registry import MODELS, ModelSpec, build_model, get_spec
+from edge3dfa.models.registry import MODELS, ModelSpec, build_model, get_spec, task_of
 
 _LAZY = {
+    "Checkpoint": "edge3dfa.models.checkpoint",
     "load_model": "edge3dfa.models.checkpoint",
     "read_state_dict": "edge3dfa.models.checkpoint",
     "infer_arch": "edge3dfa.models.checkpoint",
@@ -20,7 +21,7 @@ _LAZY = {
     "count_macs": "edge3dfa.models.complexity",
 }
 
-__all__ = ["MODELS", "ModelSpec", "build_model", "get_spec", *_LAZY]
+__all__ = ["MODELS", "ModelSpec", "build_model", "get_spec", "task_of", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -8,9 +8,11 @@ that ``edge3dfa.models`` stays importable without it.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import warnings
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -156,6 +158,8 @@ def infer_arch(state_dict: dict[str, torch.Tensor]) -> tuple[str, float]:
         return f"mobilenet_v3_{mode}", widen
     if "conv_param.weight" in keys and "layer1.0.conv1.weight" in keys:
         return "resnet22", 1.0
+    if "inception1.branch1x1.conv.weight" in keys and "conv1.conv.weight" in keys:
+        return "faceboxes", 1.0
     raise Edge3dfaError(
         f"cannot tell the architecture from the keys ({_one_line(list(keys)[:4], 100)}); pass arch="
     )
@@ -240,3 +244,87 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             elif isinstance(m, torch.nn.PReLU):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=gen) * 0.25)
     return model
+
+
+@dataclass
+class Checkpoint:
+    """A PyTorch checkpoint: the model being converted, and the reference every artifact of it is judged against.
+
+    One object for what converters, validation and the torch runtime each used to describe their own way: where
+    the weights are, their sha256 (what manifests record and references are matched by), which network they are
+    (the zoo entry, or the arch and width read from the keys), and the module itself, loaded once on first use.
+    """
+
+    path: Path
+    sha256: str
+    name: str  # zoo name, else the file's stem
+    arch: str
+    widen_factor: float
+    spec: Any = None  # the zoo's ModelSpec when opened by name
+    _module: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def open(cls, model: str | os.PathLike = "mb05", arch: str | None = None) -> Checkpoint:
+        """A zoo name (its weights from the assets), or a checkpoint file whose arch is ``arch`` (a zoo name, whose
+        arch and width it takes, or an arch name, checked against the keys) or read from its keys. Every way a file
+        can be wrong is one Edge3dfaError line naming it."""
+        from edge3dfa.assets import fetch, sha256_file
+        from edge3dfa.models.registry import MODELS, get_spec
+
+        p = Path(model)
+        spec = MODELS.get(str(model)) if not p.exists() else None
+        if spec is not None:
+            if spec.checkpoint_asset is None:
+                raise Edge3dfaError(f"{spec.name} has no public weights; pass a checkpoint path "
+                                    f"(e.g. --checkpoint FILE --arch {spec.name})")
+            path = fetch(spec.checkpoint_asset)
+            return cls(path, sha256_file(path), spec.name, spec.arch, spec.widen_factor, spec)
+        if not p.exists():
+            if not p.suffix and os.sep not in str(model):
+                get_spec(str(model))  # an unknown zoo name: the error lists the known ones
+            raise Edge3dfaError(f"checkpoint not found: {p}")
+        from edge3dfa.models.registry import ARCHS
+
+        if arch is not None and arch not in ARCHS:
+            given = get_spec(arch)  # a zoo name: its arch and width
+            arch_name, widen = given.arch, given.widen_factor
+        else:
+            arch_name, widen = infer_arch(read_state_dict(p))
+            if arch is not None and arch_name != arch:
+                raise Edge3dfaError(f"{p} is a {arch_name} checkpoint, not {arch}")
+        return cls(p, sha256_file(p), p.stem, arch_name, widen)
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, name: str, arch: str, widen_factor: float = 1.0) -> Checkpoint:
+        """A module that exists only in memory (e.g. seeded random weights in a test), converted like a file's."""
+        return cls(Path(f"{name}.in-memory"), "0" * 64, name, arch, widen_factor, _module=module.eval())
+
+    @property
+    def task(self) -> str:
+        from edge3dfa.models.registry import task_of
+
+        return task_of(self.arch)
+
+    @property
+    def is_detector(self) -> bool:
+        return self.task == "detector"
+
+    def load(self) -> torch.nn.Module:
+        """The eval-mode module, strictly loaded (keys and shapes must match exactly), once."""
+        if self._module is None:
+            from edge3dfa.models.registry import build_model
+
+            model = build_model(self.arch, self.widen_factor)
+            _load_strict(model, read_state_dict(self.path), str(self.path))
+            self._module = model.eval()
+        return self._module
+
+    def target(self, threads: int | None = None) -> Any:
+        """The PyTorch reference as a Target (``edge3dfa.target.open_target``), on the already loaded module."""
+        from edge3dfa.target import open_target
+
+        return open_target(self.path, threads=threads, arch=self.arch, model=self.load())
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's ``source``: where the weights came from and which they are."""
+        return {"path": str(self.path), "sha256": self.sha256, "widen_factor": self.widen_factor}

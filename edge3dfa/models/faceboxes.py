@@ -118,21 +118,12 @@ def load_faceboxes(path: str | Path | None = None) -> FaceBoxesNet:
 
     Strict loading: a wrong or partial checkpoint must fail here, not detect nothing later.
     """
-    from edge3dfa.models.checkpoint import read_state_dict
+    from edge3dfa.models.checkpoint import Checkpoint
 
-    if path is None:
-        from edge3dfa.assets import fetch
-
-        path = fetch("faceboxes")
-    state = read_state_dict(path)
-    model = FaceBoxesNet()
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1:2] or [str(e)]
-        raise Edge3dfaError(f"{path} is not a FaceBoxes checkpoint (as 3DDFA_V2's FaceBoxesProd.pth): "
-                            f"{first[0].strip()[:300]}") from e
-    return model.eval()
+        return Checkpoint.open(path if path is not None else "faceboxes", arch="faceboxes").load()
+    except Edge3dfaError as e:
+        raise Edge3dfaError(f"not a FaceBoxes checkpoint (as 3DDFA_V2's FaceBoxesProd.pth): {e}") from None
 
 
 def torch_forward(model: nn.Module) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:

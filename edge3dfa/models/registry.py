@@ -1,6 +1,9 @@
-"""The model zoo as plain data: what each 3DDFA_V2 regressor is and where its weights come from.
+"""The model zoo as plain data: every network edge3dfa builds, what it is for and where its weights come from.
 
-No torch import at module level, so CLIs and docs can list models on machines without torch.
+Every network enters the zoo the same way (timm's registry): a ``ModelSpec`` with its ``task``, "regressor" (a
+120x120 crop -> 62 3DMM params) or "detector" (FaceBoxes: an image -> face boxes). Code asks a spec for its task;
+nothing elsewhere checks a model's name. No torch import at module level, so CLIs and docs can list models on
+machines without torch.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ if TYPE_CHECKING:
 #: MobileNet-V3's two modes are two archs, as in torchvision and timm: a mode changes the layer table and the
 #: key set (small 11 blocks, large 15), not just channel counts, so ``(arch, widen_factor)`` stays the whole
 #: description of a network everywhere it is passed (``infer_arch``, ``build_model``, manifests, ``--arch``).
-ARCHS = ("mobilenet_v1", "mobilenet_v3_small", "mobilenet_v3_large", "resnet22")
+ARCHS = ("mobilenet_v1", "mobilenet_v3_small", "mobilenet_v3_large", "resnet22", "faceboxes")
+TASKS = ("regressor", "detector")
 
 
 @dataclass(frozen=True)
@@ -27,8 +31,9 @@ class ModelSpec:
     name: str
     arch: str
     widen_factor: float
-    input_size: int = 120
+    input_size: int | None = 120  # None: any size (the detector)
     num_params: int = 62
+    task: str = "regressor"  # "regressor" | "detector"
     checkpoint_asset: str | None = None
     paper_params_m: float | None = None
     paper_macs_m: float | None = None
@@ -58,8 +63,17 @@ MODELS: dict[str, ModelSpec] = {
                               "no public weights"),
         ModelSpec("resnet22", "resnet22", 1.0, checkpoint_asset=None,
                   description="upstream resnet22 (caffe-style ResNet, 1x1 conv head); no public weights"),
+        ModelSpec("faceboxes", "faceboxes", 1.0, input_size=None, num_params=0, task="detector",
+                  checkpoint_asset="faceboxes",
+                  description="FaceBoxes face detector as shipped with 3DDFA_V2 (FaceBoxesProd.pth)"),
     )
 }
+ARCH_TASKS = {"faceboxes": "detector"}  # every other arch is a regressor
+
+
+def task_of(arch: str) -> str:
+    """"detector" or "regressor" for an arch name."""
+    return ARCH_TASKS.get(arch, "regressor")
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -86,6 +100,10 @@ def build_model(arch_or_name: str, widen_factor: float | None = None) -> torch.n
 
         mode = arch.removeprefix("mobilenet_v3_")
         return MobileNetV3(widen_factor=widen_factor, num_classes=num_params, mode=mode)
+    if arch == "faceboxes":
+        from edge3dfa.models.faceboxes import FaceBoxesNet
+
+        return FaceBoxesNet()
     if arch == "resnet22":
         if widen_factor != 1.0:
             raise Edge3dfaError(f"resnet22 has no width multiplier (got widen_factor={widen_factor})")

@@ -30,23 +30,35 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge3dfa import runtime
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.fileio import temp_folder
+from edge3dfa.options import Options, option
+
+if TYPE_CHECKING:
+    from edge3dfa.converters.base import Format, Int8Builder
+    from edge3dfa.models import Checkpoint
+    from edge3dfa.target import Target
 
 LATENCY_RUNS = 200
 
 
 @dataclass(frozen=True)
-class Budget:
+class Budget(Options):
     """How much NME int8 may cost: ``nme`` on the balanced mean, ``bin_nme`` (default 2 x nme) per yaw bin."""
 
-    nme: float = 0.05
-    bin_nme: float | None = None
+    label = "budget option"
+    nme: float = option(0.05, "balanced NME points int8 may lose vs fp32 on the held-out crops")
+    bin_nme: float | None = option(None, "NME points per yaw bin (default: 2 x nme)")
+    sensitivity: bool = option(False, "rank every layer by the NME it costs, even when none has to stay float")
+
+    def check(self) -> None:
+        if self.nme < 0 or (self.bin_nme is not None and self.bin_nme < 0):
+            raise Edge3dfaError(f"--nme-budget must be a finite number >= 0 (NME points, e.g. 0.05), got {self.nme}")
 
     @property
     def per_bin(self) -> float:
@@ -57,7 +69,7 @@ class Budget:
 
 
 def _summary(params: np.ndarray, data: Any) -> dict[str, Any]:
-    from edge3dfa.validation import metrics
+    from edge3dfa.measure import metrics
 
     return metrics.summarize(metrics.nme_aflw21(runtime.landmarks(params, data.roi_boxes), data.gt), data.yaw)
 
@@ -66,15 +78,15 @@ class _Judge:
     """Scores artifacts on the held-out crops against the fp32 reference, and times them."""
 
     def __init__(self, reference: Any, data: Any, budget: Budget, untimed: str | None = None) -> None:
-        from edge3dfa.validation.harness import predict_all
+        from edge3dfa.measure.predict import predict_all
 
         self.data, self.budget, self.untimed = data, budget, untimed
         self.fp32 = _summary(predict_all(reference, data.inputs), data)
 
     def score(self, path: Path) -> dict[str, Any]:
+        from edge3dfa.measure import metrics
+        from edge3dfa.measure.predict import predict_all
         from edge3dfa.target import open_target
-        from edge3dfa.validation import metrics
-        from edge3dfa.validation.harness import predict_all
 
         s = _summary(predict_all(open_target(path, threads=1), self.data.inputs), self.data)
         d = metrics.delta(s, self.fp32)
@@ -84,8 +96,8 @@ class _Judge:
         """10th percentile of batch-1, one-thread calls: on a shared machine the median follows the load of
         the moment, which would decide between candidates measured a minute apart; the fast tail does not.
         None where the format's artifacts cannot be timed on this machine (``untimed`` says why)."""
+        from edge3dfa.measure.timing import time_calls
         from edge3dfa.target import open_target
-        from edge3dfa.validation.latency import time_calls
 
         if self.untimed:
             return None
@@ -95,7 +107,7 @@ class _Judge:
 
 
 def _check_disjoint(calibration: Any, data: Any) -> None:
-    from edge3dfa.validation.datasets.aflw import CALIBRATION_POOL
+    from edge3dfa.datasets.heldout import CALIBRATION_POOL
 
     shared = set(getattr(calibration, "files", ())) & set(data.files)
     if shared and str(getattr(calibration, "folder", "")) == str(data.source):
@@ -103,41 +115,42 @@ def _check_disjoint(calibration: Any, data: Any) -> None:
                             f"with --nme-budget calibrate on at most the first {CALIBRATION_POOL - len(data)} crops")
 
 
-def export_within_budget(mod: Any, model: Any, dest: Path, *, source: Any, calibration: Any, reference: Any,
-                         budget: Budget, heldout: Any = None, log: Callable[[str], None] | None = None,
-                         sensitivity: bool = False, **options: Any) -> dict[str, Any]:
-    """Write the fastest int8 artifact of format module ``mod`` within ``budget``; returns its manifest fields,
-    with the search's record under ``"quantization"``. ``reference`` is the PyTorch target of ``model``;
-    ``sensitivity`` ranks the layers of the chosen candidate even when no layer needs to stay float."""
-    from edge3dfa.validation.datasets.aflw import load_heldout
+def export_within_budget(fmt: Format, source: Checkpoint, dest: Path, options: Options, calibration: Any,
+                         reference: Target, budget: Budget, *, heldout: Any = None,
+                         log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Write the fastest int8 artifact of format ``fmt`` within ``budget``; returns its manifest fields, with the
+    search's record under ``"quantization"``. ``reference`` is the PyTorch target of ``source``; ``sensitivity``
+    ranks the layers of the chosen candidate even when no layer needs to stay float."""
+    from edge3dfa.datasets.heldout import load_heldout
 
-    if not hasattr(mod, "Int8Builder"):
-        raise Edge3dfaError(f"--nme-budget is not offered for {mod.__name__.rsplit('.', 1)[-1]}")
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     data = heldout if heldout is not None else load_heldout()
     _check_disjoint(calibration, data)
-    untimed = mod.latency_unmeasured() if hasattr(mod, "latency_unmeasured") else None
+    untimed = fmt.latency_unmeasured()
     judge = _Judge(reference, data, budget, untimed)
     log(f"  fp32 held-out NME {judge.fp32['balanced']:.3f} (balanced, {len(data)} AFLW crops); budget "
         f"+{budget.nme:g} balanced, +{budget.per_bin:g} per yaw bin")
     dest = Path(dest)
     with temp_folder(dest.parent, "budget", dest=dest) as work:
         builders, candidates = {}, []
-        for name, extra in mod.INT8_CANDIDATES.items():
-            opts = {**extra, **options}  # what the user set explicitly wins
-            if any(c["options"] == opts for c in candidates):
-                continue
+        for name, extra in fmt.int8_candidates.items():
+            opts = options.replace(**{k: v for k, v in extra.items() if k not in options.explicit})
+            if any(c["options"] == opts.to_dict() for c in candidates):
+                continue  # the user's own options already make this candidate
             cwork = work / name
             cwork.mkdir()
-            builders[name] = mod.Int8Builder(model, source=source, calibration=calibration, work=cwork, **opts)
-            path = cwork / f"all-int8{mod.SUFFIX}"
-            c = {"name": name, "options": opts, "fields": builders[name].export(path), **judge.score(path),
+            builder = fmt.int8_builder(source, opts, calibration, cwork)
+            if builder is None:
+                raise Edge3dfaError(f"--nme-budget is not offered for {fmt.name}")
+            builders[name] = builder
+            path = cwork / f"all-int8{fmt.suffix}"
+            c = {"name": name, "options": opts.to_dict(), "fields": builder.export(path), **judge.score(path),
                  "latency_ms": judge.latency_ms(path), "path": path, "float_layers": []}
             candidates.append(c)
             log(f"  candidate {name:14s} NME {c['heldout']['balanced']:.3f} ({c['delta']['balanced']:+.3f}) "
                 f"{_ms(c['latency_ms'])}{'  within budget' if c['within_budget'] else ''}")
-        fp32_ms = None if untimed else judge.latency_ms(_fp32_artifact(mod, model, source, work))
+        fp32_ms = None if untimed else judge.latency_ms(_fp32_artifact(fmt, source, work))
         ok = [c for c in candidates if c["within_budget"]]
         record: dict[str, Any] = {"budget": {"nme": budget.nme, "bin_nme": budget.per_bin},
                                   "heldout": data.describe(), "fp32": judge.fp32, "fp32_latency_ms": fp32_ms,
@@ -145,12 +158,12 @@ def export_within_budget(mod: Any, model: Any, dest: Path, *, source: Any, calib
         fastest = min(candidates, key=_speed)  # untimed: the first candidate
         chosen = min(ok, key=_speed) if ok else None
         if chosen is not fastest:  # keeping a few layers of the fastest float may beat a slower candidate
-            mixed, record["sensitivity"], record["greedy"] = _mixed(mod, builders[fastest["name"]], fastest, judge,
+            mixed, record["sensitivity"], record["greedy"] = _mixed(fmt, builders[fastest["name"]], fastest, judge,
                                                                     work, log)
             if chosen is None or (mixed["within_budget"] and _speed(mixed) < _speed(chosen)):
                 chosen = mixed
-        if sensitivity and not record["sensitivity"]:
-            record["sensitivity"] = _sensitivity(mod, builders[chosen["name"]], chosen, judge, work, log)
+        if budget.sensitivity and not record["sensitivity"]:
+            record["sensitivity"] = _sensitivity(fmt, builders[chosen["name"]], chosen, judge, work, log)
         shutil.move(chosen["path"], dest)  # built and scored already: the artifact the record describes
         fields = chosen["fields"]
     record.update(candidates=[{k: v for k, v in c.items() if k not in ("path", "fields")} for c in candidates],
@@ -184,21 +197,21 @@ def _ms(latency: float | None) -> str:
     return "latency not measured" if latency is None else f"{latency:.2f} ms"
 
 
-def _fp32_artifact(mod: Any, model: Any, source: Any, work: Path) -> Path:
-    path = work / f"fp32{mod.SUFFIX}"
-    mod.export(model, path, "fp32", source=source)
+def _fp32_artifact(fmt: Format, source: Checkpoint, work: Path) -> Path:
+    path = work / f"fp32{fmt.suffix}"
+    fmt.write(source, path, "fp32", fmt.Options(), None)
     return path
 
 
-def _sensitivity(mod: Any, builder: Any, base: dict[str, Any], judge: _Judge, work: Path,
+def _sensitivity(fmt: Format, builder: Int8Builder, base: dict[str, Any], judge: _Judge, work: Path,
                  log: Callable[[str], None]) -> list[dict]:
     """Per layer of ``base``: the held-out NME when that layer alone stays float, most helpful first."""
     layers = list(builder.layers)
-    sqnr = mod.layer_sqnr(builder, base["path"], judge.data.inputs[:64]) if hasattr(mod, "layer_sqnr") else {}
+    sqnr = builder.layer_sqnr(base["path"], judge.data.inputs[:64])
     log(f"  sensitivity: {len(layers)} layers, each alone kept float ...")
     rows = []
     for i, layer in enumerate(layers):
-        path = work / f"alone-{i}{mod.SUFFIX}"
+        path = work / f"alone-{i}{fmt.suffix}"
         builder.export(path, [layer])
         s = judge.score(path)
         rows.append({"layer": layer, "index": i, "sqnr_db": sqnr.get(layer),  # index: graph order, for plots
@@ -212,16 +225,16 @@ def _sensitivity(mod: Any, builder: Any, base: dict[str, Any], judge: _Judge, wo
     return rows
 
 
-def _mixed(mod: Any, builder: Any, base: dict[str, Any], judge: _Judge, work: Path,
+def _mixed(fmt: Format, builder: Int8Builder, base: dict[str, Any], judge: _Judge, work: Path,
            log: Callable[[str], None]) -> tuple[dict[str, Any], list[dict], list[dict]]:
     """Per-layer sensitivity on ``base``, then greedy float layers until the budget holds."""
-    rows = _sensitivity(mod, builder, base, judge, work, log)
+    rows = _sensitivity(fmt, builder, base, judge, work, log)
     best, steps, keep = base, [], []
     for r in rows:
         if r["gain"] <= 0:
             break
         keep.append(r["layer"])
-        path = work / f"greedy-{len(keep)}{mod.SUFFIX}"
+        path = work / f"greedy-{len(keep)}{fmt.suffix}"
         cand = {**base, "fields": builder.export(path, keep), **judge.score(path),
                 "latency_ms": judge.latency_ms(path), "path": path, "float_layers": list(keep)}
         steps.append({"float_layers": len(keep), "added": r["layer"], "delta": cand["delta"],

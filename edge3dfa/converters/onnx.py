@@ -23,16 +23,20 @@ import inspect
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from edge3dfa import __version__, runtime
-from edge3dfa.converters.calibration import crops_of
+from edge3dfa.converters.base import Format
+from edge3dfa.converters.base import Int8Builder as BaseInt8Builder
+from edge3dfa.datasets.calibration import crops_of
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.fileio import temp_folder
 from edge3dfa.manifest import CANONICAL_INPUT, CANONICAL_OUTPUT, tool_versions
+from edge3dfa.options import Options, option
 
 PRECISIONS = ("fp32", "int8", "dyn-int8")
 SUFFIX = ".onnx"
@@ -372,7 +376,7 @@ def layer_units(graph: Any, skip: set[str] = frozenset()) -> dict[str, list[str]
     return units
 
 
-class Int8Builder:
+class Int8Builder(BaseInt8Builder):
     """The float graph, exported and calibrated once, quantized to static int8 as often as asked.
 
     ``export(precision="int8")`` uses it once; the mixed-precision search builds dozens of variants that
@@ -484,8 +488,11 @@ class Int8Builder:
             fields["options"]["float_layers"] = list(keep_float)
         return fields
 
+    def layer_sqnr(self, quantized: Path, x: np.ndarray) -> dict[str, float]:
+        return _layer_sqnr(self, quantized, x)
 
-def layer_sqnr(builder: Int8Builder, quantized: Path, x: np.ndarray) -> dict[str, float]:
+
+def _layer_sqnr(builder: Int8Builder, quantized: Path, x: np.ndarray) -> dict[str, float]:
     """SQNR (dB) of each layer's output in ``quantized`` against the float graph, on crops ``x``
     (onnxruntime's qdq_loss_debug: both graphs run with optimisations off, every tensor kept)."""
     from onnxruntime.quantization.qdq_loss_debug import compute_activation_error, create_activation_matching
@@ -700,7 +707,7 @@ def _faceboxes_parity(path: Path, reference: Any, threads: int | None) -> dict[s
 def extra_parity(path: str | os.PathLike, reference: Any, sets: dict[str, np.ndarray], *,
                  threads: int | None = None) -> dict[str, Any]:
     """What generic parity cannot show: int8 as fake-quant, the fused landmark head, FaceBoxes raw outputs."""
-    from edge3dfa.converters.parity import compare
+    from edge3dfa.measure.parity import compare
     from edge3dfa.targets.onnxruntime import OnnxTarget
 
     path = Path(path)
@@ -719,3 +726,63 @@ def extra_parity(path: str | os.PathLike, reference: Any, sets: dict[str, np.nda
             key = f"{name}{suffix}" if output == "params" else f"{name} landmarks{suffix}"
             out[key] = compare(ref, cand) if output == "params" else _landmark_compare(ref, cand)
     return out
+
+
+# ------------------------------------------------------------------------------------------ the format
+@dataclass(frozen=True)
+class OnnxOptions(Options):
+    """ONNX export and int8 options; defaults chosen by measurement (``DEFAULTS``, README "Int8")."""
+
+    label = "onnx option"
+    exporter: Literal["torchscript", "dynamo"] = option("torchscript", "torch.onnx exporter: torchscript (module-path "
+                                                                       "node names that exclude= can name) or dynamo")
+    opset: int = option(OPSET, "ONNX opset (17..20 with torchscript, 17..21 with dynamo)")
+    head: Literal["params", "landmarks"] = option("params", "output: 62 params, or 68 landmarks in crop pixels "
+                                                            "(fused landmark head)")
+    exclude: tuple[str, ...] = option((), "int8: node names kept float, comma separated")
+    calib_method: Literal["percentile", "minmax", "entropy"] = option("percentile", "int8 activation ranges")
+    activations: Literal["s8", "u8"] = option("s8", "int8 activation type")
+    weights: Literal["s8", "u8"] = option("s8", "int8 weight type")
+    reduce_range: bool = option(False, "int8: 7-bit weights (avoids u8 x s8 saturation on x86 without VNNI)")
+    per_channel: bool = option(True, "int8: per-channel weight scales")
+    activation_symmetric: bool = option(False, "int8: symmetric activation ranges")
+    preprocess: bool = option(True, "int8: onnxruntime's quant_pre_process first")
+    float_output: bool = option(True, "int8: keep the params layer float")
+    float_input: bool = option(True, "int8: keep the first conv float")
+    bias_correction: bool = option(False, "int8: correct each layer's weight-rounding error (Nagel et al. 2019)")
+    percentile: float = option(99.999, "int8, calib_method=percentile: the percentile kept")
+    num_bins: int = option(2048, "int8: histogram bins of percentile/entropy calibration")
+    num_quantized_bins: int = option(128, "int8, calib_method=entropy: quantized bins")
+    calib_batch: int = option(32, "int8: calibration batch size (largest divisor of the count up to this)")
+
+    def check(self) -> None:
+        parse_options(self.to_dict())  # ranges and combinations, with the messages the format has always given
+
+
+class OnnxFormat(Format):
+    name = "onnx"
+    suffix = SUFFIX
+    extra = "onnx"
+    precisions = PRECISIONS
+    default_precisions = PRECISIONS
+    Options = OnnxOptions
+    int8_candidates = INT8_CANDIDATES
+
+    def check(self, precision: str, detector: bool, options: Options) -> None:
+        super().check(precision, detector, options)
+        _checked(precision, options.to_dict(), _Task(detector), calibration=True)
+
+    def write(self, source: Any, dest: Path, precision: str, options: Options, calibration: Any) -> dict[str, Any]:
+        return export(source.load(), dest, precision, source=source, calibration=calibration, **options.to_dict())
+
+    def int8_builder(self, source: Any, options: Options, calibration: Any, work: Path) -> Int8Builder:
+        return Int8Builder(source.load(), source=source, calibration=calibration, work=work, **options.to_dict())
+
+    def extra_parity(self, path: Path, reference: Any, sets: dict[str, np.ndarray],
+                     threads: int | None) -> dict[str, Any]:
+        return extra_parity(path, reference, sets, threads=threads)
+
+
+@dataclass(frozen=True)
+class _Task:
+    is_detector: bool

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge3dfa import runtime
+from edge3dfa.measure.predict import predict_all
 from edge3dfa.target import Target
 
 _CROP_ROI = np.array([[0, 0, runtime.INPUT_SIZE, runtime.INPUT_SIZE]], np.float32)
@@ -25,11 +26,6 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
             "landmark_max_px": float(px.max()), "landmark_mean_px": float(px.mean()), "n": int(len(ref))}
 
 
-def parity(reference: Target, candidate: Target, sets: dict[str, np.ndarray], batch: int = 64) -> dict[str, dict]:
+def parity(reference: Target, candidate: Target, sets: dict[str, np.ndarray]) -> dict[str, dict]:
     """``compare`` on each named input set (e.g. ``{"calibration": ..., "aflw2000": ...}``)."""
-    out = {}
-    for name, x in sets.items():
-        ref = np.concatenate([reference.predict(x[i:i + batch]) for i in range(0, len(x), batch)])
-        cand = np.concatenate([candidate.predict(x[i:i + batch]) for i in range(0, len(x), batch)])
-        out[name] = compare(ref, cand)
-    return out
+    return {name: compare(predict_all(reference, x), predict_all(candidate, x)) for name, x in sets.items()}

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +19,17 @@ import numpy as np
 
 from edge3dfa import runtime
 from edge3dfa.assets import sha256_file
-from edge3dfa.converters.parity import compare as compare_params
+from edge3dfa.datasets import EvalSet
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.logs import one_line, write_crash_log
 from edge3dfa.manifest import SCHEMA, SCHEMA_NAME, Manifest, manifest_path
+from edge3dfa.measure import metrics
+from edge3dfa.measure.parity import compare as compare_params
+from edge3dfa.measure.predict import BATCH, predict_all
+from edge3dfa.measure.timing import LatencyConfig, measure
+from edge3dfa.models.checkpoint import Checkpoint
 from edge3dfa.target import CHECKPOINT_SUFFIXES, Target, open_target, target_suffixes, verify_artifact
-from edge3dfa.validation import metrics
-from edge3dfa.validation.datasets import EvalSet
-from edge3dfa.validation.latency import LatencyConfig, measure
 
-BATCH = 64
 NO_REFERENCE = "none"
 PRECISION_ORDER = ("fp32", "fp16", "w8", "dyn-int8", "int8")
 REPORT_FILES = {"report.json"}
@@ -45,32 +46,6 @@ class Entry:
     manifest_path: Path
     #: False when the user chose not to check the artifact against its manifest (``validate --no-verify``)
     verify: bool = True
-
-
-@dataclass
-class Reference:
-    """The PyTorch checkpoint an artifact was converted from."""
-
-    path: Path
-    sha256: str
-    model: str
-    arch: str | None  # zoo name for load_model, None to infer from the keys
-    module: Any = None  # an already loaded torch module (export), else loaded on first use
-
-    def open(self, threads: int | None) -> Target:
-        from edge3dfa.targets.torch import TorchTarget
-
-        t = TorchTarget(self.path, threads=threads, arch=self.arch, model=self.module)
-        self.module = t.model
-        return t
-
-
-def _bar(items: Iterable, desc: str, total: int | None = None, unit: str = "it") -> Iterable:
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, total=total, unit=unit, leave=False, disable=None, file=sys.stderr)
 
 
 def _inside_package(p: Path, root: Path) -> bool:
@@ -136,17 +111,16 @@ def discover(folder: str | os.PathLike, verify: bool = True) -> list[Entry]:
     return entries
 
 
-def find_reference(m: Manifest, override: str | os.PathLike | None = None) -> Reference:
+def find_reference(m: Manifest, override: str | os.PathLike | None = None) -> Checkpoint:
     """The source checkpoint of manifest ``m``, checked by sha256; ``override`` wins if given."""
     from edge3dfa import assets
     from edge3dfa.models import MODELS
 
-    arch = m.model if m.model in MODELS else None
     if override is not None:
         p = Path(override)
         if not p.is_file():
             raise Edge3dfaError(f"reference checkpoint not found: {p}")
-        return Reference(p, sha256_file(p), m.model, None)  # arch from the checkpoint's keys
+        return replace(Checkpoint.open(p), name=m.model)  # arch from the checkpoint's keys
     want = (m.source or {}).get("sha256")
     candidates = []
     if (m.source or {}).get("path"):
@@ -159,16 +133,9 @@ def find_reference(m: Manifest, override: str | os.PathLike | None = None) -> Re
             pass
     for p in candidates:
         if p.is_file() and (not want or sha256_file(p) == want):
-            return Reference(p, want or sha256_file(p), m.model, arch)
+            return replace(Checkpoint.open(p, arch=m.model if spec else None), name=m.model)
     raise Edge3dfaError(f"the PyTorch checkpoint {m.model} was converted from is not found here (source "
                         f"{(m.source or {}).get('path')}, sha256 {str(want)[:12]}…); pass --reference CHECKPOINT")
-
-
-def predict_all(target: Target, x: np.ndarray, batch: int = BATCH, desc: str = "") -> np.ndarray:
-    """Normalised params [N,62] of ``target`` on all crops, ``batch`` at a time."""
-    starts = range(0, len(x), batch)
-    out = [target.predict(x[i:i + batch]) for i in _bar(starts, desc, len(starts), "batch")]
-    return np.concatenate(out)
 
 
 def _score(params: np.ndarray, data: EvalSet) -> np.ndarray:
@@ -185,12 +152,18 @@ def _row(key: str, role: str, *, model: str, fmt: str, precision: str, runtime_n
             "per_face": None, "quantization": None, "crash_log": None, "manifest_verified": None}
 
 
-def _model_info(ref_target: Target | None, ref: Reference | None, m: Manifest | None) -> dict[str, Any]:
+def artifact_row(key: str, *, model: str, fmt: str, precision: str, source_sha: str) -> dict[str, Any]:
+    """An artifact's report row before it is scored (e.g. for a conversion that failed)."""
+    return _row(key, "artifact", model=model, fmt=fmt, precision=precision, runtime_name="-", artifact=None,
+                manifest=None, size=0, source_sha=source_sha)
+
+
+def _model_info(ref_target: Target | None, ref: Checkpoint | None, m: Manifest | None) -> dict[str, Any]:
     """Name, arch and complexity of the source model (params/MACs need the PyTorch module)."""
     module = getattr(ref_target, "model", None)
     widen = (m.source or {}).get("widen_factor") if m is not None else None
     arch = m.arch if m is not None else type(module).__name__
-    info = {"name": ref.model if ref else m.model, "arch": f"{arch} x{widen:g}" if widen else arch,
+    info = {"name": ref.name if ref else m.model, "arch": f"{arch} x{widen:g}" if widen else arch,
             "checkpoint": str(ref.path) if ref else (m.source or {}).get("path"),
             "sha256": ref.sha256 if ref else (m.source or {}).get("sha256"), "params": None, "macs": None}
     if module is not None:
@@ -205,12 +178,12 @@ def _precision_rank(p: str) -> int:
 
 
 def evaluate(entries: list[Entry], data: EvalSet, *, latency: LatencyConfig | None = None,
-             reference: str | os.PathLike | Reference | None = None, threads: int | None = None,
+             reference: str | os.PathLike | Checkpoint | None = None, threads: int | None = None,
              batch: int = BATCH, root: str | os.PathLike | None = None, skip_unavailable: bool = False,
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Score every entry and its reference on ``data``; returns {"models", "targets"} for the report.
 
-    ``reference``: None finds each manifest's source checkpoint, a path or Reference is used for all,
+    ``reference``: None finds each manifest's source checkpoint, a path or Checkpoint is used for all,
     ``"none"`` scores artifacts alone (no torch needed, e.g. on a board; deltas and parity are then taken
     against the same format's fp32 artifact where there is one). An artifact that cannot be opened, run or
     scored is a row with status "error" and the reason (an unexpected exception also writes its traceback to
@@ -226,8 +199,8 @@ def evaluate(entries: list[Entry], data: EvalSet, *, latency: LatencyConfig | No
     root = Path(root) if root is not None else None
     rel = (lambda p: os.path.relpath(p, root)) if root is not None else str
     alone = isinstance(reference, str) and reference.lower() == NO_REFERENCE
-    groups: dict[str, tuple[Reference | None, list[Entry]]] = {}
-    if isinstance(reference, Reference):  # reported even when nothing was converted
+    groups: dict[str, tuple[Checkpoint | None, list[Entry]]] = {}
+    if isinstance(reference, Checkpoint):  # reported even when nothing was converted
         groups[reference.sha256] = (reference, [])
     others = [e for e in entries if not _is_regressor(e.manifest)]
     for e in entries:
@@ -237,7 +210,7 @@ def evaluate(entries: list[Entry], data: EvalSet, *, latency: LatencyConfig | No
             sha = str((e.manifest.source or {}).get("sha256") or e.manifest.model)
             groups.setdefault(sha, (None, []))[1].append(e)
             continue
-        ref = reference if isinstance(reference, Reference) else find_reference(e.manifest, reference)
+        ref = reference if isinstance(reference, Checkpoint) else find_reference(e.manifest, reference)
         groups.setdefault(ref.sha256, (ref, []))[1].append(e)
 
     models, rows = {}, []
@@ -246,14 +219,14 @@ def evaluate(entries: list[Entry], data: EvalSet, *, latency: LatencyConfig | No
         ref_target = ref_params = ref_summary = None
         if ref is not None:
             log(f"reference: torch {ref.path.name} on {len(data)} faces ({data.name})")
-            ref_target = ref.open(threads)
-            ref_params = predict_all(ref_target, data.inputs, batch, f"torch {ref.model}")
+            ref_target = ref.target(threads)
+            ref_params = predict_all(ref_target, data.inputs, batch, f"torch {ref.name}")
             ref_nme = _score(ref_params, data)
             ref_summary = metrics.summarize(ref_nme, data.yaw)
-            head = _row(f"{ref.model}/torch/reference", "reference", model=ref.model, fmt="torch",
+            head = _row(f"{ref.name}/torch/reference", "reference", model=ref.name, fmt="torch",
                         precision="fp32", runtime_name="torch", artifact=rel(ref.path), manifest=None,
                         size=ref.path.stat().st_size, source_sha=sha)
-            head.update(nme=ref_summary, per_face=ref_nme, latency=measure(ref.open, data.inputs, latency))
+            head.update(nme=ref_summary, per_face=ref_nme, latency=measure(ref.target, data.inputs, latency))
             rows.append(head)
         models[sha] = _model_info(ref_target, ref, group[0].manifest if group else None)
         scored = [run.one(e, sha, ref_params, ref_summary)
@@ -284,7 +257,9 @@ def _compare_with_fp32(scored: list[tuple[dict[str, Any], np.ndarray | None]]) -
 
 
 def _is_regressor(m: Manifest) -> bool:
-    return m.model != "faceboxes" and m.arch != "faceboxes" and m.output.get("name", "params") == "params"
+    from edge3dfa.models import task_of
+
+    return task_of(m.arch) == "regressor" and m.output.get("name", "params") == "params"
 
 
 def runtime_missing(err: Edge3dfaError) -> bool:

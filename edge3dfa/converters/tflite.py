@@ -34,14 +34,18 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from edge3dfa.converters.calibration import crops_of
+from edge3dfa.converters.base import Format
+from edge3dfa.converters.base import Int8Builder as BaseInt8Builder
+from edge3dfa.datasets.calibration import crops_of
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.manifest import CANONICAL_INPUT, CANONICAL_OUTPUT, tool_versions
+from edge3dfa.options import Options, option
 
 PRECISIONS = ("fp32", "fp16", "dyn-int8", "int8")
 SUFFIX = ".tflite"
@@ -52,7 +56,7 @@ OPTIONS = {"io", "head", "hard_swish", "input_size", "fc_per_channel"}
 DETECTOR_SIZE = (480, 640)
 #: the last tflite-runtime wheel (what a Raspberry Pi gets from PyPI); newer devices use ai-edge-litert
 PI_RUNTIME = "2.14.0"
-#: what --nme-budget tries (see converters.mixed_precision): one configuration; mixed precision does the rest
+#: what --nme-budget tries (see workflows.budget): one configuration; mixed precision does the rest
 INT8_CANDIDATES: dict[str, dict[str, Any]] = {"int8": {}}
 
 # ----------------------------------------------------------------------------------------- op versions
@@ -436,7 +440,7 @@ def layer_units(content: bytes, skip: set[str] = frozenset()) -> dict[str, list[
     return units
 
 
-class Int8Builder:
+class Int8Builder(BaseInt8Builder):
     """The float flatbuffer, converted and calibrated once, quantized to int8 as often as asked with different
     ``layers`` kept float (the mixed-precision search builds dozens of variants)."""
 
@@ -588,3 +592,45 @@ def extra_parity(path: str | os.PathLike, reference: Any, sets: dict[str, np.nda
             "faces": [len(b) for b in boxes], "blob": list(size),
             "box_max_px": float(np.abs(boxes[0][:, :4] - boxes[1][:, :4]).max()) if same and len(boxes[0]) else None}
     return out
+
+
+# ------------------------------------------------------------------------------------------ the format
+@dataclass(frozen=True)
+class TFLiteOptions(Options):
+    """TFLite options; ``None`` means the default that follows from the others."""
+
+    label = "tflite option"
+    io: Literal["float", "int8"] = option("float", "int8: int8 input and output tensors (full-integer graph)")
+    head: Literal["float", "int8"] | None = option(None, "int8: the params layer's precision (default: float, "
+                                                         "int8 with io=int8)")
+    hard_swish: Literal["float", "int8"] | None = option(None, "int8: HARD_SWISH precision (default: as io)")
+    input_size: str | None = option(None, "detector only: fixed input HxW (default 480x640)")
+    fc_per_channel: bool = option(False, "dyn-int8: per-channel FULLY_CONNECTED weights")
+
+
+class TFLiteFormat(Format):
+    name = "tflite"
+    suffix = SUFFIX
+    extra = "tflite"
+    precisions = PRECISIONS
+    default_precisions = PRECISIONS
+    Options = TFLiteOptions
+    int8_candidates = INT8_CANDIDATES
+
+    @staticmethod
+    def _given(options: Options) -> dict[str, Any]:
+        return {k: v for k, v in options.to_dict().items() if v is not None}
+
+    def check(self, precision: str, detector: bool, options: Options) -> None:
+        super().check(precision, detector, options)
+        parse_options(precision, detector, self._given(options))
+
+    def write(self, source: Any, dest: Path, precision: str, options: Options, calibration: Any) -> dict[str, Any]:
+        return export(source.load(), dest, precision, source=source, calibration=calibration, **self._given(options))
+
+    def int8_builder(self, source: Any, options: Options, calibration: Any, work: Path) -> Int8Builder:
+        return Int8Builder(source.load(), source=source, calibration=calibration, work=work, **self._given(options))
+
+    def extra_parity(self, path: Path, reference: Any, sets: dict[str, np.ndarray],
+                     threads: int | None) -> dict[str, Any]:
+        return extra_parity(path, reference, sets, threads=threads)

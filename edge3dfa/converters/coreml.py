@@ -22,7 +22,7 @@ graph is converted by coremltools to an ML program. Precisions:
   are min / max clipped to the 99.999th percentile of |x| (plain min / max and the 99.99th percentile did
   worse on the held-out AFLW crops, on which every default was chosen). ``--nme-budget`` searches more float
   layers
-  (``converters.mixed_precision``; CoreML's calibrated 8-bit precision is w8a8, so the budget applies to it).
+  (``workflows.budget``; CoreML's calibrated 8-bit precision is w8a8, so the budget applies to it).
 
 The deployment target is the lowest that has the chosen compression scheme: iOS16 / macOS13 (fp32, fp16, w8),
 iOS17 / macOS14 (w8a8), iOS18 / macOS15 (pal6, pal4). Inputs are float32 tensors, or with ``input="image"``
@@ -38,16 +38,20 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from unittest import mock
 
 import numpy as np
 
 from edge3dfa import __version__
-from edge3dfa.converters.calibration import crops_of
+from edge3dfa.converters.base import Format
+from edge3dfa.converters.base import Int8Builder as BaseInt8Builder
+from edge3dfa.datasets.calibration import crops_of
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.manifest import CANONICAL_INPUT, CANONICAL_OUTPUT, tool_versions
+from edge3dfa.options import Options, option
 from edge3dfa.targets.mil_eval import (
     MILEvaluator,
     blas_threads,
@@ -80,7 +84,7 @@ W8A8_DEFAULTS: dict[str, Any] = {"float_output": True, "float_input": False, "ca
                                  "percentile": 99.999, "float_layers": ()}
 CALIB_METHODS = ("minmax", "percentile")
 RANGE_BINS = 2048
-#: what --nme-budget tries (converters.mixed_precision): one configuration; float layers do the rest
+#: what --nme-budget tries (workflows.budget): one configuration; float layers do the rest
 INT8_CANDIDATES: dict[str, dict[str, Any]] = {"w8a8": {}}
 PARAMS_LAYOUT = ("62 normalised 3DMM params: 0-11 pose (3x4 camera matrix, row-major), 12-51 shape (40 BFM "
                  "identity coefficients), 52-61 expression (10); params = out * param_std + param_mean "
@@ -455,7 +459,7 @@ def _float_readers(ct: Any, mlmodel: Any, keep: Any) -> Any:
                                  pymil_load_func=milproto.load, skip_model_load=True)
 
 
-class Int8Builder:
+class Int8Builder(BaseInt8Builder):
     """The float ML program, converted and calibrated once, quantized to w8a8 as often as asked with different
     ``layers`` kept float (the --nme-budget search builds dozens of variants; the evaluator passes over the
     calibration crops are the slow part, so they run once).
@@ -632,3 +636,50 @@ def latency_unmeasured() -> str | None:
         return None
     return ("CoreML predict needs macOS; here the numpy MIL evaluator runs the artifacts, and its speed says "
             "nothing about a device's")
+
+
+# ------------------------------------------------------------------------------------------ the format
+@dataclass(frozen=True)
+class CoreMLOptions(Options):
+    """CoreML options; ``None`` means the default that follows from the precision."""
+
+    label = "coreml option"
+    input: Literal["tensor", "image"] = option("tensor", "a float tensor, or a BGR image (normalisation inside)")
+    route: Literal["trace", "export"] = option(DEFAULT_ROUTE, "graph capture: torch.jit.trace or torch.export")
+    compute: Literal["fp16", "fp32"] | None = option(None, "compute precision of compressed precisions "
+                                                           "(default fp16)")
+    target: Literal["iOS16", "iOS17", "iOS18"] | None = option(None, "minimum deployment target (default: the "
+                                                                      "lowest with the precision's ops)")
+    float_output: bool = option(W8A8_DEFAULTS["float_output"], "w8a8: keep the params layer float")
+    float_input: bool = option(W8A8_DEFAULTS["float_input"], "w8a8: keep the first conv float")
+    calib_method: Literal["minmax", "percentile"] = option(W8A8_DEFAULTS["calib_method"], "w8a8 activation ranges")
+    percentile: float = option(W8A8_DEFAULTS["percentile"], "w8a8, calib_method=percentile: percentile of |x| kept")
+    float_layers: tuple[str, ...] = option((), "w8a8: layers kept float, comma separated")
+
+
+class CoreMLFormat(Format):
+    name = "coreml"
+    suffix = SUFFIX
+    extra = "coreml"
+    precisions = PRECISIONS
+    default_precisions = DEFAULT_PRECISIONS
+    calibrated = frozenset({"w8a8"})
+    Options = CoreMLOptions
+    int8_candidates = INT8_CANDIDATES
+
+    def check(self, precision: str, detector: bool, options: Options) -> None:
+        super().check(precision, detector, options)
+        check_options(precision, detector, options.to_dict())
+
+    def write(self, source: Any, dest: Path, precision: str, options: Options, calibration: Any) -> dict[str, Any]:
+        return export(source.load(), dest, precision, source=source, calibration=calibration, **options.to_dict())
+
+    def int8_builder(self, source: Any, options: Options, calibration: Any, work: Path) -> Int8Builder:
+        return Int8Builder(source.load(), source=source, calibration=calibration, work=work, **options.to_dict())
+
+    def extra_parity(self, path: Path, reference: Any, sets: dict[str, np.ndarray],
+                     threads: int | None) -> dict[str, Any]:
+        return extra_parity(path, reference, sets, threads=threads)
+
+    def latency_unmeasured(self) -> str | None:
+        return latency_unmeasured()

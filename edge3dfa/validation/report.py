@@ -64,13 +64,13 @@ from typing import Any
 import numpy as np
 
 from edge3dfa import __version__
+from edge3dfa.datasets import EvalSet
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.fileio import json_text, write_files
 from edge3dfa.manifest import tool_versions
-from edge3dfa.validation import metrics
-from edge3dfa.validation.datasets import EvalSet
+from edge3dfa.measure import metrics
+from edge3dfa.measure.timing import cpu_threads
 from edge3dfa.validation.gates import PASSED, Gates, check, row_verdict, verdict
-from edge3dfa.validation.latency import cpu_threads
 
 SCHEMA = "edge3dfa.report/2"
 PROTOCOL = {

@@ -35,14 +35,18 @@ from __future__ import annotations
 import copy
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from edge3dfa.converters.calibration import crops_of
+from edge3dfa.converters.base import Format
+from edge3dfa.converters.base import Int8Builder as BaseInt8Builder
+from edge3dfa.datasets.calibration import crops_of
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.manifest import CANONICAL_INPUT, CANONICAL_OUTPUT, tool_versions
+from edge3dfa.options import Options, option
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_PRECISIONS = ("fp32", "int8")
@@ -257,7 +261,7 @@ def _observer_nodes(gm: Any) -> list[tuple[Any, tuple[str, str]]]:
     return out
 
 
-class Int8Builder:
+class Int8Builder(BaseInt8Builder):
     """The exported graph, calibrated once, quantized to int8 and lowered as often as asked with different
     ``layers`` kept float (the mixed-precision search builds dozens of variants)."""
 
@@ -383,3 +387,44 @@ def _write(content: bytes, dest: Path, precision: str, o: dict[str, Any], covera
                  f"it ({runtime}) and at least the next minor release; older runtimes are not guaranteed")
     return {"options": used, "input": dict(CANONICAL_INPUT), "output": dict(CANONICAL_OUTPUT), "notes": notes,
             "min_runtime": {"executorch": runtime}, "tools": tool_versions("torch", "executorch", "torchao")}
+
+
+# ------------------------------------------------------------------------------------------ the format
+@dataclass(frozen=True)
+class ExecuTorchOptions(Options):
+    """ExecuTorch options (defaults: ``DEFAULTS``; int8's measured in benchmarks/int8_choices.py)."""
+
+    label = "executorch option"
+    max_batch: int = option(DEFAULTS["max_batch"], "largest batch the program takes (1: a static single crop)")
+    float_input: bool = option(DEFAULTS["float_input"], "int8: keep the first conv float")
+    float_output: bool = option(DEFAULTS["float_output"], "int8: keep the params layer float")
+    observer: Literal["histogram", "minmax"] = option(DEFAULTS["observer"], "int8 activation ranges")
+    per_channel: bool = option(DEFAULTS["per_channel"], "int8: per-channel weight scales")
+    exclude: tuple[str, ...] = option((), "int8: layers (module paths) kept float, comma separated")
+
+
+class ExecuTorchFormat(Format):
+    name = "executorch"
+    suffix = SUFFIX
+    extra = "executorch"
+    precisions = PRECISIONS
+    default_precisions = DEFAULT_PRECISIONS
+    Options = ExecuTorchOptions
+    int8_candidates = INT8_CANDIDATES
+
+    @staticmethod
+    def _for(precision: str, options: Options) -> dict[str, Any]:
+        """int8 takes every option; the float precisions only max_batch (the rest are int8's: refused if set)."""
+        values = options.to_dict()
+        return values if precision == "int8" else {k: values[k] for k in options.explicit | {"max_batch"}}
+
+    def check(self, precision: str, detector: bool, options: Options) -> None:
+        super().check(precision, detector, options)
+        check_options(precision, detector, self._for(precision, options))
+
+    def write(self, source: Any, dest: Path, precision: str, options: Options, calibration: Any) -> dict[str, Any]:
+        return export(source.load(), dest, precision, source=source, calibration=calibration,
+                      **self._for(precision, options))
+
+    def int8_builder(self, source: Any, options: Options, calibration: Any, work: Path) -> Int8Builder:
+        return Int8Builder(source.load(), source=source, calibration=calibration, work=work, **options.to_dict())

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from edge3dfa import assets
+from edge3dfa.datasets.aflw2000_3d import EvalSet
 from edge3dfa.errors import Edge3dfaError
-from edge3dfa.validation.datasets.aflw2000_3d import EvalSet
 
 CALIBRATION_POOL = 512  # crops in the shared calibration folder
 HELDOUT = 256  # the last crops of it (sorted by name): never used to calibrate by default
@@ -20,7 +20,7 @@ HELDOUT = 256  # the last crops of it (sorted by name): never used to calibrate 
 
 def load_heldout(count: int = HELDOUT) -> EvalSet:
     """The last ``count`` of the 512 calibration crops, with AFLW 21-point ground truth (-1 = not visible)."""
-    from edge3dfa.converters.calibration import load_calibration
+    from edge3dfa.datasets.calibration import load_calibration
 
     if not 1 <= count <= CALIBRATION_POOL:
         raise Edge3dfaError(f"held-out count must be 1..{CALIBRATION_POOL}, got {count}")

@@ -48,7 +48,7 @@ class CalibrationSet:
 def _check_disjoint(name: Path, img: np.ndarray, crop: np.ndarray) -> None:
     """Refuse an image whose pixels copy the evaluation set: the crop calibration uses against the AFLW2000-3D
     crops; a photo also as a whole, against the crops (resized copies) and the original photos."""
-    from edge3dfa.converters.overlap import reference
+    from edge3dfa.datasets.overlap import reference
 
     found = reference("aflw2000_crops").match(crop)
     if found is None and img.shape[:2] != crop.shape[:2]:

@@ -11,7 +11,7 @@ from edge3dfa.target import Target
 
 
 class TorchTarget(Target):
-    """A zoo name, a 3DDFA_V2 checkpoint (arch given or inferred) or FaceBoxes (``arch='faceboxes'``)."""
+    """A zoo name or a 3DDFA_V2 / FaceBoxes checkpoint (arch given, as a zoo or arch name, or read from its keys)."""
 
     runtime = "torch"
     format = "torch"
@@ -24,19 +24,17 @@ class TorchTarget(Target):
         except ImportError as e:
             raise Edge3dfaError("the PyTorch reference needs torch: pip install 'edge3dfa[torch]'") from e
         super().__init__(path, threads)
-        self.arch = arch
+        from edge3dfa.models import MODELS, task_of
+
         if model is None:
-            if arch == "faceboxes":
-                from edge3dfa.models.faceboxes import load_faceboxes
+            from edge3dfa.models.checkpoint import Checkpoint
 
-                model = load_faceboxes(path)
-            else:
-                from edge3dfa.models import load_model
-
-                model = load_model(path if path is not None else "mb05", arch=arch)
+            checkpoint = Checkpoint.open(path if path is not None else "mb05", arch)
+            model, arch = checkpoint.load(), checkpoint.arch
+        self.arch = MODELS[arch].arch if arch in MODELS else arch
         self.model = model.eval()
-        if arch == "faceboxes":
-            self.input_shape = (3, None, None)
+        if task_of(self.arch or "") == "detector":
+            self.input_shape = (3, None, None)  # the detector takes any image size
 
     @property
     def name(self) -> str:

@@ -1,0 +1,126 @@
+"""``edge3dfa convert``: checkpoint -> artifacts + manifests, with a parity table at the end; ``edge3dfa export``
+is registered from ``workflows.export``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from edge3dfa.workflows.export import register_export
+
+__all__ = ["register_convert", "register_export"]
+
+
+def register_convert(sub: Any) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint to every format asked for, with manifests")
+    p.add_argument("--model", default="mb05", help="zoo name, e.g. mb05 or faceboxes (default: mb05)")
+    p.add_argument("--checkpoint", help="3DDFA_V2 checkpoint to convert instead of the zoo's weights")
+    p.add_argument("--arch", help="zoo name giving the architecture of --checkpoint (default: inferred)")
+    p.add_argument("--to", default="onnx", help="formats, comma separated (default: onnx; --list-options shows "
+                                                "the installed ones)")
+    p.add_argument("--precision", default="fp32", help="precisions, comma separated (e.g. fp32,int8)")
+    p.add_argument("--out", default="out", help="output root; artifacts go to OUT/NAME/FORMAT/ (default: out)")
+    add_conversion_options(p)
+    p.add_argument("--threads", type=int, help="threads for parity runs")
+    p.add_argument("--allow-over-budget", action="store_true",
+                   help="with --nme-budget: exit 0 even when no int8 artifact meets the budget (the best one found "
+                        "is written either way, with quantization.met false in its manifest; default: exit 1)")
+    p.set_defaults(func=run_convert)
+
+
+def add_conversion_options(p: argparse.ArgumentParser) -> None:
+    """What ``convert`` and ``export`` share: calibration, the budget, format options."""
+    p.add_argument("--calib-dir", help="folder of 120x120 face crops for int8 (default: the disjoint AFLW set)")
+    p.add_argument("--calib-count", default="256", help="calibration crops to use (default: 256)")
+    p.add_argument("--nme-budget", metavar="DELTA",
+                   help="int8: the fastest artifact (int8 variant or mixed precision) whose NME on held-out AFLW "
+                        "crops stays within DELTA of fp32 (balanced; 2x DELTA per yaw bin), e.g. 0.05")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="with --nme-budget: also rank every layer by the NME it costs (table and plot in the report)")
+    p.add_argument("--option", action="append", default=[], metavar="[FORMAT.]KEY=VALUE",
+                   help="format option (repeatable), e.g. onnx.head=landmarks; the bare KEY=VALUE when converting "
+                        "to one format")
+    p.add_argument("--list-options", action="store_true",
+                   help="list the options (and defaults) of the formats in --to, then exit")
+
+
+def parse_options(items: list[str]) -> dict[str, str]:
+    """``["onnx.opset=18", "exclude=a,b"]`` -> ``{"onnx.opset": "18", "exclude": "a,b"}``: values stay strings,
+    each format's Options class parses them strictly."""
+    from edge3dfa.errors import Edge3dfaError
+
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise Edge3dfaError(f"--option takes [FORMAT.]KEY=VALUE, got {item!r}")
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def budget_of(args: argparse.Namespace) -> Any:
+    """The --nme-budget / --sensitivity pair as a Budget (None without --nme-budget)."""
+    from edge3dfa.errors import Edge3dfaError
+    from edge3dfa.workflows.budget import Budget
+
+    if args.nme_budget is None:
+        if args.sensitivity:
+            raise Edge3dfaError("--sensitivity ranks layers during an --nme-budget search: give --nme-budget too")
+        return None
+    return Budget.parse({"nme": args.nme_budget, "sensitivity": args.sensitivity})
+
+
+def calibration_of(args: argparse.Namespace) -> Any:
+    from edge3dfa.converters import Calibration
+
+    return Calibration.parse({"folder": args.calib_dir, "count": args.calib_count})
+
+
+def list_options(names: list[str]) -> int:
+    from edge3dfa.converters import get_format
+
+    for name in names:
+        fmt = get_format(name)
+        print(f"{name} ({fmt.suffix}; precisions {', '.join(fmt.precisions)}):")
+        for key, kind, default, help_ in fmt.Options.describe():
+            print(f"  {name}.{key}={default}  [{kind}]  {help_}")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from edge3dfa.converters import plan_list
+    from edge3dfa.models.checkpoint import Checkpoint
+    from edge3dfa.workflows import convert, over_budget
+
+    if args.list_options:
+        return list_options(plan_list(args.to, "format"))
+    options, calibration, budget = parse_options(args.option), calibration_of(args), budget_of(args)
+    source = Checkpoint.open(args.checkpoint or args.model, args.arch if args.checkpoint else None)
+    arts = convert(source, to=args.to, precision=args.precision, out_dir=args.out, options=options,
+                   calibration=calibration, budget=budget, threads=args.threads)
+    print_parity(arts)
+    return _budget_verdict(over_budget(arts), args.allow_over_budget)
+
+
+def print_parity(arts: list[Any]) -> None:
+    print(f"{'artifact':44s} {'size':>9s} {'set':12s} {'param max':>10s} {'param mean':>10s} "
+          f"{'lm max px':>10s} {'lm mean px':>10s}")
+    for a in arts:
+        m = a.manifest
+        rows = [(k, v) for k, v in m.parity.items() if isinstance(v, dict)] or [("-", {})]
+        for i, (name, r) in enumerate(rows):
+            head = f"{str(a.path):44s} {m.size_bytes / 1e6:8.2f}M" if i == 0 else " " * 54
+            print(f"{head} {name:12s} {r.get('param_max_abs', float('nan')):10.2e} "
+                  f"{r.get('param_mean_abs', float('nan')):10.2e} {r.get('landmark_max_px', float('nan')):10.3f} "
+                  f"{r.get('landmark_mean_px', float('nan')):10.3f}")
+
+
+def _budget_verdict(over: list[Any], allowed: bool) -> int:
+    """Exit 1 when an --nme-budget search did not meet its budget, unless the user allowed it."""
+    for a in over:
+        q = a.manifest.quantization
+        print(f"edge3dfa: {'warning' if allowed else 'error'}: {a.path} does not meet --nme-budget "
+              f"{q['budget']['nme']:g}: held-out NME {q['delta']['balanced']:+.3f} vs fp32 (best found; written "
+              f"with quantization.met false){'' if allowed else '; --allow-over-budget accepts it'}", file=sys.stderr)
+    return 1 if over and not allowed else 0

@@ -1,0 +1,170 @@
+"""``edge3dfa export``: convert to every installed format and precision, validate every artifact, one report.
+
+The plan is checked whole before any work (exit 2): an unknown or empty ``--to``/``--precision``, a precision no
+planned format offers, a format asked for by name whose extra is not installed, a bad budget or option. Without
+``--to`` every installed format is planned and the others are listed as not attempted. One failed conversion is
+a failed row of the report (FAILED), never a crash that hides the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from importlib.metadata import PackageNotFoundError, requires, version
+from pathlib import Path
+from typing import Any
+
+from edge3dfa.errors import Edge3dfaError
+from edge3dfa.validation.cli import add_eval_options, dataset_of, finish, gates_of, latency_of, log
+
+
+def register_export(sub: Any) -> None:
+    from edge3dfa.workflows.cli import add_conversion_options
+
+    p = sub.add_parser("export", help="convert to every installed format and precision, validate, report")
+    p.add_argument("--model", default="mb05", help="zoo name (default: mb05)")
+    p.add_argument("--checkpoint", help="3DDFA_V2 checkpoint to export instead of the zoo's weights")
+    p.add_argument("--arch", help="zoo name giving the architecture of --checkpoint (default: inferred)")
+    p.add_argument("--to", help="formats, comma separated (default: every installed one)")
+    p.add_argument("--precision", help="precisions (default: each format's default precisions)")
+    p.add_argument("--out", default="out", help="output root; artifacts go to OUT/NAME/FORMAT/ (default: out)")
+    p.add_argument("--parity-count", type=int, default=64, help="crops per parity set in manifests (default: 64)")
+    add_conversion_options(p)
+    add_eval_options(p)
+    p.set_defaults(func=cmd_export)
+
+
+def missing_packages(extra: str) -> list[str]:
+    """Packages of edge3dfa's install ``extra`` (pyproject's optional dependencies) that are not installed here."""
+    try:
+        reqs = requires("edge3dfa") or []
+    except PackageNotFoundError:  # run from a source tree without install: nothing to check against
+        return []
+    out = []
+    for req in reqs:
+        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)[^;]*;\s*extra\s*==\s*['\"]([^'\"]+)['\"]", req)
+        if m and m.group(2) == extra:
+            try:
+                version(m.group(1))
+            except PackageNotFoundError:
+                out.append(m.group(1))
+    return out
+
+
+def plan_export(args: argparse.Namespace) -> tuple[list[tuple[Any, list[str]]], list[dict[str, str]]]:
+    """(format, precisions) to build and what the default plan leaves out, before any work (see module docstring)."""
+    from edge3dfa.converters import formats, get_format, plan_list
+
+    asked = plan_list(args.to, "format") if args.to is not None else None
+    wanted_precisions = plan_list(args.precision, "precision") if args.precision is not None else None
+    for option in ("parity_count",):
+        if getattr(args, option) < 1:
+            raise Edge3dfaError(f"--{option.replace('_', '-')} must be >= 1")
+    known = formats()
+    unknown = [f for f in asked or [] if f not in known]
+    if unknown:
+        raise Edge3dfaError(f"unknown format {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    plan, not_attempted = [], []
+    for name in asked or sorted(known):
+        missing = missing_packages(name)
+        if missing:
+            why = f"not installed ({', '.join(missing)}); pip install 'edge3dfa[{name}]'"
+            if asked is not None:
+                raise Edge3dfaError(f"--to {name}: the {name} converter is {why}")
+            not_attempted.append({"what": name, "reason": why})
+            continue
+        fmt = get_format(name)
+        offered, default = list(fmt.precisions), list(fmt.default_precisions)
+        wanted = [p for p in wanted_precisions if p in offered] if wanted_precisions else default
+        left = [p for p in wanted_precisions if p not in offered] if wanted_precisions else []
+        not_attempted += [{"what": f"{name} {p}", "reason": f"{name} offers {', '.join(offered)}"} for p in left]
+        not_attempted += [{"what": f"{name} {p}", "reason": f"opt-in: ask for it with --precision {p}"}
+                          for p in offered if not wanted_precisions and p not in default]
+        if wanted:
+            plan.append((fmt, wanted))
+    for p in wanted_precisions or []:
+        if not any(p in precs for _, precs in plan):
+            where = "; ".join(f"{f.name} offers {', '.join(f.precisions)}" for f, _ in plan) or "no format planned"
+            raise Edge3dfaError(f"--precision {p}: no planned format offers it ({where})")
+    if not plan:
+        raise Edge3dfaError("nothing to export: no converter is installed ("
+                            + "; ".join(f"{n['what']}: {n['reason']}" for n in not_attempted) + ")")
+    return plan, not_attempted
+
+
+def conversion_error(fmt: str, prec: str, err: Exception, src: Any) -> dict[str, Any]:
+    """The report row of a conversion that failed: status error, the reason in one line (+ traceback log)."""
+    from edge3dfa.logs import one_line, write_crash_log
+    from edge3dfa.validation.harness import artifact_row
+
+    crash = None
+    if isinstance(err, Edge3dfaError):
+        reason = f"conversion failed: {one_line(err)}"
+    elif isinstance(err, OSError):  # full disk, no permission: the user's to fix, no traceback needed
+        where = f" {err.filename}" if err.filename else ""
+        reason = f"conversion failed: cannot use{where}: {err.strerror or one_line(err)}"
+    else:
+        crash = write_crash_log(err)
+        reason = f"conversion failed: internal error: {type(err).__name__}: {one_line(err)} (traceback: {crash})"
+    log(f"{fmt} {prec}: {reason}")
+    row = artifact_row(f"{src.name}/{fmt}/{prec}", model=src.name, fmt=fmt, precision=prec, source_sha=src.sha256)
+    return {**row, "status": "error", "reason": reason, "crash_log": str(crash) if crash else None}
+
+
+def export_gates(args: argparse.Namespace, calibrated: set[str]) -> Any:
+    """The gates of export: with --nme-budget and no delta gate of the user's, int8 is gated at the budget."""
+    from edge3dfa.validation.gates import Gates, Limits
+
+    gates = gates_of(args)
+    if args.nme_budget is not None and not (args.gates or args.no_gates or args.max_delta_nme is not None
+                                            or args.max_delta_nme_bin is not None):
+        nme = float(args.nme_budget)
+        budget = Limits(max_delta_nme=nme, max_delta_nme_bin=2 * nme)
+        gates = gates.merged(Gates(precision=tuple((p, budget) for p in sorted(calibrated))))
+    return gates
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from edge3dfa.converters import load_calibration_set, split_options
+    from edge3dfa.manifest import manifest_path
+    from edge3dfa.models.checkpoint import Checkpoint
+    from edge3dfa.validation.harness import Entry, evaluate
+    from edge3dfa.workflows import convert
+    from edge3dfa.workflows.cli import budget_of, calibration_of, list_options, parse_options
+
+    started = time.perf_counter()
+    plan, not_attempted = plan_export(args)  # a plan that cannot be met fails now, having built nothing
+    if args.list_options:
+        return list_options([f.name for f, _ in plan])
+    options = split_options(parse_options(args.option), [f.name for f, _ in plan])
+    for fmt, _ in plan:
+        fmt.Options.parse(options[fmt.name])  # a typo fails now
+    calibrated = {p for f, precs in plan for p in precs if p in f.calibrated}
+    budget, calibration = budget_of(args), calibration_of(args)
+    if budget is not None and "int8" not in calibrated:
+        raise Edge3dfaError("--nme-budget applies to int8, which the plan does not include")
+    gates, latency = export_gates(args, calibrated), latency_of(args)
+    for n in not_attempted:
+        log(f"not attempted: {n['what']}: {n['reason']}")
+    data = dataset_of(args)  # bad dataset options fail now, not after minutes of conversion
+    src = Checkpoint.open(args.checkpoint or args.model, args.arch if args.checkpoint else None)
+    if src.is_detector:
+        raise Edge3dfaError("export validates landmark regressors; convert the detector with edge3dfa convert")
+    calib = load_calibration_set(calibration) if calibrated else None
+    entries, failed_rows = [], []
+    for fmt, precs in plan:
+        for prec in precs:
+            try:
+                arts = convert(src, to=fmt.name, precision=prec, out_dir=args.out, options=options[fmt.name],
+                               calibration=calib, budget=budget if prec in fmt.calibrated else None,
+                               parity_count=args.parity_count, threads=args.threads)
+            except Exception as e:  # noqa: BLE001 - one failed conversion must not hide the others' report
+                failed_rows.append(conversion_error(fmt.name, prec, e, src))
+                continue
+            entries += [Entry(a.path, a.manifest, manifest_path(a.path)) for a in arts]
+    report_dir = Path(args.report_dir) if args.report_dir else Path(args.out) / src.name
+    result = evaluate(entries, data, latency=latency, reference=src, threads=args.threads, batch=args.batch,
+                      root=report_dir, skip_unavailable=args.skip_unavailable, log=log)
+    result["targets"] += failed_rows
+    return finish(result, data, gates, report_dir, not_attempted, started, "pytorch")
