@@ -175,16 +175,18 @@ def cmd_models(args: argparse.Namespace) -> int:
 
         for name, spec in MODELS.items():
             m = build_model(name)
-            counts[name] = (count_params(m) / 1e6, count_macs(m, spec.input_size) / 1e6)
+            macs = count_macs(m, spec.input_size) / 1e6 if spec.input_size else np.nan  # a detector: any size
+            counts[name] = (count_params(m) / 1e6, macs)
     except ImportError:
         pass  # without torch the table shows the paper's figures only
     def fig(x: float | None, fmt: str) -> str:
         return "-" if x is None or np.isnan(x) else format(x, fmt)
 
-    rows = [("name", "arch", "widen", "input", "params M", "paper", "MACs M", "paper", "weights")]
+    rows = [("name", "task", "arch", "widen", "input", "params M", "paper", "MACs M", "paper", "weights")]
     for name, s in MODELS.items():
         p, m = counts.get(name, (np.nan, np.nan))
-        rows.append((name, s.arch, f"{s.widen_factor:g}", str(s.input_size), fig(p, ".2f"), fig(s.paper_params_m, "g"),
+        rows.append((name, s.task, s.arch, f"{s.widen_factor:g}", str(s.input_size or "any"), fig(p, ".2f"),
+                     fig(s.paper_params_m, "g"),
                      fig(m, ".1f"), fig(s.paper_macs_m, "g"), s.checkpoint_asset or "none public"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

@@ -51,7 +51,7 @@ def crops():
 @pytest.fixture(scope="session")
 def reference(mb05, crops):
     with torch.no_grad():
-        return mb05.model(torch.from_numpy(crops)).numpy()
+        return mb05.load()(torch.from_numpy(crops)).numpy()
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +129,7 @@ def test_default_w8a8_costs_at_most_as_much_again_as_w8(mb05, arts):
 
     held = load_calibration(None, count=512, check_disjoint=False).data[-64:]
     with torch.no_grad():
-        ref = mb05.model(torch.from_numpy(held)).numpy()
+        ref = mb05.load()(torch.from_numpy(held)).numpy()
     w8, w8a8 = (compare(ref, predict(arts[p].path, held)) for p in ("w8", "w8a8"))
     print(f"held-out: w8 mean {w8['landmark_mean_px']:.3f} px, w8a8 mean {w8a8['landmark_mean_px']:.3f} px "
           f"(max {w8a8['landmark_max_px']:.2f})")
@@ -168,7 +168,7 @@ def test_decompressed_weights_equal_coremltools_own(arts):
 def test_image_input_gives_the_tensor_models_params(mb05, arts, crops, out):
     path = out / "image.mlpackage"
     t = time.perf_counter()
-    info = conv.export(mb05.model, path, "fp32", source=mb05, input="image")
+    info = conv.export(mb05.load(), path, "fp32", source=mb05, input="image")
     TIMES["mb05 fp32 image-input export"] = time.perf_counter() - t
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
     it = spec.description.input[0].type.imageType
@@ -203,7 +203,7 @@ def test_metadata_for_xcode(arts):
 def test_ios18_w8_uses_blockwise_ops(mb05, crops, reference, out):
     t = time.perf_counter()
     dest = out / "w8_ios18.mlpackage"
-    info = conv.export(mb05.model, dest, "w8", source=mb05, target="iOS18")
+    info = conv.export(mb05.load(), dest, "w8", source=mb05, target="iOS18")
     TIMES["mb05 w8 iOS18 export"] = time.perf_counter() - t
     assert "per_block" in info["options"]["compression"]["weights"]["granularity"]
     assert "constexpr_blockwise_shift_scale" in {op.op_type for op in load_program(dest).functions["main"].operations}
@@ -233,7 +233,7 @@ def test_zoo_archs_without_public_weights_convert(name, crops, out):
 def test_export_route_matches_trace_route(mb05, arts, crops, out):
     dest = out / "export_route.mlpackage"
     t = time.perf_counter()
-    conv.export(mb05.model, dest, "fp32", source=mb05, route="export")
+    conv.export(mb05.load(), dest, "fp32", source=mb05, route="export")
     TIMES["mb05 fp32 export via torch.export"] = time.perf_counter() - t
     np.testing.assert_allclose(predict(dest, crops[:8]), predict(arts["fp32"].path, crops[:8]), atol=2e-6)
 

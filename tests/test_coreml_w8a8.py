@@ -43,9 +43,9 @@ def mb05():
 
 
 def test_builder_keeps_exactly_the_requested_layers_float(mb05, tmp_path):
-    names = module_names(mb05.model)
+    names = module_names(mb05.load())
     assert len(names) == 1 + 2 * 13 + 1  # MobileNet-V1: conv1, 13 depthwise-separable blocks, fc
-    b = conv.Int8Builder(mb05.model, source=mb05, calibration=load_calibration(None, count=16))
+    b = conv.Int8Builder(mb05.load(), source=mb05, calibration=load_calibration(None, count=16))
     assert list(b.units) == names
     assert b.always_float == ["fc"] and list(b.layers) == names[:-1]  # the params layer: float by default
 
@@ -109,7 +109,7 @@ def test_budget_search_runs_on_coreml(mb05, tmp_path):
     from edge3dfa.targets.torch import TorchTarget
     from edge3dfa.workflows.budget import Budget
 
-    names = module_names(mb05.model)
+    names = module_names(mb05.load())
     int8 = ["conv1", "dw6/conv_sep", "fc"]
     held = load_heldout(48)
     calib = load_calibration(None, count=16)
@@ -128,7 +128,7 @@ def test_budget_search_runs_on_coreml(mb05, tmp_path):
     def summary(p):
         return metrics.summarize(metrics.nme_aflw21(runtime.landmarks(p, held.roi_boxes), held.gt), held.yaw)
 
-    ref = summary(TorchTarget(mb05.path, threads=1, model=mb05.model).predict(held.inputs))
+    ref = summary(TorchTarget(mb05.path, threads=1, model=mb05.load()).predict(held.inputs))
     got = summary(CoreMLTarget(art.path, backend="mil").predict(held.inputs))
     delta = metrics.delta(got, ref)
     assert delta["balanced"] == pytest.approx(q["delta"]["balanced"], abs=1e-6)

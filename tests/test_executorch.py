@@ -230,4 +230,4 @@ def test_bad_options_and_inputs_are_user_errors(tiny_builder, crops):
         conv.export(tiny(), Path("unused.pte"), "int8", source=None)
     faceboxes = Checkpoint.open("faceboxes")
     with pytest.raises(Edge3dfaError, match="FaceBoxes"):
-        conv.export(faceboxes.model, Path("unused.pte"), "fp32", source=faceboxes)
+        conv.export(faceboxes.load(), Path("unused.pte"), "fp32", source=faceboxes)

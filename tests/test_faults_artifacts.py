@@ -384,10 +384,11 @@ def test_wide_float_outputs_that_overflow_float32_are_rejected(tmp_path):
     ("tflite", "dyn-int8", "fc_per_channel=flase", "tflite option fc_per_channel must be true or false, got 'flase'"),
     ("tflite", "fp32", "fc_per_chanel=true", "unknown tflite option(s) fc_per_chanel; known:"),
     ("coreml", "fp32", "exclude=/conv1", "unknown coreml option(s) exclude; known: calib_method, compute"),
-    ("coreml", "fp32", "input=img", "coreml option input must be one of tensor, image, got 'img'"),
-    ("coreml", "w8", "target=ios18", "coreml option target: w8 needs deployment target iOS16 or later"),
-    ("onnx,tflite", "fp32", "head=landmarks", "tflite option head='landmarks' is not one of"),  # valid for onnx
-    ("onnx", "fp32", "opset=17.5", "onnx option opset must be a whole number, got 17.5"),  # was silently 17
+    ("coreml", "fp32", "input=img", "coreml option input='img' is not one of tensor, image"),
+    ("coreml", "w8", "target=ios18", "coreml option target='ios18' is not one of iOS16, iOS17, iOS18"),
+    ("onnx,tflite", "fp32", "tflite.head=landmarks", "tflite option head='landmarks' is not one of"),  # onnx's ok
+    ("onnx,tflite", "fp32", "head=landmarks", "option head: say which format it is for"),  # which one's head?
+    ("onnx", "fp32", "opset=17.5", "onnx option opset must be a whole number, got '17.5'"),  # was silently 17
 ])
 def test_option_typos_are_exit_2_before_anything_is_converted(tmp_path, capsys, to, precision, option, needle):
     out = tmp_path / "out"

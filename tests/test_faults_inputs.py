@@ -365,7 +365,7 @@ def test_default_calibration_set_passes_and_its_one_copy_is_caught():
 
 
 def test_fingerprint_cache_is_used_and_a_corrupt_one_rebuilt(tmp_path):
-    code = ("import os, time\nfrom edge3dfa.converters import overlap\n"
+    code = ("import os, time\nfrom edge3dfa.datasets import overlap\n"
             "t = time.perf_counter(); overlap.reference('aflw2000_crops'); print(time.perf_counter() - t)\n")
     env = {**os.environ, "EDGE3DFA_CACHE": str(tmp_path)}
     run = lambda: subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env, timeout=300)  # noqa: E731

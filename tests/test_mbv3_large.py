@@ -77,7 +77,7 @@ def _landmarks_px(params: np.ndarray) -> np.ndarray:
 def test_fp32_parity(converted: tuple[str, dict], sources: dict[str, Checkpoint], crops: np.ndarray, name: str) -> None:
     fmt, arts = converted
     path, _ = arts[name]
-    ref = TorchTarget(threads=2, model=sources[name].model).predict(crops)
+    ref = TorchTarget(threads=2, model=sources[name].load()).predict(crops)
     got = open_target(path, threads=2).predict(crops)
     err = np.abs(got - ref).max()
     print(f"\n{fmt} fp32 {name}: params max abs err {err:.2e} (|ref| max {np.abs(ref).max():.2f})")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge3dfa.converters.base import Int8Builder
 from edge3dfa.measure import metrics
 from edge3dfa.workflows.budget import Budget, _mixed
 
@@ -94,7 +95,7 @@ def test_budget_rule():
     assert Budget(0.05, bin_nme=0.2).met({"balanced": 0.0, "bins": {**bins, "(60,90]": 0.15}})
 
 
-class _FakeBuilder:
+class _FakeBuilder(Int8Builder):
     """Each layer costs a known NME when int8; exporting writes which layers stayed float."""
 
     def __init__(self, costs: dict[str, float]) -> None:
@@ -104,6 +105,10 @@ class _FakeBuilder:
     def export(self, path: Path, keep_float=()) -> dict:
         Path(path).write_text(json.dumps(list(keep_float)))
         return {}
+
+
+class _FakeFormat:
+    suffix = ".onnx"
 
 
 class _FakeJudge:
@@ -124,12 +129,11 @@ class _FakeJudge:
 def test_greedy_keeps_the_costliest_layers_float_until_the_budget_holds(tmp_path):
     costs = {"a": 0.01, "b": 0.20, "c": 0.005, "d": 0.08, "e": 0.02}  # all int8: +0.315
     builder = _FakeBuilder(costs)
-    judge = _FakeJudge(builder, Budget(0.05))
+    judge = _FakeJudge(builder, Budget(nme=0.05))
     path = tmp_path / "base.onnx"
     builder.export(path)
     base = {"name": "x", **judge.score(path), "latency_ms": 1.0, "path": path, "float_layers": []}
-    mod = type("M", (), {"SUFFIX": ".onnx"})
-    best, rows, steps = _mixed(mod, builder, base, judge, tmp_path, lambda s: None)
+    best, rows, steps = _mixed(_FakeFormat(), builder, base, judge, tmp_path, lambda s: None)
     # by hand: b (0.20) then d (0.08) leaves 0.035 <= 0.05; sensitivity sorted by gain
     assert best["float_layers"] == ["b", "d"] and best["within_budget"]
     assert [r["layer"] for r in rows] == ["b", "d", "e", "a", "c"]
@@ -140,11 +144,11 @@ def test_greedy_keeps_the_costliest_layers_float_until_the_budget_holds(tmp_path
 def test_greedy_reports_best_found_when_budget_cannot_be_met(tmp_path):
     costs = {"a": 0.1, "b": 0.0}  # b gains nothing: never kept float
     builder = _FakeBuilder(costs)
-    judge = _FakeJudge(builder, Budget(-0.01))  # impossible: better than fp32
+    judge = _FakeJudge(builder, Budget(nme=-0.01))  # impossible: better than fp32 (not parsed: check() refuses it)
     path = tmp_path / "base.onnx"
     builder.export(path)
     base = {"name": "x", **judge.score(path), "latency_ms": 1.0, "path": path, "float_layers": []}
-    best, _, steps = _mixed(type("M", (), {"SUFFIX": ".onnx"}), builder, base, judge, tmp_path, lambda s: None)
+    best, _, steps = _mixed(_FakeFormat(), builder, base, judge, tmp_path, lambda s: None)
     assert best["float_layers"] == ["a"] and not best["within_budget"]
     assert len(steps) == 1
 

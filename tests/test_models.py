@@ -477,8 +477,8 @@ def test_models_package_imports_without_torch() -> None:
             "print(sorted(m.MODELS)); print(m.get_spec('mb05').checkpoint_asset)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout
-    assert out.split("\n")[:2] == ["['mb05', 'mb1', 'mbv3_05', 'mbv3_large_05', 'resnet22']", "mb05"]
-    assert set(MODELS) == {"mb1", "mb05", "mbv3_05", "mbv3_large_05", "resnet22"}
+    assert out.split("\n")[:2] == ["['faceboxes', 'mb05', 'mb1', 'mbv3_05', 'mbv3_large_05', 'resnet22']", "mb05"]
+    assert set(MODELS) == {"mb1", "mb05", "mbv3_05", "mbv3_large_05", "resnet22", "faceboxes"}
 
 
 def test_models_table_shows_computed_and_paper_counts_and_the_papers_mode(capsys: pytest.CaptureFixture) -> None:
@@ -490,8 +490,10 @@ def test_models_table_shows_computed_and_paper_counts_and_the_papers_mode(capsys
     assert set(row) == set(MODELS)
     # computed here (upstream formula above; fixtures/README.md) next to the 3DDFA_V2 paper's Table 1 row
     large = _upstream_mbv3("large", 0.5)
-    assert row["mbv3_large_05"][1:9] == ["mobilenet_v3_large", "0.5", "120", f"{_params(large[0]) / 1e6:.2f}",
-                                         "1.65", f"{large[1] / 1e6:.1f}", "27.4", "none"]
-    assert row["mbv3_05"][1] == "mobilenet_v3_small" and row["mbv3_05"][5] == row["mbv3_05"][7] == "-"
+    assert row["mbv3_large_05"][1:10] == ["regressor", "mobilenet_v3_large", "0.5", "120",
+                                          f"{_params(large[0]) / 1e6:.2f}", "1.65", f"{large[1] / 1e6:.1f}", "27.4",
+                                          "none"]
+    assert row["mbv3_05"][2] == "mobilenet_v3_small" and row["mbv3_05"][6] == row["mbv3_05"][8] == "-"
+    assert row["faceboxes"][1:5] == ["detector", "faceboxes", "1", "any"]
     source = next(ln for ln in lines if ln.strip().startswith("mbv3_large_05:"))
     assert "Table 1" in source and "large mode" in source

@@ -51,7 +51,7 @@ class Calibration(Options):
 
     def check(self) -> None:
         if self.count < 1:
-            raise Edge3dfaError(f"--calib-count must be >= 1, got {self.count}")
+            raise Edge3dfaError(f"--calib-count must be at least 1, got {self.count}")
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ def convert_one(fmt: Format, source: Checkpoint, precision: str, dest: Path, opt
                 calibration: CalibrationSet | None, reference: Target, sets: dict[str, np.ndarray], *,
                 threads: int | None = None, verbose: bool = True, write_int8: Int8Writer | None = None) -> Artifact:
     """One artifact: written in a temp folder, its parity measured, published with its manifest as a pair."""
-    from edge3dfa.measure.parity import parity
+    from edge3dfa.measure.parity import detector_parity, parity
     from edge3dfa.target import open_target
 
     _prepare(dest.parent, verbose)
@@ -211,7 +211,9 @@ def convert_one(fmt: Format, source: Checkpoint, precision: str, dest: Path, opt
         if calibration is not None:
             manifest = replace(manifest, calibration=calibration.describe())
         figures: dict[str, Any] = {}
-        if sets and manifest.output.get("name", "params") == "params":
+        if source.is_detector:
+            figures = detector_parity(reference, open_target(tmp, threads=threads, verify=False))
+        elif manifest.output.get("name", "params") == "params":
             figures = parity(reference, open_target(tmp, threads=threads, verify=False), sets)
         manifest = replace(manifest, parity={**figures, **fmt.extra_parity(tmp, reference, sets, threads)})
         publish(tmp, dest, manifest)

@@ -29,3 +29,35 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
 def parity(reference: Target, candidate: Target, sets: dict[str, np.ndarray]) -> dict[str, dict]:
     """``compare`` on each named input set (e.g. ``{"calibration": ..., "aflw2000": ...}``)."""
     return {name: compare(predict_all(reference, x), predict_all(candidate, x)) for name, x in sets.items()}
+
+
+#: photos the detector's parity is measured on (upstream's examples: two faces, and a large single face)
+DETECTOR_PHOTOS = ("trump_hillary", "emma")
+
+
+def detector_parity(reference: Target, candidate: Target, photos: tuple[str, ...] = DETECTOR_PHOTOS) -> dict:
+    """FaceBoxes artifact vs PyTorch on example photos, for every format alike: raw outputs on the same blob (shrunk
+    and padded to the candidate's fixed size where it has one, as the pipeline does) and the faces each finds
+    after decoding and NMS (``runtime.detect``): count, and for matched faces the smallest IoU and the largest
+    corner difference in photo pixels."""
+    from edge3dfa import assets, runtime
+    from edge3dfa.runtime.detect import FaceBoxesDetector, box_iou, prepare
+
+    size = tuple(candidate.input_shape[1:]) if None not in candidate.input_shape else None
+    out = {}
+    for name in photos:
+        img = runtime.read_image(assets.fetch(name))
+        blob, _ = prepare(img, size)
+        r, c = reference.run(blob), candidate.run(blob)
+        boxes = [FaceBoxesDetector(lambda b, t=t: tuple(t.run(b)[:2]), input_size=size)(img)
+                 for t in (reference, candidate)]
+        row = {"loc_max_abs": float(np.abs(r[0] - c[0]).max()), "conf_max_abs": float(np.abs(r[1] - c[1]).max()),
+               "blob": list(blob.shape[2:]), "faces": [len(b) for b in boxes], "box_min_iou": None,
+               "box_max_px": None}
+        if len(boxes[0]) and len(boxes[1]):
+            iou = box_iou(boxes[0], boxes[1])
+            match = iou.argmax(axis=1)
+            row["box_min_iou"] = float(iou[np.arange(len(match)), match].min())
+            row["box_max_px"] = float(np.abs(boxes[0][:, :4] - boxes[1][match, :4]).max())
+        out[f"photo {name}"] = row
+    return out

@@ -320,10 +320,10 @@ class Checkpoint:
         return self._module
 
     def target(self, threads: int | None = None) -> Any:
-        """The PyTorch reference as a Target (``edge3dfa.target.open_target``), on the already loaded module."""
-        from edge3dfa.target import open_target
+        """The PyTorch reference as a Target (the runtime registered for checkpoints), on the already loaded module."""
+        from edge3dfa.target import runtime_class
 
-        return open_target(self.path, threads=threads, arch=self.arch, model=self.load())
+        return runtime_class(".pth")(self.path, threads=threads, arch=self.arch, model=self.load())
 
     def describe(self) -> dict[str, Any]:
         """The manifest's ``source``: where the weights came from and which they are."""

@@ -29,7 +29,8 @@ class TorchTarget(Target):
         if model is None:
             from edge3dfa.models.checkpoint import Checkpoint
 
-            checkpoint = Checkpoint.open(path if path is not None else "mb05", arch)
+            zoo = arch if arch in MODELS else "mb05"  # no path: the zoo's weights
+            checkpoint = Checkpoint.open(path if path is not None else zoo, None if path is None else arch)
             model, arch = checkpoint.load(), checkpoint.arch
         self.arch = MODELS[arch].arch if arch in MODELS else arch
         self.model = model.eval()

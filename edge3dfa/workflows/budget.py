@@ -56,6 +56,13 @@ class Budget(Options):
     bin_nme: float | None = option(None, "NME points per yaw bin (default: 2 x nme)")
     sensitivity: bool = option(False, "rank every layer by the NME it costs, even when none has to stay float")
 
+    @classmethod
+    def parse(cls, values: Any = None) -> Budget:
+        try:
+            return super().parse(values)
+        except Edge3dfaError as e:
+            raise Edge3dfaError(f"--nme-budget must be a finite number >= 0 (NME points, e.g. 0.05): {e}") from None
+
     def check(self) -> None:
         if self.nme < 0 or (self.bin_nme is not None and self.bin_nme < 0):
             raise Edge3dfaError(f"--nme-budget must be a finite number >= 0 (NME points, e.g. 0.05), got {self.nme}")
