@@ -6,7 +6,7 @@ EDGE3DFA_ASSETS ?= $(abspath ../shared/assets)
 export EDGE3DFA_ASSETS
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench pi-check clean
+.PHONY: setup demo test lint bench pi-check clean wheel
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,13 +15,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
+# the environment remembers where the data is, so `edge3dfa` finds it without make or EDGE3DFA_ASSETS
+# (edge3dfa/assets.py: search order); rewritten on every make, written under a temp name then renamed
+setup: $(VENV)/.installed
+	@mkdir -p $(VENV)/etc/edge3dfa
+	@printf '%s\n' "$(EDGE3DFA_ASSETS)" > $(VENV)/etc/edge3dfa/.assets.tmp
+	@mv -f $(VENV)/etc/edge3dfa/.assets.tmp $(VENV)/etc/edge3dfa/assets
+
 # landmarks + pose for the example photos, then mb05 to every installed format, validated, with a report
-demo: $(VENV)/.installed
+demo: setup
 	$(VENV)/bin/edge3dfa run $(EDGE3DFA_ASSETS)/upstream/3ddfa_v2/examples/inputs --out-dir out/demo
 	$(VENV)/bin/edge3dfa export --model mb05 --out out/demo/export
 	@echo "report: out/demo/export/mb05/report.html"
 
-test: $(VENV)/.installed
+test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
