@@ -44,3 +44,9 @@ pi-check: $(VENV)/.installed
 
 clean:
 	rm -rf out .pytest_cache
+
+# a wheel and an sdist as a user installs them (e.g. on a Pi: pip install "dist/edge3dfa-*.whl[pi]"), checked by twine
+wheel: $(VENV)/.installed
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
