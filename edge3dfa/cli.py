@@ -159,7 +159,10 @@ def _image_files(args: argparse.Namespace, aligner, job: Job, img: np.ndarray, f
     if not ok:
         raise Edge3dfaError(f"cannot encode the overlay of {job.label} as PNG")
     files.append((overlay_path, png.tobytes()))
-    meta = {"image": str(job.source), "size": list(img.shape[1::-1]), "target": aligner.regressor.name,
+    from edge3dfa.pipeline import FACES_SCHEMA
+
+    meta = {"schema": FACES_SCHEMA, "image": str(job.source), "size": list(img.shape[1::-1]),
+            "target": aligner.regressor.name,
             "overlay": overlay_path.name, "overlay_sha256": sha256_bytes(files[-1][1]),
             **({"meshes": [p.name for p, _ in files[:-1]]} if faces.vertices is not None else {})}
     text = json.dumps({**meta, "faces": faces.to_json()}, indent=2) + "\n"
@@ -202,7 +205,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 RUN_OUTPUTS = """Landmarks, pose and params for every face in images, folders or videos.
 
 outputs, named after each input's file name without its suffix (NAME):
-  image  NAME.json (faces: box, 68x3 landmarks, pose, params) + NAME_overlay.png (+ NAME_K.ply with
+  image  NAME.json (schema edge3dfa.faces/1; faces by score, then left to right: box x1,y1,x2,y2 and
+         68x3 landmarks in image pixels, pose in degrees, params) + NAME_overlay.png (+ NAME_K.ply with
          --dense-bfm), written together: all or none, an earlier result stays until the new one is complete
   video  NAME.jsonl (one line per frame) + NAME_overlay.mp4; --camera N: cameraN.jsonl + cameraN_overlay.mp4
   Two inputs that would write the same file (face.jpg and face.png) both keep their suffix instead:
