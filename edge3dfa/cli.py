@@ -19,7 +19,7 @@ import numpy as np
 from edge3dfa import __version__
 from edge3dfa.errors import INTERNAL_ERROR, USER_ERROR, Edge3dfaError, Interrupted, handle_termination
 from edge3dfa.jobs import Job
-from edge3dfa.logs import one_line, printable, write_crash_log
+from edge3dfa.logs import ThirdPartyLog, one_line, printable, write_crash_log
 from edge3dfa.track import SMOOTH
 
 
@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"edge3dfa {__version__}")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an internal error")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print the frameworks' own warnings (by default they go to a log file, named "
+                             "at the end)")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="landmarks, pose and params for every face in images, folders or videos",
                          description=RUN_OUTPUTS)
@@ -258,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--probe", type=float, default=0.1, metavar="F",
                        help="lost-track test: also regress each face in its crop shifted by F x its side; a "
                             "face's landmarks stay, a hallucinated one moves with the crop (default 0.1; 0: "
-                            "off: 1.3-1.6x faster, but a face that vanishes is reported until its fit collapses)")
+                            "off: faster (README Video), but a face that vanishes is reported until its fit "
+                            "collapses)")
     video.add_argument("--smooth", action="store_true", help="one-euro smoothing of landmarks and pose")
     video.add_argument("--smooth-min-cutoff", type=float, default=SMOOTH[0], help=f"Hz at rest (default {SMOOTH[0]})")
     video.add_argument("--smooth-beta", type=float, default=SMOOTH[1],
@@ -275,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue  # the command's extra is not installed
     for command in sub.choices.values():  # --debug and the exit codes on every command, before or after it
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         command.epilog = command.epilog or EXIT_CODES
         command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
@@ -284,6 +289,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every outcome is one of the exit codes in ``EXIT_CODES``, never a traceback."""
     handle_termination()
     args = build_parser().parse_args(argv)
+    third_party = None if args.verbose else ThirdPartyLog().install()
+    try:
+        return _run(args, argv)
+    finally:
+        if third_party is not None and (line := third_party.summary()):
+            _say(line)
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     try:
         return int(args.func(args) or 0)
     except Edge3dfaError as e:
