@@ -6,7 +6,7 @@ EDGE3DFA_ASSETS ?= $(abspath ../shared/assets)
 export EDGE3DFA_ASSETS
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench pi-check clean
+.PHONY: demo test test-fast lint bench pi-check clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the edit loop: everything but the tests marked slow (conversions with a real framework, full-dataset runs)
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
