@@ -6,7 +6,7 @@ EDGE3DFA_ASSETS ?= $(abspath ../shared/assets)
 export EDGE3DFA_ASSETS
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench pi-check clean wheel
+.PHONY: setup demo test test-fast lint bench pi-check clean wheel
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the edit loop: everything but the tests marked slow (conversions with a real framework, full-dataset runs)
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

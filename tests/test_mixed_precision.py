@@ -168,6 +168,7 @@ def budget_mb05(tmp_path_factory):
     return arts[0], held
 
 
+@pytest.mark.slow
 def test_budget_search_artifact_meets_budget_measured_independently(budget_mb05):
     from edge3dfa import runtime
     from edge3dfa.targets.onnxruntime import OnnxTarget
@@ -192,6 +193,7 @@ def test_budget_search_artifact_meets_budget_measured_independently(budget_mb05)
     assert q["latency_ms"] > 0 and q["fp32_latency_ms"] > 0
 
 
+@pytest.mark.slow
 def test_budget_search_float_layers_really_are_float(budget_mb05):
     import onnx
 
@@ -218,6 +220,7 @@ def test_budget_needs_disjoint_calibration(tmp_path):
     assert not list(tmp_path.rglob("*.onnx"))
 
 
+@pytest.mark.slow
 def test_tflite_layers_and_keep_float(tmp_path):
     """TFLite layers are named like ONNX ones; a layer kept float has float weights, the others int8."""
     from ai_edge_litert.interpreter import Interpreter
@@ -247,6 +250,7 @@ def test_tflite_layers_and_keep_float(tmp_path):
         b.export(tmp_path / "bad.tflite", ["conv_1"])
 
 
+@pytest.mark.slow
 def test_bias_correction_repairs_per_tensor_weights(tmp_path):
     """Per-tensor int8 weights bias mb05's depthwise outputs (measured +0.14 NME); correcting each layer's own
     rounding error must take most of that back, judged on held-out crops with their ground truth."""

@@ -162,6 +162,7 @@ def test_full_protocol_bin_counts():
 PUBLISHED_MB05 = {"[0,30]": 2.93, "(30,60]": 3.67, "(60,90]": 4.79}  # community re-evaluation (PROVENANCE)
 
 
+@pytest.mark.slow
 def test_mb05_pytorch_reproduces_the_published_aflw2000_figure():
     pytest.importorskip("torch")
     from edge3dfa.measure.predict import predict_all
@@ -217,6 +218,7 @@ def artifacts(tmp_path_factory):
 FAST = ["--samples", "60", "--latency-runs", "3", "--latency-warmup", "1", "--latency-batch", "1,4"]
 
 
+@pytest.mark.slow
 def test_validate_writes_reports_and_gates_set_the_exit_code(artifacts, tmp_path, capsys):
     folder, onnx = artifacts
     rep = tmp_path / "rep"
@@ -262,6 +264,7 @@ def test_validate_writes_reports_and_gates_set_the_exit_code(artifacts, tmp_path
     assert "Verdict: FAILED" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_validate_without_reference_scores_artifacts_alone(artifacts, tmp_path):
     folder, _ = artifacts
     args = ["validate", str(folder), "--samples", "30", "--latency-runs", "0", "--report-dir", str(tmp_path)]
@@ -306,6 +309,7 @@ def test_validate_bad_inputs_exit_2_naming_the_file(tmp_path, capsys):
     assert not (good / "report.json").exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_export_converts_validates_and_reports(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
