@@ -22,7 +22,7 @@ report.json, schema ``edge3dfa.report/2`` (numbers are plain JSON numbers; null 
     gates             the limits applied (see edge3dfa.validation.gates)
     not_attempted     [{what, reason}]: formats/precisions export did not convert (extra not installed, not
                       offered by the format); outside the plan, so they do not change the verdict
-    targets           one object per target, the PyTorch reference of each model first:
+    targets           one object per target (``validation.rows.Row``), the PyTorch reference of each model first:
       key, role (reference|artifact), status, reason: ok; error (could not be converted, opened, run or scored:
                       reason says why, crash_log names the traceback of an unexpected exception); skipped (by the
                       user's choice, e.g. --skip-unavailable); not_applicable (not a landmark regressor, e.g. a
@@ -41,8 +41,10 @@ report.json, schema ``edge3dfa.report/2`` (numbers are plain JSON numbers; null 
       parity          {param_max_abs, param_mean_abs, landmark_max_px, landmark_mean_px, n}: vs the reference's
                       params on the same crops (landmarks in 120x120 crop pixels); null without reference
       parity_vs_fp32  the same against this format's fp32 artifact (null if none)
-      latency         [{threads, batch, median_ms, p90_ms, min_ms, per_image_ms, runs}]; latency_note says why
-                      it is empty when the runtime is only a simulation (e.g. CoreML evaluated in numpy)
+      latency         [{threads, batch, median_ms, p10_ms, p90_ms, min_ms, per_image_ms, runs}]; latency_note
+                      says why it is empty when the runtime is only a simulation (e.g. CoreML evaluated in numpy)
+      quantization    the manifest's record of an --nme-budget search (workflows.budget), null otherwise
+      crash_log       the traceback log of an unexpected exception, null otherwise
       gates           [{gate, value, limit, passed (true|false|null: not checked), vs (reference|fp32|null),
                        note}]
 
