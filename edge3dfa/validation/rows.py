@@ -17,9 +17,10 @@ import numpy as np
 Status = Literal["ok", "error", "skipped", "not_applicable"]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class Row:
-    """A report row before gates are checked (report.json schema: ``edge3dfa.validation.report``)."""
+    """A report row before gates are checked (report.json schema: ``edge3dfa.validation.report``). Compared by
+    identity: field-wise equality would compare ``per_face`` arrays element by element."""
 
     key: str
     role: Literal["reference", "artifact"]
