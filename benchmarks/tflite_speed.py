@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+
+import numpy as np
 
 from edge3dfa import assets
 from edge3dfa.converters import convert
 from edge3dfa.datasets.calibration import load_eval_crops
 from edge3dfa.manifest import manifest_path
-from edge3dfa.measure.timing import time_calls
 from edge3dfa.models.checkpoint import Checkpoint
 from edge3dfa.targets.tflite import TFLiteTarget
 from edge3dfa.targets.torch import TorchTarget
@@ -25,7 +27,14 @@ PRECISIONS = ("fp32", "fp16", "dyn-int8", "int8")
 
 
 def median_ms(fn, repeats: int) -> float:
-    return time_calls(fn, max(10, repeats // 10), repeats)["median_ms"]
+    for _ in range(max(10, repeats // 10)):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
 
 
 #: zoo models without public weights -> the distilled test fixture that stands in (same architecture)

@@ -110,12 +110,11 @@ def build(result: dict[str, Any], data: EvalSet, gates: Gates, not_attempted: li
           reference: str = "pytorch",
           tool_packages: tuple[str, ...] = ("torch", "onnxruntime", "ai-edge-litert", "coremltools",
                                             "executorch")) -> dict:
-    """The report.json object: evaluation rows (``result["targets"]``: ``validation.rows.Row``) + dataset,
-    gates and machine, gates checked per target, verdict."""
+    """The report.json object: evaluation rows + dataset, gates and machine, gates checked per target, verdict."""
     targets = []
-    for scored in result["targets"]:
-        row = scored.to_dict()
-        per_face = row.pop("per_face")
+    for row in result["targets"]:
+        row = row.to_dict()  # a validation.rows.Row
+        per_face = row.pop("per_face", None)
         row["ced"] = metrics.ced(per_face).tolist() if per_face is not None else None
         row["per_face"] = np.round(per_face, 4).tolist() if per_face is not None else None
         row["gates"] = check(row, gates.limits_for(row["format"], row["precision"])) if row["status"] == "ok" else []

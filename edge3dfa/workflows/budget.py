@@ -18,9 +18,8 @@ Everything is judged on the held-out calibration crops (AFLW, 21-point ground tr
 The budget: balanced NME (mean of the three yaw-bin means) at most ``nme`` above fp32, and no bin more than
 ``bin_nme`` above (default 2x ``nme``). The record of the search goes into the manifest (``quantization``).
 
-The budget applies to each format's calibrated 8-bit precision (``Format.calibrated``): ONNX and TFLite
-``int8``, CoreML ``w8a8`` (int8 weights and activations); the format's ``int8_builder`` builds the variants. Each
-artifact the search builds and judges is a ``Candidate``; the manifest keeps their ``record()``s.
+The budget applies to each format's calibrated 8-bit precision (``converters.CALIBRATED``): ONNX and TFLite
+``int8``, CoreML ``w8a8`` (int8 weights and activations); the format module offers ``Int8Builder``.
 """
 
 from __future__ import annotations
@@ -167,7 +166,7 @@ def _check_disjoint(calibration: Any, data: Any) -> None:
                             f"with --nme-budget calibrate on at most the first {CALIBRATION_POOL - len(data)} crops")
 
 
-def export_within_budget(fmt: Format, source: Checkpoint, dest: Path, options: Options, calibration: Any,
+def write_within_budget(fmt: Format, source: Checkpoint, dest: Path, options: Options, calibration: Any,
                          reference: Target, budget: Budget, *, heldout: Any = None,
                          log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write the fastest int8 artifact of format ``fmt`` within ``budget``; returns its manifest fields, with the
