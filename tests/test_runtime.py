@@ -162,7 +162,7 @@ for m in ("torch", "tensorflow", "onnxruntime", "coremltools", "ai_edge_litert",
     sys.modules[m] = None
 import numpy as np
 from edge3dfa import runtime
-from edge3dfa.runtime import detect, draw, export
+from edge3dfa.runtime import detect, draw, meshes
 img = runtime.read_image({str(assets_dir / "upstream/3ddfa_v2/examples/inputs/emma.jpg")!r})
 roi = runtime.roi_from_box(np.array([[300, 200, 500, 460, 1.0]]))
 x = runtime.crops_from_rois(img, roi)
