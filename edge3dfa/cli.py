@@ -20,6 +20,7 @@ from edge3dfa import __version__
 from edge3dfa.errors import INTERNAL_ERROR, USER_ERROR, Edge3dfaError, Interrupted, handle_termination
 from edge3dfa.jobs import Job
 from edge3dfa.logs import ThirdPartyLog, one_line, printable, write_crash_log
+from edge3dfa.runtime.meshes import MESH_FORMATS
 from edge3dfa.track import SMOOTH
 
 
@@ -147,12 +148,11 @@ def _image_files(args: argparse.Namespace, aligner, job: Job, img: np.ndarray, f
     """The bytes of an image's outputs, the JSON last: meshes, the overlay, and the JSON naming both."""
     from edge3dfa.assets import sha256_bytes
     from edge3dfa.runtime.draw import draw_faces
-    from edge3dfa.runtime.export import obj_bytes, ply_bytes
+    from edge3dfa.runtime.meshes import mesh_bytes
 
     files = []
     if faces.vertices is not None:
-        encode = obj_bytes if args.mesh == "obj" else ply_bytes
-        files += [(Path(f"{job.stem}_{k}.{args.mesh}"), encode(faces.vertices[k], aligner.dense.tri))
+        files += [(Path(f"{job.stem}_{k}.{args.mesh}"), mesh_bytes(faces.vertices[k], aligner.dense.tri, args.mesh))
                   for k in range(len(faces))]
     json_path, overlay_path = job.outputs
     ok, png = cv2.imencode(".png", draw_faces(img, faces.landmarks, faces.params, faces.boxes))
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="threads per runtime (default: the runtime's own)")
     run.add_argument("--out-dir", help="where to write the outputs (default: beside each input; a camera's: here)")
     run.add_argument("--dense-bfm", help="full BFM (upstream bfm_noneck_v3.pkl) to also write dense meshes")
-    run.add_argument("--mesh", choices=("ply", "obj"), default="ply", help="mesh format with --dense-bfm")
+    run.add_argument("--mesh", choices=MESH_FORMATS, default="ply", help="mesh format with --dense-bfm")
     video = run.add_argument_group("video and camera (-> NAME_overlay.mp4 + NAME.jsonl, one JSON line per frame)")
     video.add_argument("--camera", type=int, metavar="N", help="track faces from camera N until Ctrl-C")
     video.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")

@@ -136,6 +136,25 @@ def test_default_gates_catch_a_broken_conversion():
     assert not passed("fp32", 0.0, nme=12.0) and not passed("int8", 0.0, fail=0.3)
 
 
+def test_every_report_row_field_is_in_the_report_schema():
+    """report.json's targets are Row.to_dict() in field order: each field must be documented by the schema text
+    (report.py's docstring is the format's specification), and a misspelt field must fail loudly."""
+    from dataclasses import fields
+
+    from edge3dfa.validation import report
+    from edge3dfa.validation.rows import Row
+
+    schema = report.__doc__.split("targets ", 1)[1]
+    missing = [f.name for f in fields(Row) if not re.search(rf"\b{f.name}\b", schema)]
+    assert missing == []
+    row = Row(key="m/onnx/x.onnx", role="artifact", model="m", format="onnx", precision="fp32")
+    assert list(row.to_dict()) == [f.name for f in fields(Row)] and row.to_dict()["status"] == "ok"
+    with pytest.raises(TypeError):
+        Row(key="k", role="artifact", model="m", format="onnx", precision="fp32", nme_balanced=3.0)
+    failed = row.failed("conversion failed: x")
+    assert (failed.status, failed.reason, row.status) == ("error", "conversion failed: x", "ok")
+
+
 def test_latency_timing_runs_and_budget():
     from edge3dfa.measure.timing import MIN_RUNS, time_calls
 

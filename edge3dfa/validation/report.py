@@ -22,7 +22,7 @@ report.json, schema ``edge3dfa.report/2`` (numbers are plain JSON numbers; null 
     gates             the limits applied (see edge3dfa.validation.gates)
     not_attempted     [{what, reason}]: formats/precisions export did not convert (extra not installed, not
                       offered by the format); outside the plan, so they do not change the verdict
-    targets           one object per target, the PyTorch reference of each model first:
+    targets           one object per target (``validation.rows.Row``), the PyTorch reference of each model first:
       key, role (reference|artifact), status, reason: ok; error (could not be converted, opened, run or scored:
                       reason says why, crash_log names the traceback of an unexpected exception); skipped (by the
                       user's choice, e.g. --skip-unavailable); not_applicable (not a landmark regressor, e.g. a
@@ -41,8 +41,10 @@ report.json, schema ``edge3dfa.report/2`` (numbers are plain JSON numbers; null 
       parity          {param_max_abs, param_mean_abs, landmark_max_px, landmark_mean_px, n}: vs the reference's
                       params on the same crops (landmarks in 120x120 crop pixels); null without reference
       parity_vs_fp32  the same against this format's fp32 artifact (null if none)
-      latency         [{threads, batch, median_ms, p90_ms, min_ms, per_image_ms, runs}]; latency_note says why
-                      it is empty when the runtime is only a simulation (e.g. CoreML evaluated in numpy)
+      latency         [{threads, batch, median_ms, p10_ms, p90_ms, min_ms, per_image_ms, runs}]; latency_note
+                      says why it is empty when the runtime is only a simulation (e.g. CoreML evaluated in numpy)
+      quantization    the manifest's record of an --nme-budget search (workflows.budget), null otherwise
+      crash_log       the traceback log of an unexpected exception, null otherwise
       gates           [{gate, value, limit, passed (true|false|null: not checked), vs (reference|fp32|null),
                        note}]
 
@@ -111,7 +113,7 @@ def build(result: dict[str, Any], data: EvalSet, gates: Gates, not_attempted: li
     """The report.json object: evaluation rows + dataset, gates and machine, gates checked per target, verdict."""
     targets = []
     for row in result["targets"]:
-        row = dict(row)
+        row = row.to_dict()  # a validation.rows.Row
         per_face = row.pop("per_face", None)
         row["ced"] = metrics.ced(per_face).tolist() if per_face is not None else None
         row["per_face"] = np.round(per_face, 4).tolist() if per_face is not None else None
@@ -188,8 +190,7 @@ def verdict_line(report: dict) -> str:
 def _figures(report: dict) -> dict[str, bytes]:
     """PNG bytes of each plot; empty when matplotlib is not installed."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401 - only: is it installed
     except ImportError:
         return {}
     rows = [r for r in report["targets"] if r["status"] == "ok" and r["nme"]]
@@ -199,15 +200,40 @@ def _figures(report: dict) -> dict[str, bytes]:
 
     palette = colormaps["tab10" if len(rows) <= 10 else "tab20"].colors
     color = {r["key"]: palette[i % len(palette)] for i, r in enumerate(rows)}  # one colour per target, all plots
-    out = {}
+    # a broken artifact (NME in the hundreds) must not squash every other bar: cap the axis at 3x the reference
+    # (without one, 3x the best target)
+    refs = [r["nme"]["balanced"] for r in rows if r["role"] == "reference" and r["nme"]["balanced"]]
+    scored = [r["nme"]["balanced"] for r in rows if r["nme"]["balanced"]]
+    top = 3 * max(refs) if refs else (3 * min(scored) if scored else None)
+    out = {"ced": _ced_plot(report, rows, color), "bins": _bins_plot(rows, color, top),
+           "latency": _latency_plot(rows), "size_nme": _size_plot(rows, color, top),
+           "sensitivity": _sensitivity_plot(report)}
+    return {k: v for k, v in out.items() if v is not None}
 
-    def png(fig: Figure) -> bytes:
-        FigureCanvasAgg(fig)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        return buf.getvalue()
 
-    fig = Figure(figsize=(6.4, 4.2))
+def _png(fig: Any) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _figure(height: float = 4.2) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(6.4, height))
+
+
+def _tag(r: dict, top: float | None) -> str:
+    """A target's label, marked when its bars go beyond the capped axis."""
+    big = top is not None and max(v["mean"] or 0 for v in r["nme"]["bins"].values()) > top
+    return _label(r) + (" (off scale)" if big else "")
+
+
+def _ced_plot(report: dict, rows: list[dict], color: dict) -> bytes:
+    fig = _figure()
     ax = fig.add_subplot()
     for r in rows:
         ref = r["role"] == "reference"
@@ -218,25 +244,17 @@ def _figures(report: dict) -> dict[str, bytes]:
            title=f"CED, {report['dataset']['name']} ({report['dataset']['count']} faces)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    out["ced"] = png(fig)
+    return _png(fig)
 
-    # a broken artifact (NME in the hundreds) must not squash every other bar: cap the axis at 3x the reference
-    # (without one, 3x the best target)
-    refs = [r["nme"]["balanced"] for r in rows if r["role"] == "reference" and r["nme"]["balanced"]]
-    scored = [r["nme"]["balanced"] for r in rows if r["nme"]["balanced"]]
-    top = 3 * max(refs) if refs else (3 * min(scored) if scored else None)
 
-    def tag(r: dict) -> str:
-        big = top is not None and max(v["mean"] or 0 for v in r["nme"]["bins"].values()) > top
-        return _label(r) + (" (off scale)" if big else "")
-
-    fig = Figure(figsize=(6.4, 4.2))
+def _bins_plot(rows: list[dict], color: dict, top: float | None) -> bytes:
+    fig = _figure()
     ax = fig.add_subplot()
     labels = [*metrics.BIN_LABELS, "balanced"]
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
         vals = [r["nme"]["bins"][b]["mean"] or 0 for b in metrics.BIN_LABELS] + [r["nme"]["balanced"] or 0]
-        ax.bar(np.arange(len(labels)) + (i - (len(rows) - 1) / 2) * width, vals, width, label=tag(r),
+        ax.bar(np.arange(len(labels)) + (i - (len(rows) - 1) / 2) * width, vals, width, label=_tag(r, top),
                color=color[r["key"]])
     ax.set_xticks(np.arange(len(labels)), [f"|yaw| {b}" if b != "balanced" else b for b in labels])
     ax.set(ylabel="NME (%)", title="NME per yaw bin")
@@ -244,66 +262,74 @@ def _figures(report: dict) -> dict[str, bytes]:
         ax.set_ylim(0, min(ax.get_ylim()[1], top))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    out["bins"] = png(fig)
+    return _png(fig)
 
+
+def _latency_plot(rows: list[dict]) -> bytes | None:
     timed = [r for r in rows if r["latency"]]
     settings = sorted({(lat["batch"], lat["threads"]) for r in timed for lat in r["latency"]})
-    if settings:
-        fig = Figure(figsize=(6.4, 0.8 + 0.3 * len(timed) * max(1, len(settings) / 2)))
-        ax = fig.add_subplot()
-        height = 0.8 / len(settings)
-        every = []
-        for j, (b, t) in enumerate(settings):
-            vals = [next((lat["per_image_ms"] for lat in r["latency"] if (lat["batch"], lat["threads"]) == (b, t)),
-                         np.nan) for r in timed]
-            every += [v for v in vals if np.isfinite(v)]
-            ax.barh(np.arange(len(timed)) + (j - (len(settings) - 1) / 2) * height, vals, height,
-                    label=f"batch {b}, {t} thread{'s' if t > 1 else ''}")
-        ax.set_yticks(np.arange(len(timed)), [_label(r) for r in timed], fontsize=7)
-        ax.invert_yaxis()
-        if every and max(every) > 30 * min(every):  # a slow runtime would flatten the others
-            ax.set_xscale("log")
-        ax.set(xlabel="median ms per image", title="Latency of predict")
-        ax.grid(axis="x", alpha=0.3)
-        ax.legend(fontsize=7)
-        out["latency"] = png(fig)
+    if not settings:
+        return None
+    fig = _figure(0.8 + 0.3 * len(timed) * max(1, len(settings) / 2))
+    ax = fig.add_subplot()
+    height = 0.8 / len(settings)
+    every = []
+    for j, (b, t) in enumerate(settings):
+        vals = [next((lat["per_image_ms"] for lat in r["latency"] if (lat["batch"], lat["threads"]) == (b, t)),
+                     np.nan) for r in timed]
+        every += [v for v in vals if np.isfinite(v)]
+        ax.barh(np.arange(len(timed)) + (j - (len(settings) - 1) / 2) * height, vals, height,
+                label=f"batch {b}, {t} thread{'s' if t > 1 else ''}")
+    ax.set_yticks(np.arange(len(timed)), [_label(r) for r in timed], fontsize=7)
+    ax.invert_yaxis()
+    if every and max(every) > 30 * min(every):  # a slow runtime would flatten the others
+        ax.set_xscale("log")
+    ax.set(xlabel="median ms per image", title="Latency of predict")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
 
+
+def _size_plot(rows: list[dict], color: dict, top: float | None) -> bytes | None:
     balanced = [r for r in rows if r["nme"]["balanced"] is not None]  # None: a yaw bin without faces
-    if balanced:
-        fig = Figure(figsize=(6.4, 4.2))
-        ax = fig.add_subplot()
-        for r in balanced:
-            y = r["nme"]["balanced"] if top is None else min(r["nme"]["balanced"], top)
-            ax.scatter(r["size_bytes"] / 1e6, y, marker="*" if r["role"] == "reference" else "o",
-                       color=color[r["key"]], s=90 if r["role"] == "reference" else 40, label=tag(r), alpha=0.85)
-        ax.set(xlabel="size on disk (MB)", ylabel="balanced NME (%)", title="Size vs accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-        out["size_nme"] = png(fig)
+    if not balanced:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    for r in balanced:
+        y = r["nme"]["balanced"] if top is None else min(r["nme"]["balanced"], top)
+        ax.scatter(r["size_bytes"] / 1e6, y, marker="*" if r["role"] == "reference" else "o",
+                   color=color[r["key"]], s=90 if r["role"] == "reference" else 40, label=_tag(r, top), alpha=0.85)
+    ax.set(xlabel="size on disk (MB)", ylabel="balanced NME (%)", title="Size vs accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return _png(fig)
 
+
+def _sensitivity_plot(report: dict) -> bytes | None:
     searched = [r for r in report["targets"] if (r.get("quantization") or {}).get("sensitivity")]
-    if searched:
-        fig = Figure(figsize=(6.4, 1.2 + 2.2 * len(searched)))
-        for i, r in enumerate(searched):
-            sens = r["quantization"]["sensitivity"]
-            order = [x["layer"] for x in sorted(sens, key=lambda x: x.get("index", 0))]
-            by = {x["layer"]: x for x in sens}
-            ax = fig.add_subplot(len(searched), 1, i + 1)
-            gains = [by[k]["gain"] if k in by else 0.0 for k in order]
-            keep = set(r["quantization"]["float_layers"])
-            ax.bar(range(len(order)), gains, color=["tab:red" if k in keep else "tab:blue" for k in order])
-            ax.set(ylabel="NME gain", title=f"{_label(r)}: NME gain when each layer alone stays float "
-                                            f"(red: kept float)")
-            ax.axhline(0, color="k", lw=0.5)
-            sq = [by[k]["sqnr_db"] if k in by and by[k]["sqnr_db"] is not None else np.nan for k in order]
-            if np.isfinite(sq).any():
-                ax2 = ax.twinx()
-                ax2.plot(range(len(order)), sq, "k.", ms=3)
-                ax2.set_ylabel("SQNR dB (dots)", fontsize=7)
-            ax.set_xlabel("layer (graph order)", fontsize=7)
-        fig.tight_layout()
-        out["sensitivity"] = png(fig)
-    return out
+    if not searched:
+        return None
+    fig = _figure(1.2 + 2.2 * len(searched))
+    for i, r in enumerate(searched):
+        sens = r["quantization"]["sensitivity"]
+        order = [x["layer"] for x in sorted(sens, key=lambda x: x.get("index", 0))]
+        by = {x["layer"]: x for x in sens}
+        ax = fig.add_subplot(len(searched), 1, i + 1)
+        gains = [by[k]["gain"] if k in by else 0.0 for k in order]
+        keep = set(r["quantization"]["float_layers"])
+        ax.bar(range(len(order)), gains, color=["tab:red" if k in keep else "tab:blue" for k in order])
+        ax.set(ylabel="NME gain", title=f"{_label(r)}: NME gain when each layer alone stays float "
+                                        f"(red: kept float)")
+        ax.axhline(0, color="k", lw=0.5)
+        sq = [by[k]["sqnr_db"] if k in by and by[k]["sqnr_db"] is not None else np.nan for k in order]
+        if np.isfinite(sq).any():
+            ax2 = ax.twinx()
+            ax2.plot(range(len(order)), sq, "k.", ms=3)
+            ax2.set_ylabel("SQNR dB (dots)", fontsize=7)
+        ax.set_xlabel("layer (graph order)", fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
 
 
 # ---------------------------------------------------------------- tables
