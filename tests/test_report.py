@@ -181,7 +181,14 @@ class _Tables(HTMLParser):
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     """A report with a failed row and an untested format, written once (plots included)."""
-    rep = _build([_row("onnx", "fp32", ms=0.9, size=3_400_000), _row("onnx", "int8", ms=0.5, size=1_100_000),
+    int8 = _row("onnx", "int8", ms=0.5, size=1_100_000)
+    int8["quantization"] = {  # as convert --nme-budget --sensitivity records it: the budget and sensitivity tables
+        "budget": {"nme": 0.05, "bin_nme": 0.1}, "met": True, "chosen": "mixed", "float_layers": ["conv1"],
+        "delta": {"balanced": 0.01, "bins": dict.fromkeys(metrics.BIN_LABELS, 0.02)}, "latency_ms": 0.5,
+        "fp32_latency_ms": 0.9, "seconds": 12.0,
+        "sensitivity": [{"layer": "conv1", "index": 0, "gain": 0.03, "nme_alone_float": 3.81, "sqnr_db": 20.0},
+                        {"layer": "fc", "index": 1, "gain": 0.001, "nme_alone_float": 3.84, "sqnr_db": None}]}
+    rep = _build([_row("onnx", "fp32", ms=0.9, size=3_400_000), int8,
                   _row("tflite", "int8", ms=0.4, size=1_100_000, delta=FAILING)],
                  not_attempted=[{"what": "executorch", "reason": "the executorch extra is not installed"}])
     out = tmp_path_factory.mktemp("rep")
@@ -212,6 +219,7 @@ def test_the_html_opens_with_the_verdict_then_the_recommendation_table(written):
     assert page.index("<table") < page.index("<img")  # the table, then the plots
     assert 'alt="latency_nme"' in page and page.index('alt="latency_nme"') < page.index('alt="ced"')
     assert "<details><summary>CED of every target" in page  # the failed tflite row is not in the first CED
+    assert 'alt="sensitivity"' in page and "<h2>Int8 within an NME budget</h2>" in page
 
 
 def test_gates_are_a_table_and_the_verdict_is_the_first_column(written):

@@ -345,14 +345,15 @@ def _md_table(head: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in esc[1:]])
 
 
-def _html_table(head: list[str], body: list[list[str]]) -> str:
+def _html_table(head: list[str], body: list[list[str]], css: str = "") -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     trs = []
     for row in body:
         cls = ' class="fail"' if row and row[0].startswith("FAILED") else (
             ' class="unverified"' if row and row[0].startswith("NOT VERIFIED") else "")
         trs.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(trs)}</tbody></table>"
+    attr = f" class='{css}'" if css else ""
+    return f"<table{attr}><thead><tr>{th}</tr></thead><tbody>{''.join(trs)}</tbody></table>"
 
 
 def _summary_lines(report: dict) -> list[str]:
@@ -413,15 +414,18 @@ def render_markdown(report: dict, images: dict[str, str]) -> str:
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:1em;color:#222;max-width:1200px}
 table{border-collapse:collapse;font-size:13px;margin:0.6em 0}th,td{border:1px solid #ccc;padding:3px 6px;
-text-align:right;overflow-wrap:anywhere}td:first-child,th:first-child,td.l{text-align:left}th{background:#f3f3f3}
-tr.fail td{background:#fde2e2}tr.unverified td{background:#fff3d6}.pass{color:#080}.failed{color:#b00}
-.unverified{color:#a60}.wide{overflow-x:auto}.plots img{width:49%;min-width:380px;vertical-align:top}
-code{font-size:12px;white-space:nowrap}table.ship td:last-child{text-align:left}p.note{font-size:12px;color:#555}
-details{margin:0.4em 0}summary{cursor:pointer;color:#246}"""
+text-align:right}td{overflow-wrap:anywhere}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}
+table.text td,table.text th,table.ship td:nth-child(-n+2),table.ship th:nth-child(-n+2),table.ship td:last-child,
+table.ship th:last-child{text-align:left}tr.fail td{background:#fde2e2}tr.unverified td{background:#fff3d6}
+.pass{color:#080}.failed{color:#b00}.unverified{color:#a60}.wide{overflow-x:auto}
+.plots img{width:49%;min-width:380px;vertical-align:top}.plots img.hero{width:auto;max-width:100%}
+code{font-size:12px;white-space:nowrap}p.note{font-size:12px;color:#555}details{margin:0.4em 0}
+summary{cursor:pointer;color:#246}"""
 
 
 def _img(name: str, data: bytes) -> str:
-    return f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+    hero = ' class="hero"' if name == "latency_nme" else ""  # the headline plot: full width
+    return f'<img alt="{name}"{hero} src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
 def _html_ship(report: dict) -> str:
@@ -458,6 +462,7 @@ def render_html(report: dict, pngs: dict[str, bytes]) -> str:
     lat = _latency_table(report)
     budget, sens = _budget_table(report), _sensitivity_table(report)
     proto = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in report["protocol"].items())
+    gates = _html_table(*_gates_table(report), css="text")
     return (f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
             f"<title>{report['verdict']}: edge3dfa validation report</title><style>{_CSS}</style></head><body>"
             f"<p class='{cls}'><b>{html.escape(verdict_line(report))}</b></p>"
@@ -465,7 +470,7 @@ def render_html(report: dict, pngs: dict[str, bytes]) -> str:
             + (f"<h3>Why not PASSED</h3><ul>{reasons}</ul>" if reasons else "")
             + (f"<h2>Plots</h2>{_html_plots(pngs)}" if pngs else "")
             + f"<h2>Setting</h2><ul>{items}</ul>"
-            f"<h2>Gates</h2><p>{html.escape(_gates_note(report))}</p>{_html_table(*_gates_table(report))}"
+            f"<h2>Gates</h2><p>{html.escape(_gates_note(report))}</p>{gates}"
             f"<h2>Accuracy (NME %)</h2><div class='wide'>{_html_table(*_accuracy_table(report))}</div>"
             + (f"<h2>Latency</h2><div class='wide'>{_html_table(*lat)}</div>" if lat[1] else "")
             + (f"<h2>Int8 within an NME budget</h2><p>{html.escape(BUDGET_TEXT)}</p>"
