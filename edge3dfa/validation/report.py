@@ -381,8 +381,10 @@ _SHIP_NOTE = (f"The fastest artifact of each format that passed every gate (medi
 
 def _ship_notes(report: dict) -> list[str]:
     """How each recommendation was chosen, where that is not plainly the fastest."""
-    return [f"{e['format']} {e['precision']}: {e['chosen_by']}" for e in recommended(report)
-            if e["artifact"] and e["chosen_by"] != FASTEST]
+    entries = recommended(report)
+    several = len({e["model"] for e in entries}) > 1
+    return [f"{e['model'] + ' ' if several else ''}{e['format']} {e['precision']}: {e['chosen_by']}"
+            for e in entries if e["artifact"] and e["chosen_by"] != FASTEST]
 
 
 def render_markdown(report: dict, images: dict[str, str]) -> str:
