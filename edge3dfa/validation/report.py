@@ -9,6 +9,8 @@ report.json, schema ``edge3dfa.report/2`` (numbers are plain JSON numbers; null 
                       be computed, no gates at all, no artifact scored); PASSED otherwise. ``validate``/``export``
                       exit 0 only for PASSED, 1 for FAILED and NOT VERIFIED.
     verdict_reasons   [one line per target that is not PASSED: what failed or was not checked]
+    recommended       [per model and format: the artifact to ship, or null and why none]: the fastest PASSED
+                      artifact at batch 1, one thread, ties to the smaller (edge3dfa.validation.recommend)
     passed            verdict == "PASSED"
     created           ISO time (UTC); edge3dfa_version; tools {package: version}
     machine           {platform, machine, python, cpu_threads}
@@ -45,9 +47,6 @@ report.json, schema ``edge3dfa.report/2`` (numbers are plain JSON numbers; null 
                       it is empty when the runtime is only a simulation (e.g. CoreML evaluated in numpy)
       gates           [{gate, value, limit, passed (true|false|null: not checked), vs (reference|fp32|null),
                        note}]
-
-    recommended       [per model and format: the artifact to ship, or null and why none]: the fastest PASSED artifact
-                      at batch 1, one thread, ties to the smaller (edge3dfa.validation.recommend, fields there)
 
 The report opens with the verdict and the recommendation table (what to ship per format and the command that
 runs it), then the plots (edge3dfa.validation.plots: latency vs NME with the Pareto front first), the gates as a
