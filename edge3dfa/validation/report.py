@@ -240,8 +240,8 @@ def _ship_table(report: dict, folder: str | os.PathLike | None = None) -> tuple[
     """What to ship: one row per model and format; the last cell is the command (or why there is none)."""
     entries = recommended(report)
     several = len({e["model"] for e in entries}) > 1
-    head = ["format", "precision", "balanced NME (Δ vs torch)", "worst yaw bin",
-            f"ms (batch {BATCH}, {THREADS} thread)", "size MB", "run it"]
+    head = ["format", "precision", "balanced NME (Δ vs torch)", "worst yaw bin", f"ms, {THREADS} thread",
+            "size MB", "run it"]
     body = []
     for e in entries:
         fmt = f"{e['model']} {e['format']}" if several else e["format"]
@@ -415,7 +415,7 @@ def render_markdown(report: dict, images: dict[str, str]) -> str:
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:1em;color:#222;max-width:1200px}
 table{border-collapse:collapse;font-size:13px;margin:0.6em 0}th,td{border:1px solid #ccc;padding:3px 6px;
-text-align:right}td{overflow-wrap:anywhere}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}
+text-align:right}td{overflow-wrap:break-word}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}
 table.text td,table.text th,table.ship td:nth-child(-n+2),table.ship th:nth-child(-n+2),table.ship td:last-child,
 table.ship th:last-child{text-align:left}tr.fail td{background:#fde2e2}tr.unverified td{background:#fff3d6}
 .pass{color:#080}.failed{color:#b00}.unverified{color:#a60}.wide{overflow-x:auto}
