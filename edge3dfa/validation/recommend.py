@@ -30,11 +30,12 @@ import shlex
 from collections import Counter
 from typing import Any
 
+from edge3dfa.validation.gates import PASSED
+
 #: latency is compared at this (batch, threads): one face at a time on one core, the Pi's case
 BATCH, THREADS = 1, 1
 #: medians that round to the same value at this resolution (what the report tables show) are a tie
 LATENCY_RESOLUTION_MS = 0.01
-PASSED = "PASSED"
 #: ``chosen_by`` of a plain pick, the fastest with no tie
 FASTEST = f"fastest passing (batch {BATCH}, {THREADS} thread)"
 
