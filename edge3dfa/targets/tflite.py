@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from edge3dfa.errors import Edge3dfaError
+from edge3dfa.logs import one_line
 from edge3dfa.target import Target
 
 _IDENTIFIER = b"TFL3"
@@ -36,13 +37,7 @@ def _interpreter_class() -> tuple[type, str]:
                             "(ai-edge-litert) or tflite-runtime") from e
 
 
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = " ".join(lines[:2]) if lines else type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _cut_short(blob: bytes) -> str | None:
+def cut_short(blob: bytes) -> str | None:
     """Why a .tflite flatbuffer does not fit in its file, or None when every object it points to does.
 
     tflite-runtime, unlike LiteRT, does not verify the flatbuffer and crashes on a truncated file. This walks
@@ -135,7 +130,7 @@ class TFLiteTarget(Target):
         if len(head) < 8 or head[4:8] != _IDENTIFIER:
             raise Edge3dfaError(f"{self.path}: not a TFLite model (no {_IDENTIFIER.decode()} identifier)")
         if self.runtime == "tflite_runtime":  # LiteRT verifies the flatbuffer itself
-            problem = _cut_short(self.path.read_bytes())
+            problem = cut_short(self.path.read_bytes())
             if problem:
                 raise Edge3dfaError(f"{self.path.name}: truncated or corrupt TFLite file: {problem}")
         self.num_threads = int(threads) if threads else (os.cpu_count() or 1)
@@ -146,7 +141,7 @@ class TFLiteTarget(Target):
             why = ("it needs a newer runtime (see min_runtime in its manifest; pip install ai-edge-litert)"
                    if "find op" in str(e) else "truncated or corrupt file?")
             raise Edge3dfaError(f"{self.path.name}: {_runtime_version()} cannot load it: {why} "
-                                f"({_one_line(e, 120)})") from None
+                                f"({one_line(e, 120)})") from None
         inputs = self.interpreter.get_input_details()
         if len(inputs) != 1 or len(inputs[0]["shape"]) != 4:
             shapes = [list(i["shape"]) for i in inputs]
@@ -223,7 +218,7 @@ class TFLiteTarget(Target):
                 self.interpreter.resize_tensor_input(idx, list(x.shape))
                 self.interpreter.allocate_tensors()
             except (ValueError, RuntimeError) as e:
-                raise Edge3dfaError(f"{self.name}: cannot run a batch of {len(x)} ({_one_line(e)})") from None
+                raise Edge3dfaError(f"{self.name}: cannot run a batch of {len(x)} ({one_line(e)})") from None
             self._batch = len(x)
         self.interpreter.set_tensor(idx, x)
         self.interpreter.invoke()
