@@ -47,8 +47,8 @@ EXECUTORCH_FLOAT_CHOICES = {"all int8": (), "first conv int8": ("last",), "param
                             "default": ("first", "last")}
 EXECUTORCH_CHOICES = {"minmax": ({"observer": "minmax"}, 256), "per-tensor": ({"per_channel": False}, 256),
                       "calib 64": ({}, 64)}
-TFLITE_CHOICES = {"default": ("float", 256), "calib 32": ("float", 32), "calib 64": ("float", 64),
-                  "calib 128": ("float", 128), "head int8": ("int8", 256)}
+TFLITE_CHOICES = {"default": ({}, 256), "calib 32": ({}, 32), "calib 64": ({}, 64), "calib 128": ({}, 128),
+                  "params layer int8": ({"params_layer": "int8"}, 256)}
 
 
 def scores(params: np.ndarray, data, aflw21: bool) -> dict:  # noqa: ANN001
@@ -110,22 +110,7 @@ def main() -> None:
                     results[key][f"onnx {name}"] = row
                     _print(key, f"onnx {name}", row)
             if "tflite" in args.formats:
-                from edge3dfa.converters import tflite as conv
-
-                fp32 = work / "fp32.tflite"
-                conv.export(src.load(), fp32, "fp32", source=src)
-                results[key]["tflite fp32 ms"] = latency(fp32)
-                builder = conv.Int8Builder(src.load(), source=src, calibration=pool.data)
-                for name, (head, n) in TFLITE_CHOICES.items():
-                    builder.o["head"] = head
-                    builder.head = conv._head_tensors(builder.content) if head == "float" else []  # noqa: SLF001
-                    q, _ = builder._recipe([])  # noqa: SLF001 - benchmark internals
-                    builder.qsvs = conv._calibrate(builder.content, q, pool.data[:n])  # noqa: SLF001
-                    path = work / f"{len(results[key])}.tflite"
-                    builder.export(path)
-                    row = measure(path, ref, held, aflw, False)
-                    results[key][f"tflite {name}"] = row
-                    _print(key, f"tflite {name}", row)
+                results[key].update(tflite_choices(src, pool, ref, held, aflw, work, key))
             if "executorch" in args.formats:
                 results[key].update(executorch_choices(src, pool, ref, held, aflw, work, key))
         print(f"{key}: onnx fp32 {results[key].get('onnx fp32 ms')}, tflite fp32 {results[key].get('tflite fp32 ms')} "
@@ -134,6 +119,22 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "int8_choices.json", results)
     print(f"wrote {out / 'int8_choices.json'}")
+
+
+def tflite_choices(src, pool, ref: dict, held, aflw, work: Path, key: str) -> dict:  # noqa: ANN001
+    """fp32 latency and the int8 choices of the TFLite converter, as rows keyed 'tflite NAME'."""
+    from edge3dfa.converters import get_format
+
+    fmt = get_format("tflite")
+    fp32 = work / "fp32.tflite"
+    fmt.write(src, fp32, "fp32", fmt.Options.parse({}), None)
+    rows: dict = {"tflite fp32 ms": latency(fp32)}
+    for name, (opts, n) in TFLITE_CHOICES.items():
+        path = work / f"tflite_{len(rows)}.tflite"
+        fmt.int8_builder(src, fmt.Options.parse(opts), pool.data[:n], work).export(path)
+        rows[f"tflite {name}"] = measure(path, ref, held, aflw, False)
+        _print(key, f"tflite {name}", rows[f"tflite {name}"])
+    return rows
 
 
 def executorch_choices(src, pool, ref: dict, held, aflw, work: Path, key: str) -> dict:  # noqa: ANN001

@@ -11,30 +11,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-
-import numpy as np
 
 from edge3dfa import assets
 from edge3dfa.converters import convert
+from edge3dfa.converters.tflite import TFLiteFormat
 from edge3dfa.datasets.calibration import load_eval_crops
 from edge3dfa.manifest import manifest_path
+from edge3dfa.measure.timing import time_calls
 from edge3dfa.models.checkpoint import Checkpoint
 from edge3dfa.targets.tflite import TFLiteTarget
 from edge3dfa.targets.torch import TorchTarget
 
-PRECISIONS = ("fp32", "fp16", "dyn-int8", "int8")
+PRECISIONS = TFLiteFormat.precisions
 
 
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(max(10, repeats // 10)):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
+def median_ms(fn, repeats: int) -> float:  # noqa: ANN001
+    return time_calls(fn, max(10, repeats // 10), repeats)["median_ms"]
 
 
 #: zoo models without public weights -> the distilled test fixture that stands in (same architecture)

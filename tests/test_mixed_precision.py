@@ -227,12 +227,13 @@ def test_tflite_layers_and_keep_float(tmp_path):
     """TFLite layers are named like ONNX ones; a layer kept float has float weights, the others int8."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from edge3dfa.converters import tflite as conv
+    from edge3dfa.converters import get_format
+    from edge3dfa.converters.tflite import TFLiteOptions
     from edge3dfa.datasets.calibration import load_calibration
     from edge3dfa.models.checkpoint import Checkpoint
 
     src = Checkpoint.open("mb05")
-    b = conv.Int8Builder(src.load(), source=src, calibration=load_calibration(None, count=16).data)
+    b = get_format("tflite").int8_builder(src, TFLiteOptions.parse({}), load_calibration(None, count=16), tmp_path)
     names = list(b.layers)
     assert len(names) == 1 + 2 * 13  # MobileNet-V1: conv1 + 13 depthwise-separable blocks; the head stays float
     assert names[:3] == ["conv1", "dw2_1/conv_dw", "dw2_1/conv_sep"]

@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from edge3dfa.errors import Edge3dfaError
+from edge3dfa.logs import one_line
 from edge3dfa.target import Target
 
 _IDENTIFIER = b"TFL3"
@@ -36,72 +37,75 @@ def _interpreter_class() -> tuple[type, str]:
                             "(ai-edge-litert) or tflite-runtime") from e
 
 
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = " ".join(lines[:2]) if lines else type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+class _Flatbuffer:
+    """Bounds-checked reads of flatbuffer tables: an IndexError when anything points outside the blob."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob, self.n = blob, len(blob)
+
+    def read(self, pos: int, size: int, signed: bool = False) -> int:
+        if pos < 0 or pos + size > self.n:
+            raise IndexError(pos)
+        return int.from_bytes(self.blob[pos:pos + size], "little", signed=signed)
+
+    def field(self, table: int, index: int) -> int | None:
+        """Address of field ``index`` of ``table``; None when absent."""
+        vtable = table - self.read(table, 4, signed=True)
+        slot = 4 + 2 * index
+        if slot + 2 > self.read(vtable, 2):
+            return None
+        offset = self.read(vtable + slot, 2)
+        return table + offset if offset else None
+
+    def vector(self, table: int, index: int, elem: int = 4) -> tuple[int, int]:
+        """(first element address, length) of a vector field, checked to fit; (0, 0) when absent."""
+        at = self.field(table, index)
+        if at is None:
+            return 0, 0
+        start = at + self.read(at, 4)
+        length = self.read(start, 4)
+        self.read(start + 4, length * elem) if length else None
+        return start + 4, length
+
+    def tables(self, table: int, index: int) -> list[int]:
+        """The tables of a vector-of-tables field, each with its vtable checked to be inside the blob."""
+        first, length = self.vector(table, index)
+        out = [first + 4 * i + self.read(first + 4 * i, 4) for i in range(length)]
+        for t in out:
+            self.field(t, 0)
+        return out
 
 
-def _cut_short(blob: bytes) -> str | None:
+def cut_short(blob: bytes) -> str | None:
     """Why a .tflite flatbuffer does not fit in its file, or None when every object it points to does.
 
     tflite-runtime, unlike LiteRT, does not verify the flatbuffer and crashes on a truncated file. This walks
     the parts of the TFLite schema the interpreter reads at load (operator codes, subgraphs with their tensors
     and operators, buffers, metadata, signatures) with bounds-checked reads; field numbers are schema.fbs's.
     """
-    n = len(blob)
-
-    def read(pos: int, size: int, signed: bool = False) -> int:
-        if pos < 0 or pos + size > n:
-            raise IndexError(pos)
-        return int.from_bytes(blob[pos:pos + size], "little", signed=signed)
-
-    def field(table: int, index: int) -> int | None:
-        vtable = table - read(table, 4, signed=True)
-        slot = 4 + 2 * index
-        if slot + 2 > read(vtable, 2):
-            return None
-        offset = read(vtable + slot, 2)
-        return table + offset if offset else None
-
-    def vector(table: int, index: int, elem: int = 4) -> tuple[int, int]:
-        """(first element address, length) of a vector field, checked to fit; (0, 0) when absent."""
-        at = field(table, index)
-        if at is None:
-            return 0, 0
-        start = at + read(at, 4)
-        length = read(start, 4)
-        read(start + 4, length * elem) if length else None
-        return start + 4, length
-
-    def tables(table: int, index: int) -> list[int]:
-        first, length = vector(table, index)
-        out = [first + 4 * i + read(first + 4 * i, 4) for i in range(length)]
-        for t in out:
-            field(t, 0)  # its vtable must be inside the file
-        return out
-
+    fb, n = _Flatbuffer(blob), len(blob)
     try:
-        model = read(0, 4)
-        tables(model, 1)  # operator_codes
-        for graph in tables(model, 2):  # subgraphs
-            for tensor in tables(graph, 0):
-                vector(tensor, 0)  # shape
-                vector(tensor, 3, 1)  # name
-                for quant in ([field(tensor, 4)] if field(tensor, 4) else []):
-                    q = quant + read(quant, 4)
-                    vector(q, 2)  # scale
-                    vector(q, 3, 8)  # zero_point
-            vector(graph, 1), vector(graph, 2)  # inputs, outputs
-            for op in tables(graph, 3):
-                vector(op, 1), vector(op, 2)  # inputs, outputs
-        for i, buf in enumerate(tables(model, 4)):  # buffers
-            vector(buf, 0, 1)
-            offset, size = field(buf, 1), field(buf, 2)
-            if offset is not None and size is not None and read(offset, 8) > 1 and read(offset, 8) + read(size, 8) > n:
+        model = fb.read(0, 4)
+        fb.tables(model, 1)  # operator_codes
+        for graph in fb.tables(model, 2):  # subgraphs
+            for tensor in fb.tables(graph, 0):
+                fb.vector(tensor, 0)  # shape
+                fb.vector(tensor, 3, 1)  # name
+                for quant in ([fb.field(tensor, 4)] if fb.field(tensor, 4) else []):
+                    q = quant + fb.read(quant, 4)
+                    fb.vector(q, 2)  # scale
+                    fb.vector(q, 3, 8)  # zero_point
+            fb.vector(graph, 1), fb.vector(graph, 2)  # inputs, outputs
+            for op in fb.tables(graph, 3):
+                fb.vector(op, 1), fb.vector(op, 2)  # inputs, outputs
+        for i, buf in enumerate(fb.tables(model, 4)):  # buffers
+            fb.vector(buf, 0, 1)
+            offset, size = fb.field(buf, 1), fb.field(buf, 2)
+            if offset is not None and size is not None and fb.read(offset, 8) > 1 \
+                    and fb.read(offset, 8) + fb.read(size, 8) > n:
                 return f"buffer {i} runs past the end of the file ({n} bytes)"
-        tables(model, 6)  # metadata
-        tables(model, 7)  # signature_defs
+        fb.tables(model, 6)  # metadata
+        fb.tables(model, 7)  # signature_defs
     except IndexError:
         return f"it points past the end of the file ({n} bytes)"
     return None
@@ -135,7 +139,7 @@ class TFLiteTarget(Target):
         if len(head) < 8 or head[4:8] != _IDENTIFIER:
             raise Edge3dfaError(f"{self.path}: not a TFLite model (no {_IDENTIFIER.decode()} identifier)")
         if self.runtime == "tflite_runtime":  # LiteRT verifies the flatbuffer itself
-            problem = _cut_short(self.path.read_bytes())
+            problem = cut_short(self.path.read_bytes())
             if problem:
                 raise Edge3dfaError(f"{self.path.name}: truncated or corrupt TFLite file: {problem}")
         self.num_threads = int(threads) if threads else (os.cpu_count() or 1)
@@ -146,7 +150,7 @@ class TFLiteTarget(Target):
             why = ("it needs a newer runtime (see min_runtime in its manifest; pip install ai-edge-litert)"
                    if "find op" in str(e) else "truncated or corrupt file?")
             raise Edge3dfaError(f"{self.path.name}: {_runtime_version()} cannot load it: {why} "
-                                f"({_one_line(e, 120)})") from None
+                                f"({one_line(e, 120)})") from None
         inputs = self.interpreter.get_input_details()
         if len(inputs) != 1 or len(inputs[0]["shape"]) != 4:
             shapes = [list(i["shape"]) for i in inputs]
@@ -223,7 +227,7 @@ class TFLiteTarget(Target):
                 self.interpreter.resize_tensor_input(idx, list(x.shape))
                 self.interpreter.allocate_tensors()
             except (ValueError, RuntimeError) as e:
-                raise Edge3dfaError(f"{self.name}: cannot run a batch of {len(x)} ({_one_line(e)})") from None
+                raise Edge3dfaError(f"{self.name}: cannot run a batch of {len(x)} ({one_line(e)})") from None
             self._batch = len(x)
         self.interpreter.set_tensor(idx, x)
         self.interpreter.invoke()

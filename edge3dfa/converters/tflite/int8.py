@@ -1,0 +1,187 @@
+"""Static int8 TFLite with ai-edge-quantizer: one float flatbuffer, calibrated once, quantized as often as asked.
+
+* Activation ranges are the global min/max over the calibration set: ai-edge-quantizer's default moving
+  average (0.95) lets the last samples set the ranges and clipped outliers (mb05 max param error 2.0 -> 0.2).
+* The params layer (the last FULLY_CONNECTED and what follows it) stays float unless ``params_layer="int8"``:
+  an int8 params tensor alone costs ~0.6 px on 120x120 crops (README, "Per precision").
+* HARD_SWISH stays float unless ``hard_swish="int8"``: XNNPACK has no int8 hard-swish here, and the reference
+  kernel made int8 MobileNet-V3 3.7x slower (``benchmarks/int8_speed.py``).
+* ``io="int8"`` gives a full-integer graph (int8 params layer and hard-swish too) for integer-only hardware.
+
+``layers`` names each CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED like the model's modules (as ONNX's do), so
+the NME-budget search can keep any of them float.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edge3dfa.converters.base import Int8Builder
+from edge3dfa.converters.tflite.export import CROP_SIZE, float_flatbuffer, quiet_bars, write_artifact
+from edge3dfa.converters.tflite.opversions import inspect_ops
+from edge3dfa.datasets.calibration import CalibrationSet, crops_of
+from edge3dfa.errors import Edge3dfaError
+
+if TYPE_CHECKING:
+    from edge3dfa.converters.tflite import TFLiteOptions
+    from edge3dfa.models import Checkpoint
+
+_WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+
+def _interpreter(content: bytes) -> Any:
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_content=content)
+
+
+def _graph_ops(interp: Any) -> list[dict[str, Any]]:
+    return interp._get_ops_details()  # noqa: SLF001 - read-only graph walk; LiteRT has no public one
+
+
+def params_layer_tensors(content: bytes) -> list[str]:
+    """Output tensor names from the last weighted op (the params layer) through to the model output."""
+    interp = _interpreter(content)
+    out = interp.get_output_details()[0]["index"]
+    ops = {o: op for op in _graph_ops(interp) for o in op["outputs"]}
+    names = {t["index"]: t["name"] for t in interp.get_tensor_details()}
+    chain = []
+    while out in ops:
+        op = ops[out]
+        chain.append(names[out])
+        if op["op_name"] in ("FULLY_CONNECTED", "CONV_2D"):
+            return chain
+        out = op["inputs"][0]
+    return []
+
+
+def short_name(tensor: str) -> str:
+    """``.../DepthWiseBlock_dw2_1/torch.nn.modules.conv.Conv2d_conv_dw;1`` -> ``dw2_1/conv_dw``: the module
+    path of the last scope in a litert-torch tensor name, as attribute names (ONNX's names say the same)."""
+    scope = next((p for p in reversed(tensor.split(";")) if p and not p.isdigit()), tensor)
+    attrs = [c.rsplit(".", 1)[-1].split("_", 1)[1] for c in scope.split("/") if "_" in c.rsplit(".", 1)[-1]]
+    return "/".join(attrs[1:]) or scope  # attrs[0] is the wrapped model itself
+
+
+def layer_units(content: bytes, skip: set[str] = frozenset()) -> dict[str, list[str]]:
+    """Candidate layers for mixed precision, in execution order: each CONV_2D / DEPTHWISE_CONV_2D /
+    FULLY_CONNECTED with the ops after it up to the next one; values are the ops' output tensor names."""
+    interp = _interpreter(content)
+    names = {t["index"]: t["name"] for t in interp.get_tensor_details()}
+    units: dict[str, list[str]] = {}
+    pending: list[str] = []
+    current = None
+    for op in _graph_ops(interp):
+        outs = [names[o] for o in op["outputs"]]
+        if any(t in skip for t in outs):
+            continue
+        if op["op_name"] in _WEIGHTED:
+            current = short_name(outs[0])
+            while current in units:
+                current += "'"
+            units[current] = pending
+            pending = []
+        (units[current] if current else pending).extend(outs)
+    return units
+
+
+def _no_quantize(q: Any, operation: Any, regex: str = ".*") -> None:
+    from ai_edge_quantizer import qtyping
+
+    q.update_quantization_recipe(regex=regex, operation_name=operation, op_config=qtyping.OpQuantizationConfig(),
+                                 algorithm_key="no_quantize")
+
+
+def int8_recipe(content: bytes, options: TFLiteOptions, params_layer: list[str], hard_swish: bool,
+                float_tensors: list[str]) -> tuple[Any, list[str]]:
+    """A Quantizer for static int8 with the ``params_layer`` tensors, hard-swish (as the options say) and the ops
+    writing ``float_tensors`` left float, and the notes that say so."""
+    from ai_edge_quantizer import qtyping, quantizer
+
+    ops = qtyping.TFLOperationName
+    q = quantizer.Quantizer(bytearray(content))
+    notes = []
+    q.add_static_config(regex=".*", operation_name=ops.ALL_SUPPORTED, activation_num_bits=8, weight_num_bits=8)
+    if options.io == "float":
+        _no_quantize(q, ops.INPUT)
+        _no_quantize(q, ops.OUTPUT)
+    if options.hard_swish_precision == "float":
+        _no_quantize(q, ops.HARD_SWISH)
+        if hard_swish:
+            notes.append("int8: HARD_SWISH kept float (DEQUANTIZE/QUANTIZE around it): XNNPACK runs no int8 "
+                         "hard-swish, and the reference kernel made int8 MobileNet-V3 3.7x slower than this")
+    if params_layer or float_tensors:
+        # ai-edge-quantizer matches an op's scope: its output tensor names, each followed by ";"
+        regex = "|".join(f"^{re.escape(name)};" for name in params_layer + float_tensors)
+        _no_quantize(q, ops.ALL_SUPPORTED, regex=regex)
+    if params_layer:
+        notes.append("int8: every op int8 except the params head, kept float (an int8 params tensor alone "
+                     "costs ~0.6 px of landmark error on 120x120 crops)")
+    else:
+        notes.append("int8: full-integer graph" + (" with int8 input and output" if options.io == "int8" else ""))
+    return q, notes
+
+
+def _input_name(content: bytes) -> str:
+    return _interpreter(content).get_signature_list()["serving_default"]["inputs"][0]
+
+
+def calibrate(content: bytes, q: Any, crops: np.ndarray) -> Any:
+    """Tensor ranges of ``q``'s recipe on NCHW ``crops``: global min/max over the set (see module docstring)."""
+    from ai_edge_quantizer import calibrator, recipe_manager
+    from ai_edge_quantizer.utils import qsv_utils
+
+    rm = recipe_manager.RecipeManager()
+    rm.load_quantization_recipe(q.get_quantization_recipe())
+    name = _input_name(content)
+    cal = calibrator.Calibrator(bytes(content), num_threads=os.cpu_count() or 1,
+                                qsv_update_func=qsv_utils.min_max_update)
+    data = [{name: np.ascontiguousarray(x[None].transpose(0, 2, 3, 1))} for x in crops]
+    with quiet_bars():
+        cal.calibrate({"serving_default": data}, rm)
+    return cal.get_model_qsvs()
+
+
+class TFLiteInt8Builder(Int8Builder):
+    """The float flatbuffer, converted and calibrated once, quantized to int8 as often as asked with different
+    ``layers`` kept float (the mixed-precision search builds dozens of variants)."""
+
+    def __init__(self, source: Checkpoint, options: TFLiteOptions, calibration: CalibrationSet | np.ndarray,
+                 work: Path | None = None) -> None:
+        if calibration is None:
+            raise Edge3dfaError("int8 needs a calibration set")
+        self.options, self.detector = options, source.is_detector
+        t0 = time.perf_counter()
+        self.content = float_flatbuffer(source.load(), CROP_SIZE)
+        self.params_layer = params_layer_tensors(self.content) if options.params_layer_precision == "float" else []
+        self.hard_swish = "HARD_SWISH" in inspect_ops(self.content)[1]["ops"]
+        self.layers = layer_units(self.content, set(self.params_layer))
+        q, _ = self._recipe(())
+        self.qsvs = calibrate(self.content, q, crops_of(calibration))
+        self.seconds = time.perf_counter() - t0
+
+    def _recipe(self, keep_float: Sequence[str]) -> tuple[Any, list[str]]:
+        tensors = [t for k in keep_float for t in self.layers[k]]
+        return int8_recipe(self.content, self.options, self.params_layer, self.hard_swish, tensors)
+
+    def export(self, dest: str | os.PathLike, keep_float: Sequence[str] = ()) -> dict[str, Any]:
+        """Write ``dest`` with ``keep_float`` layers float; returns its manifest fields (as ``Format.write``)."""
+        unknown = [k for k in keep_float if k not in self.layers]
+        if unknown:
+            raise Edge3dfaError(f"no layer {unknown[0]!r} in the graph; e.g. {', '.join(list(self.layers)[:3])}")
+        t0 = time.perf_counter()
+        q, notes = self._recipe(keep_float)
+        with quiet_bars():
+            content = bytes(q.quantize(self.qsvs, enable_progress_report=False).quantized_model)
+        fields = write_artifact(content, Path(dest), "int8", self.options, self.detector, notes,
+                                self.seconds + time.perf_counter() - t0)
+        if keep_float:
+            fields["options"]["float_layers"] = list(keep_float)
+        return fields
