@@ -245,3 +245,19 @@ def test_bad_layers_are_user_errors(tiny_builder, crops):
         tiny_builder.export(Path("unused.pte"), ["nope"])
     with pytest.raises(Edge3dfaError, match="exclude: no layer"):
         FORMAT.int8_builder(tiny_source(), options(exclude="stem.9"), crops[:4], None)
+
+
+def test_a_missing_runtime_names_its_extra_from_the_package_metadata(tmp_path, monkeypatch):
+    """The core knows no format by name: the pip extra in the message is the one pyproject.toml declares for the
+    missing distribution (executorch -> edge3dfa[executorch])."""
+    import edge3dfa.target as target_module
+
+    class Missing:
+        def load(self):  # noqa: ANN202
+            raise ImportError("No module named 'executorch'", name="executorch")
+
+    monkeypatch.setattr(target_module, "target_suffixes", lambda: {".pte": Missing()})
+    path = tmp_path / "x.pte"
+    path.write_bytes(b"\0" * 16)
+    with pytest.raises(Edge3dfaError, match=r"pip install 'edge3dfa\[executorch\]'"):
+        open_target(path, verify=False)
