@@ -6,7 +6,7 @@ EDGE3DFA_ASSETS ?= $(abspath ../shared/assets)
 export EDGE3DFA_ASSETS
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench pi-check clean
+.PHONY: setup demo test test-fast lint bench pi-check clean wheel
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,14 +15,25 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
+# the environment remembers where the data is, so `edge3dfa` finds it without make or EDGE3DFA_ASSETS
+# (edge3dfa/assets.py: search order); rewritten on every make, written under a temp name then renamed
+setup: $(VENV)/.installed
+	@mkdir -p $(VENV)/etc/edge3dfa
+	@printf '%s\n' "$(EDGE3DFA_ASSETS)" > $(VENV)/etc/edge3dfa/.assets.tmp
+	@mv -f $(VENV)/etc/edge3dfa/.assets.tmp $(VENV)/etc/edge3dfa/assets
+
 # landmarks + pose for the example photos, then mb05 to every installed format, validated, with a report
-demo: $(VENV)/.installed
+demo: setup
 	$(VENV)/bin/edge3dfa run $(EDGE3DFA_ASSETS)/upstream/3ddfa_v2/examples/inputs --out-dir out/demo
 	$(VENV)/bin/edge3dfa export --model mb05 --out out/demo/export
 	@echo "report: out/demo/export/mb05/report.html"
 
-test: $(VENV)/.installed
+test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the edit loop: everything but the tests marked slow (conversions with a real framework, full-dataset runs)
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -37,3 +48,9 @@ pi-check: $(VENV)/.installed
 
 clean:
 	rm -rf out .pytest_cache
+
+# a wheel and an sdist as a user installs them (e.g. on a Pi: pip install "dist/edge3dfa-*.whl[pi]"), checked by twine
+wheel: $(VENV)/.installed
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*

@@ -1,7 +1,7 @@
 """onnxruntime fp32 / int8 / dyn-int8 vs PyTorch eager, and vs the third-party StableView export (printed).
 
-Every figure is the median of many runs taken round-robin in this one process, so ratios compare like with like:
-batch 1 and 64, 1 thread and all threads. StableView's export has a fixed batch of 1, so its batch-64
+Every figure is the median of round medians, the rounds taken round-robin in this one process, so ratios compare
+like with like: batch 1 and 64, 1 thread and all threads. StableView's export has a fixed batch of 1, so its batch-64
 figure is 64 single runs (what a user of that file gets). Conversions go to a temp folder.
 Usage: python benchmarks/onnx_speed.py [--model mb05] [--repeats 200] [--calib-count 256]
 """
@@ -12,25 +12,24 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 
 def median_times(fns: dict[str, Callable[[], object]], repeats: int, rounds: int = 5) -> dict[str, float]:
-    """Median seconds per call of each function, sampled round-robin (``rounds`` x ``repeats // rounds`` calls
-    each), so load from other users of a shared machine hits every runtime alike instead of one of them."""
+    """Median seconds per call of each function: the median of ``rounds`` round medians of ``repeats // rounds``
+    calls each, taken round-robin, so load from other users of a shared machine hits every runtime alike instead
+    of one of them."""
+    from edge3dfa.measure.timing import time_calls
+
     for fn in fns.values():
         for _ in range(3):
             fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
+    medians: dict[str, list[float]] = {k: [] for k in fns}
     per_round = max(1, repeats // rounds)
     for _ in range(rounds):
         for name, fn in fns.items():
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in samples.items()}
+            medians[name].append(time_calls(fn, 0, per_round)["median_ms"] / 1e3)
+    return {k: statistics.median(v) for k, v in medians.items()}
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -30,14 +29,11 @@ from edge3dfa.runtime.bfm import BFM, reconstruct  # noqa: E402
 
 
 def timeit(fn, repeats: int) -> tuple[float, float]:
-    for _ in range(max(3, repeats // 20)):
-        fn()
-    t = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        t.append(time.perf_counter() - t0)
-    return float(np.median(t)), float(np.percentile(t, 90))
+    """Median and p90 seconds of ``repeats`` calls after a few warm-up calls."""
+    from edge3dfa.measure.timing import time_calls
+
+    r = time_calls(fn, max(3, repeats // 20), repeats)
+    return r["median_ms"] / 1e3, r["p90_ms"] / 1e3
 
 
 def main() -> None:

@@ -16,13 +16,13 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from edge3dfa import assets, runtime
+from edge3dfa.measure.timing import time_calls
 from edge3dfa.pipeline import FaceAligner
 from edge3dfa.target import open_target
 from edge3dfa.track import Tracker
@@ -108,16 +108,14 @@ def main() -> None:
                 modes = {"detect": lambda a=aligner: per_frame_detection(a, frames),
                          "track": lambda a=aligner: tracking(a, frames, 0.1),
                          "noprobe": lambda a=aligner: tracking(a, frames, 0.0)}
-                for fn in modes.values():  # warm-up
-                    fn()
+                runs = modes["track"]()  # warm-up; tracking returns how often the detector ran
+                for k, fn in modes.items():
+                    if k != "track":
+                        fn()
                 times: dict[str, list[float]] = {k: [] for k in modes}
-                runs = 0
-                for _ in range(args.runs):
+                for _ in range(args.runs):  # round-robin: a change of load hits every mode alike
                     for k, fn in modes.items():
-                        t0 = time.perf_counter()
-                        out = fn()
-                        times[k].append(time.perf_counter() - t0)
-                        runs = out if k == "track" else runs
+                        times[k].append(time_calls(fn, 0, 1)["median_ms"] / 1e3)
                 fps = {k: args.frames / statistics.median(v) for k, v in times.items()}
                 print(f"{target:8s} {n:7d} {fps['detect']:19.1f} {fps['track']:9.1f} "
                       f"{fps['track'] / fps['detect']:8.1f}x {fps['noprobe']:19.1f} {runs:14d}", flush=True)

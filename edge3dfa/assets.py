@@ -1,16 +1,19 @@
 """Registry of every data file edge3dfa reads: name -> relative path, sha256, upstream URL.
 
-Files are found under ``$EDGE3DFA_ASSETS`` (a copy of the shared assets folder), then in the user cache
-(``$EDGE3DFA_CACHE`` or ``~/.cache/edge3dfa``). Nothing is ever downloaded at import time; a missing file is
-fetched from upstream with pooch only when asked (``fetch(name, download=True)`` or ``EDGE3DFA_DOWNLOAD=1``).
-Every file's sha256 is checked once per process on first use, so a truncated or altered file is caught
-before it yields wrong landmarks.
+Files are found, in this order, under ``$EDGE3DFA_ASSETS`` (a copy of the shared assets folder); under the folder
+named in the environment's ``etc/edge3dfa/assets`` (one line, a path: ``make`` writes it into ``.venv`` when it
+sets the environment up, so ``edge3dfa`` finds the data without the Makefile and without the variable); then in
+the user cache (``$EDGE3DFA_CACHE`` or ``~/.cache/edge3dfa``). Nothing is ever downloaded at import time; a
+missing file is fetched from upstream with pooch only when asked (``fetch(name, download=True)`` or
+``EDGE3DFA_DOWNLOAD=1``). Every file's sha256 is checked once per process on first use, so a truncated or
+altered file is caught before it yields wrong landmarks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,11 +113,27 @@ REGISTRY: dict[str, Asset] = {a.name: a for a in _ASSETS}
 _verified: dict[Path, str] = {}
 
 
+def environment_config() -> Path:
+    """The file naming the assets folder for this Python environment (``<venv>/etc/edge3dfa/assets``)."""
+    return Path(sys.prefix) / "etc" / "edge3dfa" / "assets"
+
+
+def _configured_root() -> Path | None:
+    try:
+        line = environment_config().read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return Path(line).expanduser() if line else None
+
+
 def roots() -> list[Path]:
-    """Where files are looked for, in order: $EDGE3DFA_ASSETS, then the user cache."""
+    """Where files are looked for, in order: $EDGE3DFA_ASSETS, the folder named in ``environment_config()``,
+    then the user cache."""
     out = []
     if os.environ.get("EDGE3DFA_ASSETS"):
         out.append(Path(os.environ["EDGE3DFA_ASSETS"]).expanduser())
+    if (configured := _configured_root()) is not None:
+        out.append(configured)
     cache = os.environ.get("EDGE3DFA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "edge3dfa"
     out.append(Path(cache).expanduser())
     return out
@@ -157,7 +176,8 @@ def fetch(name: str, download: bool | None = None) -> Path:
         return _download(asset)
     raise Edge3dfaError(
         f"asset {name!r} ({asset.path}) not found under {' or '.join(str(r) for r in roots())}; "
-        f"set EDGE3DFA_ASSETS to the assets folder, or get it from {asset.url}")
+        f"set EDGE3DFA_ASSETS to the assets folder (or write its path into {environment_config()}), "
+        f"or get it from {asset.url}")
 
 
 def _verify(asset: Asset, path: Path, root: Path) -> None:

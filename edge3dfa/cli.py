@@ -19,7 +19,8 @@ import numpy as np
 from edge3dfa import __version__
 from edge3dfa.errors import INTERNAL_ERROR, USER_ERROR, Edge3dfaError, Interrupted, handle_termination
 from edge3dfa.jobs import Job
-from edge3dfa.logs import one_line, printable, write_crash_log
+from edge3dfa.logs import ThirdPartyLog, one_line, printable, write_crash_log
+from edge3dfa.runtime.meshes import MESH_FORMATS
 from edge3dfa.track import SMOOTH
 
 
@@ -147,19 +148,21 @@ def _image_files(args: argparse.Namespace, aligner, job: Job, img: np.ndarray, f
     """The bytes of an image's outputs, the JSON last: meshes, the overlay, and the JSON naming both."""
     from edge3dfa.assets import sha256_bytes
     from edge3dfa.runtime.draw import draw_faces
-    from edge3dfa.runtime.export import obj_bytes, ply_bytes
+    from edge3dfa.runtime.meshes import mesh_bytes
 
     files = []
     if faces.vertices is not None:
-        encode = obj_bytes if args.mesh == "obj" else ply_bytes
-        files += [(Path(f"{job.stem}_{k}.{args.mesh}"), encode(faces.vertices[k], aligner.dense.tri))
+        files += [(Path(f"{job.stem}_{k}.{args.mesh}"), mesh_bytes(faces.vertices[k], aligner.dense.tri, args.mesh))
                   for k in range(len(faces))]
     json_path, overlay_path = job.outputs
     ok, png = cv2.imencode(".png", draw_faces(img, faces.landmarks, faces.params, faces.boxes))
     if not ok:
         raise Edge3dfaError(f"cannot encode the overlay of {job.label} as PNG")
     files.append((overlay_path, png.tobytes()))
-    meta = {"image": str(job.source), "size": list(img.shape[1::-1]), "target": aligner.regressor.name,
+    from edge3dfa.pipeline import FACES_SCHEMA
+
+    meta = {"schema": FACES_SCHEMA, "image": str(job.source), "size": list(img.shape[1::-1]),
+            "target": aligner.regressor.name,
             "overlay": overlay_path.name, "overlay_sha256": sha256_bytes(files[-1][1]),
             **({"meshes": [p.name for p, _ in files[:-1]]} if faces.vertices is not None else {})}
     text = json.dumps({**meta, "faces": faces.to_json()}, indent=2) + "\n"
@@ -202,7 +205,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 RUN_OUTPUTS = """Landmarks, pose and params for every face in images, folders or videos.
 
 outputs, named after each input's file name without its suffix (NAME):
-  image  NAME.json (faces: box, 68x3 landmarks, pose, params) + NAME_overlay.png (+ NAME_K.ply with
+  image  NAME.json (schema edge3dfa.faces/1; faces by score, then left to right: box x1,y1,x2,y2 and
+         68x3 landmarks in image pixels, pose in degrees, params) + NAME_overlay.png (+ NAME_K.ply with
          --dense-bfm), written together: all or none, an earlier result stays until the new one is complete
   video  NAME.jsonl (one line per frame) + NAME_overlay.mp4; --camera N: cameraN.jsonl + cameraN_overlay.mp4
   Two inputs that would write the same file (face.jpg and face.png) both keep their suffix instead:
@@ -230,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"edge3dfa {__version__}")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an internal error")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print the frameworks' own warnings (by default they go to a log file, named "
+                             "at the end)")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="landmarks, pose and params for every face in images, folders or videos",
                          description=RUN_OUTPUTS)
@@ -247,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="threads per runtime (default: the runtime's own)")
     run.add_argument("--out-dir", help="where to write the outputs (default: beside each input; a camera's: here)")
     run.add_argument("--dense-bfm", help="full BFM (upstream bfm_noneck_v3.pkl) to also write dense meshes")
-    run.add_argument("--mesh", choices=("ply", "obj"), default="ply", help="mesh format with --dense-bfm")
+    run.add_argument("--mesh", choices=MESH_FORMATS, default="ply", help="mesh format with --dense-bfm")
     video = run.add_argument_group("video and camera (-> NAME_overlay.mp4 + NAME.jsonl, one JSON line per frame)")
     video.add_argument("--camera", type=int, metavar="N", help="track faces from camera N until Ctrl-C")
     video.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
@@ -257,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--probe", type=float, default=0.1, metavar="F",
                        help="lost-track test: also regress each face in its crop shifted by F x its side; a "
                             "face's landmarks stay, a hallucinated one moves with the crop (default 0.1; 0: "
-                            "off: 1.3-1.6x faster, but a face that vanishes is reported until its fit collapses)")
+                            "off: faster (README Video), but a face that vanishes is reported until its fit "
+                            "collapses)")
     video.add_argument("--smooth", action="store_true", help="one-euro smoothing of landmarks and pose")
     video.add_argument("--smooth-min-cutoff", type=float, default=SMOOTH[0], help=f"Hz at rest (default {SMOOTH[0]})")
     video.add_argument("--smooth-beta", type=float, default=SMOOTH[1],
@@ -274,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue  # the command's extra is not installed
     for command in sub.choices.values():  # --debug and the exit codes on every command, before or after it
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         command.epilog = command.epilog or EXIT_CODES
         command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
@@ -283,6 +292,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every outcome is one of the exit codes in ``EXIT_CODES``, never a traceback."""
     handle_termination()
     args = build_parser().parse_args(argv)
+    third_party = None if args.verbose else ThirdPartyLog().install()
+    try:
+        return _run(args, argv)
+    finally:
+        if third_party is not None and (line := third_party.summary()):
+            _say(line)
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     try:
         return int(args.func(args) or 0)
     except Edge3dfaError as e:

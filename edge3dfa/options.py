@@ -22,7 +22,7 @@ _UNIONS = (typing.Union, types.UnionType)
 
 
 def option(default: Any, help: str) -> Any:  # noqa: A002 - the word the CLI uses
-    """A field with its help text (shown by ``edge3dfa convert --options FORMAT``)."""
+    """A field with its help text (shown by ``edge3dfa convert --list-options``)."""
     from dataclasses import field
 
     if isinstance(default, (list, dict, set)):

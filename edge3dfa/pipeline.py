@@ -13,6 +13,7 @@ from edge3dfa.runtime.bfm import BFM, load_bfm68
 from edge3dfa.runtime.detect import FaceBoxesDetector
 from edge3dfa.target import Target
 
+FACES_SCHEMA = "edge3dfa.faces/1"  # the per-image JSON of `edge3dfa run` (README "Outputs")
 
 @dataclass
 class Faces:
@@ -29,12 +30,26 @@ class Faces:
         return len(self.params)
 
     def to_json(self) -> list[dict[str, Any]]:
+        """One dict per face, rounded to what the model resolves: pixels and degrees to 0.01, the detector score
+        to 0.0001, params to float32's 7 significant digits (README "Outputs": fields and units)."""
         keys = ("yaw", "pitch", "roll")
-        return [{"box": self.boxes[i, :4].round(2).tolist(), "score": round(float(self.boxes[i, 4]), 4),
-                 "roi_box": self.roi_boxes[i].round(2).tolist(),
-                 "landmarks": self.landmarks[i].T.round(3).tolist(),
-                 "pose_deg": dict(zip(keys, self.pose[i].round(3).tolist())),
-                 "params": self.params[i].tolist()} for i in range(len(self))]
+        return [{"box": _rounded(self.boxes[i, :4], 2), "score": round(float(self.boxes[i, 4]), 4),
+                 "roi_box": _rounded(self.roi_boxes[i], 2),
+                 "landmarks": _rounded(self.landmarks[i].T, 2),
+                 "pose_deg": dict(zip(keys, _rounded(self.pose[i], 2))),
+                 "params": [float(f"{v:.7g}") for v in self.params[i].tolist()]} for i in range(len(self))]
+
+
+def _rounded(a: np.ndarray, decimals: int) -> list:
+    """Rounded in float64, so JSON shows 119.6, not float32's 119.5999984741211."""
+    return np.round(np.asarray(a, np.float64), decimals).tolist()
+
+
+def stable_order(boxes: np.ndarray) -> np.ndarray:
+    """Indices of detections [K,5] by score (to 0.01, so backends whose scores differ in the last digits agree),
+    then left to right, then top to bottom: the faces' order in every output."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 5)
+    return np.lexsort((np.round(b[:, 1], 1), np.round(b[:, 0], 1), -np.round(b[:, 4], 2)))
 
 
 class FaceAligner:
@@ -82,4 +97,5 @@ class FaceAligner:
         """Detect every face, then regress all of them in one batch."""
         img = runtime.as_bgr_uint8(img)
         boxes = self.detect(img)
+        boxes = boxes[stable_order(boxes)] if len(boxes) else boxes
         return self.align(img, runtime.roi_from_box(boxes) if len(boxes) else np.zeros((0, 4)), boxes)

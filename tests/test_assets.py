@@ -1,7 +1,11 @@
 """Asset registry: resolution order, sha256 checks, one-line errors naming file, place and source."""
 
 import hashlib
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +36,7 @@ def _private_root(tmp_path, monkeypatch, name):
     monkeypatch.setenv("EDGE3DFA_ASSETS", str(tmp_path))
     monkeypatch.setenv("EDGE3DFA_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("EDGE3DFA_DOWNLOAD", raising=False)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "env"))  # no environment config (make writes one in .venv)
     return a, dest
 
 
@@ -65,3 +70,32 @@ def test_cache_is_second_root(tmp_path, monkeypatch, assets_dir):
 def test_unknown_asset():
     with pytest.raises(Edge3dfaError, match="unknown asset"):
         assets.fetch("nope")
+
+
+def _configure(prefix, folder):
+    config = prefix / "etc" / "edge3dfa" / "assets"
+    config.parent.mkdir(parents=True)
+    config.write_text(f"{folder}\n", encoding="utf-8")
+
+
+def test_the_environment_config_finds_assets_without_the_variable(tmp_path, assets_dir):
+    """A fresh interpreter whose environment names the assets folder (what `make` writes into .venv) finds them
+    with EDGE3DFA_ASSETS unset, as a user running `edge3dfa` from an activated .venv does (issue 19)."""
+    prefix = tmp_path / "env"
+    _configure(prefix, assets_dir)
+    code = ("import sys; sys.prefix = sys.argv[1]; from edge3dfa import assets; print(assets.fetch('mb05'))")
+    env = {k: v for k, v in os.environ.items() if k != "EDGE3DFA_ASSETS"}
+    env["EDGE3DFA_CACHE"] = str(tmp_path / "cache")
+    r = subprocess.run([sys.executable, "-c", code, str(prefix)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()) == assets_dir / assets.REGISTRY["mb05"].path
+
+
+def test_the_variable_comes_before_the_environment_config(tmp_path, monkeypatch, assets_dir):
+    a, dest = _private_root(tmp_path, monkeypatch, "emma")
+    shutil.copy(assets_dir / a.path, dest)
+    _configure(tmp_path / "env", assets_dir)
+    assert assets.roots()[:2] == [tmp_path, assets_dir]
+    assert assets.fetch("emma") == dest
+    dest.unlink()  # then the configured folder
+    assert assets.fetch("emma") == assets_dir / a.path

@@ -106,3 +106,35 @@ def test_internal_error_log_with_a_non_utf8_argument(tmp_path):
     log = next((tmp_path / "logs").glob("*.log"))
     text = log.read_text()
     assert "RuntimeError: bug" in text and "caf\\xe9.jpg" in text
+
+
+def test_third_party_warnings_go_to_a_log_named_at_the_end(tmp_path, monkeypatch, capsys):
+    """Issue 19: the frameworks' warnings and logging records go to a file, not between edge3dfa's own lines."""
+    import logging
+    import warnings
+
+    from edge3dfa.logs import ThirdPartyLog
+
+    monkeypatch.setenv("EDGE3DFA_CACHE", str(tmp_path))
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    root_handlers = list(logging.getLogger().handlers)
+    try:
+        log = ThirdPartyLog().install()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn_explicit("treespec is deprecated", FutureWarning, "/site-packages/lib/x.py", 3)
+        logging.getLogger("somelib").warning("optional kernels not loaded")
+        summary = log.summary()
+    finally:
+        logging.getLogger().handlers[:] = root_handlers
+    assert capsys.readouterr().err == ""
+    text = log.path.read_text()
+    assert "FutureWarning" in text and "treespec is deprecated" in text and "optional kernels not loaded" in text
+    assert log.path.parent == tmp_path / "logs" and str(log.path) in summary and summary.startswith("2 ")
+
+
+def test_verbose_is_accepted_before_and_after_the_command(tmp_path):
+    for argv in (["--verbose", "models"], ["models", "--verbose"]):
+        r = _cli("", *argv, env={"EDGE3DFA_CACHE": str(tmp_path)})
+        assert r.returncode == 0, r.stderr
+        assert "third-party" not in r.stderr  # nothing routed, nothing announced

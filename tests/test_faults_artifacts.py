@@ -130,6 +130,7 @@ def _run_in_process(capsys, *args: str) -> tuple[int, str]:
 
 
 # -------------------------------------------------------------------------------- tampered and swapped
+@pytest.mark.slow
 def test_tampered_artifact_is_exit_2_for_run_and_validate(pair, photo, tmp_path):
     art = pair["fp32"]
     data = bytearray(art.read_bytes())
@@ -144,6 +145,7 @@ def test_tampered_artifact_is_exit_2_for_run_and_validate(pair, photo, tmp_path)
     assert code == 2 and not (tmp_path / "report").exists()
 
 
+@pytest.mark.slow
 def test_swapped_file_under_the_fp32_name_is_exit_2(pair, photo, capsys):
     shutil.copy(pair["dyn-int8"], pair["fp32"])  # the int8 file under the fp32 name, fp32 manifest kept
     code, err = _run_in_process(capsys, photo, "--artifact", str(pair["fp32"]))
@@ -151,6 +153,7 @@ def test_swapped_file_under_the_fp32_name_is_exit_2(pair, photo, capsys):
     _one_error(err, "mb05_fp32.onnx changed since conversion")
 
 
+@pytest.mark.slow
 def test_renamed_pair_is_exit_2(pair, photo, capsys, tmp_path):
     """Artifact and manifest of dyn-int8 both renamed to the fp32 names: the manifest still names the old file."""
     fp32 = pair["fp32"]
@@ -163,6 +166,7 @@ def test_renamed_pair_is_exit_2(pair, photo, capsys, tmp_path):
     _one_error(capsys.readouterr().err, "field 'artifact'")
 
 
+@pytest.mark.slow
 def test_int8_file_under_a_rehashed_fp32_manifest_is_exit_2(pair, photo, capsys):
     """A manifest edited to match the swapped file's sha256 still says fp32: the graph has quantized ops."""
     fp32 = pair["fp32"]
@@ -173,6 +177,7 @@ def test_int8_file_under_a_rehashed_fp32_manifest_is_exit_2(pair, photo, capsys)
     _one_error(err, "field 'precision' is 'fp32'", "quantized")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, field", [
     ({"format": "tflite"}, "field 'format' is 'tflite'"),
     ({"precision": "int4"}, "field 'precision' is 'int4'"),
@@ -229,6 +234,7 @@ def _malform(mpath: Path, spec: object) -> None:
         mpath.write_text(json.dumps(d))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_malformed_manifest_is_one_line_exit_2_naming_file_and_field(pair, photo, capsys, tmp_path, case):
     spec, needle = MALFORMED[case]
@@ -242,6 +248,7 @@ def test_malformed_manifest_is_one_line_exit_2_naming_file_and_field(pair, photo
     assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_unknown_keys_are_kept_and_tolerated(pair):
     """A newer writer may add keys within one schema version: read, kept in ``extra``, written back unchanged."""
     mpath = _edit_manifest(pair["fp32"], made_by_a_newer_edge3dfa={"x": 1})
@@ -252,6 +259,7 @@ def test_unknown_keys_are_kept_and_tolerated(pair):
 
 
 # ------------------------------------------------------------------------------------- opting out, no manifest
+@pytest.mark.slow
 def test_no_verify_runs_a_mismatched_artifact_with_a_warning(pair, photo, tmp_path):
     shutil.copy(pair["dyn-int8"], pair["fp32"])  # a real model, but not the one the manifest describes
     out = tmp_path / "results"
@@ -264,6 +272,7 @@ def test_no_verify_runs_a_mismatched_artifact_with_a_warning(pair, photo, tmp_pa
     assert [p.name for p in _files(out)] == ["emma.json", "emma_overlay.png"]
 
 
+@pytest.mark.slow
 def test_validate_no_verify_evaluates_with_a_warning(pair, tmp_path, capsys):
     shutil.copy(pair["dyn-int8"], pair["fp32"])
     report = tmp_path / "report"
@@ -273,6 +282,7 @@ def test_validate_no_verify_evaluates_with_a_warning(pair, tmp_path, capsys):
     assert code in (0, 1) and (report / "report.json").is_file()  # the verdict itself is the gates' business
 
 
+@pytest.mark.slow
 def test_artifact_without_manifest_opens_and_the_cli_says_so_once(converted, tmp_path, capsys):
     from edge3dfa.cli import open_artifact
 
@@ -287,6 +297,7 @@ def test_artifact_without_manifest_opens_and_the_cli_says_so_once(converted, tmp
     assert open_target("mb05", threads=1).manifest is None  # the PyTorch reference has none, and needs none
 
 
+@pytest.mark.slow
 def test_validate_hashes_each_artifact_once(converted, tmp_path, monkeypatch):
     """discover() and every latency open share one verification: the sha256 is taken once per artifact."""
     import edge3dfa.manifest as manifest_module

@@ -693,6 +693,7 @@ def killed_then_reconverted(tmp_path_factory) -> Path:
     return out / "mb05"
 
 
+@pytest.mark.slow
 def test_killed_conversions_leave_only_complete_pairs_after_reconverting(killed_then_reconverted):
     mb05 = killed_then_reconverted
     assert _pairs(mb05 / "onnx") == ["mb05_fp32.onnx", "mb05_int8.onnx"]
@@ -700,6 +701,7 @@ def test_killed_conversions_leave_only_complete_pairs_after_reconverting(killed_
     assert _dot_entries(mb05) == []
 
 
+@pytest.mark.slow
 def test_validate_passes_on_the_reconverted_folder(killed_then_reconverted, tmp_path):
     r = subprocess.run([*EDGE3DFA, "validate", str(killed_then_reconverted), "--samples", "200",
                         "--latency-runs", "0", "--threads", "1", "--report-dir", str(tmp_path / "report")],
@@ -725,6 +727,7 @@ def test_validate_passes_on_the_reconverted_folder(killed_then_reconverted, tmp_
             assert list(folder.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tmpfs", "injected"])
 def test_convert_on_a_full_disk_is_one_line_exit_2_naming_the_artifact(tmp_path, variant):
     """tmpfs: 5 MiB holds the exported graph but not onnxruntime's optimised copy, which fails with no OSError

@@ -256,6 +256,7 @@ os.replace = replace
 """
 
 
+@pytest.mark.slow
 @needs_torch
 def test_json_and_overlay_are_written_together(tmp_path):
     """One file of the new pair is renamed into place, then the other fails (a full disk at the worst moment):

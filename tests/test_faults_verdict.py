@@ -119,6 +119,7 @@ def onnx_fp32(tmp_path_factory):
 # ---------------------------------------------------------------- artifacts that cannot be opened, run or scored
 
 
+@pytest.mark.slow
 def test_unopenable_nan_and_huge_artifacts_fail_and_the_report_renders(onnx_fp32, tmp_path, capsys):
     folder, rep = tmp_path / "out", tmp_path / "rep"
     _place(onnx_fp32["mb05"], folder, "mb05_fp32.onnx")
@@ -148,6 +149,7 @@ def test_unopenable_nan_and_huge_artifacts_fail_and_the_report_renders(onnx_fp32
     assert (rep / "report_ced.png").is_file()  # plots of the rows that were scored
 
 
+@pytest.mark.slow
 def test_an_unexpected_exception_in_one_row_is_an_error_row_with_a_log(onnx_fp32, tmp_path, monkeypatch, capsys):
     from edge3dfa.targets.onnxruntime import OnnxTarget
 
@@ -178,6 +180,7 @@ def test_an_unexpected_exception_in_one_row_is_an_error_row_with_a_log(onnx_fp32
 # ---------------------------------------------------------------- default gates
 
 
+@pytest.mark.slow
 def test_without_reference_a_garbage_model_fails_the_ceiling(onnx_fp32, tmp_path, capsys):
     """--reference none (the Pi workflow): the mean face drawn in every crop fails; the real model passes."""
     folder, rep = tmp_path / "out", tmp_path / "rep"
@@ -202,6 +205,7 @@ def test_without_reference_a_garbage_model_fails_the_ceiling(onnx_fp32, tmp_path
     _first_lines(rep, "NOT VERIFIED")
 
 
+@pytest.mark.slow
 def test_a_different_model_under_a_manifest_fails_parity_even_when_it_scores_better(onnx_fp32, tmp_path, capsys):
     folder, rep = tmp_path / "out", tmp_path / "rep"
     # the MobileNet-V3 fixture's weights claiming to be mb05 (worse than mb05) ...
@@ -236,6 +240,7 @@ def pal4(tmp_path_factory):
     return convert("mb05", to="coreml", precision="pal4", out_dir=root, parity_count=8, verbose=False)[0].path
 
 
+@pytest.mark.slow
 def test_a_lossy_artifact_beyond_the_goal_fails(pal4, tmp_path, capsys):
     folder, rep = pal4.parent, tmp_path / "rep"
     rc = main(["validate", str(folder), *FAST, "--report-dir", str(rep)])
@@ -263,6 +268,7 @@ def test_a_lossy_artifact_beyond_the_goal_fails(pal4, tmp_path, capsys):
     assert {g["gate"] for g in row["gates"] if g["passed"] is None} == {"max_delta_nme", "max_delta_nme_bin"}
 
 
+@pytest.mark.slow
 def test_a_gate_that_cannot_be_computed_is_not_verified(onnx_fp32, tmp_path, capsys):
     """3 faces leave a yaw bin empty: no balanced NME, so the ceiling is not checked -- never a PASSED."""
     folder, rep = tmp_path / "out", tmp_path / "rep"
@@ -309,6 +315,7 @@ def _validate_without_onnxruntime(folder: Path, rep: Path, *extra: str) -> subpr
                           env={**os.environ})
 
 
+@pytest.mark.slow
 def test_a_runtime_not_installed_fails_unless_skipped_by_choice_then_not_verified(onnx_fp32, tmp_path):
     folder, rep = tmp_path / "out", tmp_path / "rep"
     _place(onnx_fp32["mb05"], folder, "mb05_fp32.onnx")
@@ -366,6 +373,7 @@ def test_export_asked_for_a_format_whose_extra_is_missing_is_exit_2(tmp_path, mo
     assert rc == 2 and "--to coreml" in err and "coremltools" in err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_export_says_what_it_did_not_attempt_and_a_failed_conversion_fails(tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")

@@ -73,6 +73,7 @@ def _landmarks_px(params: np.ndarray) -> np.ndarray:
     return runtime.landmarks(params, roi)[:, :2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fixture", "random_x0.75"])
 def test_fp32_parity(converted: tuple[str, dict], sources: dict[str, Checkpoint], crops: np.ndarray, name: str) -> None:
     fmt, arts = converted
@@ -97,6 +98,7 @@ EXPECTED_OPS = {
 }
 
 
+@pytest.mark.slow
 def test_graph_keeps_hard_swish_and_squeeze_excite(converted: tuple[str, dict]) -> None:
     """Every hard-swish, SE block and the final pooling reach the artifact, counted in its own op names."""
     fmt, arts = converted

@@ -10,7 +10,7 @@ import pytest
 
 from edge3dfa.converters.base import Int8Builder
 from edge3dfa.measure import metrics
-from edge3dfa.workflows.budget import Budget, _mixed
+from edge3dfa.workflows.budget import Budget, Candidate, Score, _Judge, _mixed
 
 # 3DDFA v1 benchmark_aflw.py, 1-based as published: AFLW point k is the mean of these 68-point indices
 UPSTREAM_68TO21 = [[18], [20], [22], [23], [25], [27], [37], [37, 38, 39, 40, 41, 42], [40], [43],
@@ -116,11 +116,13 @@ class _FakeJudge:
         self.builder, self.budget, self.base = builder, budget, base
         self.data = type("D", (), {"inputs": np.zeros((1, 3, 120, 120), np.float32)})()
 
-    def score(self, path: Path) -> dict:
+    def score(self, path: Path) -> Score:
         keep = set(json.loads(Path(path).read_text()))
         cost = sum(c for k, c in self.builder.costs.items() if k not in keep)
         d = {"balanced": cost, "bins": {"[0,30]": cost, "(30,60]": cost, "(60,90]": cost}}
-        return {"heldout": {"balanced": self.base + cost}, "delta": d, "within_budget": self.budget.met(d)}
+        return Score({"balanced": self.base + cost}, d, self.budget.met(d))
+
+    candidate = _Judge.candidate  # the real one, on the fake score and latency
 
     def latency_ms(self, path: Path) -> float:
         return 1.0 + 0.1 * len(json.loads(Path(path).read_text()))
@@ -132,10 +134,10 @@ def test_greedy_keeps_the_costliest_layers_float_until_the_budget_holds(tmp_path
     judge = _FakeJudge(builder, Budget(nme=0.05))
     path = tmp_path / "base.onnx"
     builder.export(path)
-    base = {"name": "x", **judge.score(path), "latency_ms": 1.0, "path": path, "float_layers": []}
+    base = Candidate(name="x", options={}, fields={}, score=judge.score(path), latency_ms=1.0, path=path)
     best, rows, steps = _mixed(_FakeFormat(), builder, base, judge, tmp_path, lambda s: None)
     # by hand: b (0.20) then d (0.08) leaves 0.035 <= 0.05; sensitivity sorted by gain
-    assert best["float_layers"] == ["b", "d"] and best["within_budget"]
+    assert best.float_layers == ("b", "d") and best.within_budget and best.name == "x"
     assert [r["layer"] for r in rows] == ["b", "d", "e", "a", "c"]
     assert rows[0]["gain"] == pytest.approx(0.20)
     assert [s["float_layers"] for s in steps] == [1, 2]
@@ -147,9 +149,9 @@ def test_greedy_reports_best_found_when_budget_cannot_be_met(tmp_path):
     judge = _FakeJudge(builder, Budget(nme=-0.01))  # impossible: better than fp32 (not parsed: check() refuses it)
     path = tmp_path / "base.onnx"
     builder.export(path)
-    base = {"name": "x", **judge.score(path), "latency_ms": 1.0, "path": path, "float_layers": []}
+    base = Candidate(name="x", options={}, fields={}, score=judge.score(path), latency_ms=1.0, path=path)
     best, _, steps = _mixed(_FakeFormat(), builder, base, judge, tmp_path, lambda s: None)
-    assert best["float_layers"] == ["a"] and not best["within_budget"]
+    assert best.float_layers == ("a",) and not best.within_budget
     assert len(steps) == 1
 
 
@@ -168,6 +170,7 @@ def budget_mb05(tmp_path_factory):
     return arts[0], held
 
 
+@pytest.mark.slow
 def test_budget_search_artifact_meets_budget_measured_independently(budget_mb05):
     from edge3dfa import runtime
     from edge3dfa.targets.onnxruntime import OnnxTarget
@@ -192,6 +195,7 @@ def test_budget_search_artifact_meets_budget_measured_independently(budget_mb05)
     assert q["latency_ms"] > 0 and q["fp32_latency_ms"] > 0
 
 
+@pytest.mark.slow
 def test_budget_search_float_layers_really_are_float(budget_mb05):
     import onnx
 
@@ -218,6 +222,7 @@ def test_budget_needs_disjoint_calibration(tmp_path):
     assert not list(tmp_path.rglob("*.onnx"))
 
 
+@pytest.mark.slow
 def test_tflite_layers_and_keep_float(tmp_path):
     """TFLite layers are named like ONNX ones; a layer kept float has float weights, the others int8."""
     from ai_edge_litert.interpreter import Interpreter
@@ -247,6 +252,7 @@ def test_tflite_layers_and_keep_float(tmp_path):
         b.export(tmp_path / "bad.tflite", ["conv_1"])
 
 
+@pytest.mark.slow
 def test_bias_correction_repairs_per_tensor_weights(tmp_path):
     """Per-tensor int8 weights bias mb05's depthwise outputs (measured +0.14 NME); correcting each layer's own
     rounding error must take most of that back, judged on held-out crops with their ground truth."""

@@ -108,6 +108,7 @@ def test_mbv3_large_fixture_loads_by_path_with_inferred_arch() -> None:
         assert torch.equal(model(x), by_name(x))
 
 
+@pytest.mark.slow
 def test_mbv3_large_fixture_nme_on_500_crops_agrees_with_its_readme() -> None:
     """fixtures/README.md: balanced NME 4.38 on all 2000 AFLW2000-3D crops. 500 of them (evenly spaced) estimate
     it with sampling error: the bound is 3 standard errors of the balanced mean, computed from these 500 faces

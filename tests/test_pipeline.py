@@ -1,6 +1,7 @@
 """The whole image -> landmarks path with the real mb05 checkpoint and FaceBoxes (PyTorch targets)."""
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -60,6 +61,15 @@ def test_cli_run_writes_json_and_overlay(tmp_path, capsys):
     face = data["faces"][0]
     assert np.array(face["landmarks"]).shape == (68, 3) and len(face["params"]) == 62
     assert set(face["pose_deg"]) == {"yaw", "pitch", "roll"}
+    assert data["schema"] == "edge3dfa.faces/1"
+    # 0.01 px / 0.01 degree, not float32 noise such as 119.5999984741211 (issue 19)
+    for key in ("box", "roi_box", "landmarks", "pose_deg"):
+        values = np.ravel([list(f[key].values()) if key == "pose_deg" else f[key] for f in data["faces"]])
+        np.testing.assert_array_equal(values, np.round(values, 2))
+    params = [v for f in data["faces"] for v in f["params"]]  # float32's 7 significant digits, no more
+    assert all(len(re.sub(r"^[-0.]*|e.*$|\.", "", repr(v))) <= 7 for v in params), params
+    scores = [f["score"] for f in data["faces"]]
+    assert scores == sorted(scores, reverse=True)
     overlay = cv2.imread(str(tmp_path / "trump_hillary_overlay.png"))
     assert overlay.shape == cv2.imread(str(src)).shape
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trump_hillary.json", "trump_hillary_overlay.png"]
@@ -98,3 +108,12 @@ def test_cli_bad_input_exit_2_nothing_written(tmp_path, capsys, case):
 def test_readme_overlay_is_demo_output():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
+
+
+def test_faces_are_ordered_by_score_then_position():
+    """Scores that agree to 0.01 (two backends rounding differently) tie, and the left face comes first."""
+    from edge3dfa.pipeline import stable_order
+
+    boxes = np.array([[300, 10, 400, 110, 0.951], [10, 50, 110, 150, 0.953], [200, 0, 260, 60, 0.99],
+                      [10, 20, 110, 120, 0.949]], np.float32)
+    assert stable_order(boxes).tolist() == [2, 3, 1, 0]  # 0.99; then 0.95 ties: x=10 (top first), x=300

@@ -9,8 +9,8 @@ import pytest
 from edge3dfa import runtime
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.runtime import bfm as bfm_mod
-from edge3dfa.runtime.export import write_obj, write_ply
 from edge3dfa.runtime.geometry import pose, to_image
+from edge3dfa.runtime.meshes import write_mesh
 
 
 def test_roi_from_box_hand_computed():
@@ -127,16 +127,19 @@ def test_dense_bfm_errors(tmp_path):
 def test_ply_and_obj_round_trip(tmp_path):
     v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0.5]], np.float32)
     t = np.array([[0, 1, 2]])
-    data = write_ply(tmp_path / "m.ply", v.T, t).read_bytes()
+    data = write_mesh(tmp_path / "m.ply", v.T, t).read_bytes()
     header, body = data.split(b"end_header\n")
     assert b"element vertex 3" in header and b"element face 1" in header
     np.testing.assert_array_equal(np.frombuffer(body[:36], "<f4").reshape(3, 3), v)
     assert body[36] == 3 and np.frombuffer(body[37:49], "<i4").tolist() == [0, 1, 2]
-    lines = write_obj(tmp_path / "m.obj", v.T, t).read_text().splitlines()
+    lines = write_mesh(tmp_path / "m.obj", v.T, t).read_text().splitlines()
     assert lines[2] == "v 0.0000 1.0000 0.5000" and lines[3] == "f 1 2 3"
     with pytest.raises(Edge3dfaError):
-        write_ply(tmp_path / "bad.ply", v.T, np.array([[0, 1, 3]]))
+        write_mesh(tmp_path / "bad.ply", v.T, np.array([[0, 1, 3]]))
     assert not (tmp_path / "bad.ply").exists()
+    with pytest.raises(Edge3dfaError, match="unknown mesh format 'stl'"):
+        write_mesh(tmp_path / "m.stl", v.T, t)
+    assert not (tmp_path / "m.stl").exists()
 
 
 @pytest.mark.parametrize("kind", ["gray", "bgra", "u16", "float"])
@@ -159,7 +162,7 @@ for m in ("torch", "tensorflow", "onnxruntime", "coremltools", "ai_edge_litert",
     sys.modules[m] = None
 import numpy as np
 from edge3dfa import runtime
-from edge3dfa.runtime import detect, draw, export
+from edge3dfa.runtime import detect, draw, meshes
 img = runtime.read_image({str(assets_dir / "upstream/3ddfa_v2/examples/inputs/emma.jpg")!r})
 roi = runtime.roi_from_box(np.array([[300, 200, 500, 460, 1.0]]))
 x = runtime.crops_from_rois(img, roi)

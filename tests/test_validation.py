@@ -136,6 +136,25 @@ def test_default_gates_catch_a_broken_conversion():
     assert not passed("fp32", 0.0, nme=12.0) and not passed("int8", 0.0, fail=0.3)
 
 
+def test_every_report_row_field_is_in_the_report_schema():
+    """report.json's targets are Row.to_dict() in field order: each field must be documented by the schema text
+    (report.py's docstring is the format's specification), and a misspelt field must fail loudly."""
+    from dataclasses import fields
+
+    from edge3dfa.validation import report
+    from edge3dfa.validation.rows import Row
+
+    schema = report.__doc__.split("targets ", 1)[1]
+    missing = [f.name for f in fields(Row) if not re.search(rf"\b{f.name}\b", schema)]
+    assert missing == []
+    row = Row(key="m/onnx/x.onnx", role="artifact", model="m", format="onnx", precision="fp32")
+    assert list(row.to_dict()) == [f.name for f in fields(Row)] and row.to_dict()["status"] == "ok"
+    with pytest.raises(TypeError):
+        Row(key="k", role="artifact", model="m", format="onnx", precision="fp32", nme_balanced=3.0)
+    failed = row.failed("conversion failed: x")
+    assert (failed.status, failed.reason, row.status) == ("error", "conversion failed: x", "ok")
+
+
 def test_latency_timing_runs_and_budget():
     from edge3dfa.measure.timing import MIN_RUNS, time_calls
 
@@ -162,6 +181,7 @@ def test_full_protocol_bin_counts():
 PUBLISHED_MB05 = {"[0,30]": 2.93, "(30,60]": 3.67, "(60,90]": 4.79}  # community re-evaluation (PROVENANCE)
 
 
+@pytest.mark.slow
 def test_mb05_pytorch_reproduces_the_published_aflw2000_figure():
     pytest.importorskip("torch")
     from edge3dfa.measure.predict import predict_all
@@ -217,6 +237,7 @@ def artifacts(tmp_path_factory):
 FAST = ["--samples", "60", "--latency-runs", "3", "--latency-warmup", "1", "--latency-batch", "1,4"]
 
 
+@pytest.mark.slow
 def test_validate_writes_reports_and_gates_set_the_exit_code(artifacts, tmp_path, capsys):
     folder, onnx = artifacts
     rep = tmp_path / "rep"
@@ -262,6 +283,7 @@ def test_validate_writes_reports_and_gates_set_the_exit_code(artifacts, tmp_path
     assert "Verdict: FAILED" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_validate_without_reference_scores_artifacts_alone(artifacts, tmp_path):
     folder, _ = artifacts
     args = ["validate", str(folder), "--samples", "30", "--latency-runs", "0", "--report-dir", str(tmp_path)]
@@ -306,6 +328,7 @@ def test_validate_bad_inputs_exit_2_naming_the_file(tmp_path, capsys):
     assert not (good / "report.json").exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_export_converts_validates_and_reports(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")

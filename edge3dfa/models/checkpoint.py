@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge3dfa.errors import Edge3dfaError
+from edge3dfa.logs import one_line
 
 if TYPE_CHECKING:
     import torch
@@ -82,11 +83,6 @@ def _unsafe_global(path: Path, message: str) -> str | None:
     return None
 
 
-def _one_line(text: str, limit: int = 160) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _torch_load(path: Path) -> Any:
     import torch
 
@@ -111,7 +107,7 @@ def _torch_load(path: Path) -> Any:
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/KeyError/EOFError for bad bytes
         zipped = head.startswith(b"PK\x03\x04")
         if zipped or (head.startswith(b"\x80") and isinstance(e, (EOFError, RuntimeError))):
-            raise Edge3dfaError(f"{path}: truncated or corrupted checkpoint ({_one_line(e, 80)})") from None
+            raise Edge3dfaError(f"{path}: truncated or corrupted checkpoint ({one_line(e, 80)})") from None
         raise Edge3dfaError(f"{path}: not a PyTorch checkpoint (the file starts with {head!r})") from None
 
 
@@ -142,7 +138,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             key = "fc." + key[len("fc_param."):]
         out[key] = value
     if not out:
-        raise Edge3dfaError(f"{path}: no tensors found (keys: {_one_line(list(obj)[:8], 100)})")
+        raise Edge3dfaError(f"{path}: no tensors found (keys: {one_line(list(obj)[:8], 100)})")
     return out
 
 
@@ -161,7 +157,7 @@ def infer_arch(state_dict: dict[str, torch.Tensor]) -> tuple[str, float]:
     if "inception1.branch1x1.conv.weight" in keys and "conv1.conv.weight" in keys:
         return "faceboxes", 1.0
     raise Edge3dfaError(
-        f"cannot tell the architecture from the keys ({_one_line(list(keys)[:4], 100)}); pass arch="
+        f"cannot tell the architecture from the keys ({one_line(list(keys)[:4], 100)}); pass arch="
     )
 
 

@@ -1,7 +1,7 @@
 """The numpy + OpenCV mirror of on-device post-processing; imports neither torch nor any converter.
 
 This is what runs on a Raspberry Pi: preprocess (roi, crop, normalise) -> a target's params -> bfm
-(de-normalise, vertices) -> geometry (image pixels, pose) -> draw / export.
+(de-normalise, vertices) -> geometry (image pixels, pose) -> draw (overlays) / meshes (.ply, .obj files).
 """
 
 from edge3dfa.runtime.bfm import BFM, denormalise, load_bfm68, load_dense_bfm, reconstruct

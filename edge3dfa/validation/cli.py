@@ -166,7 +166,7 @@ def finish(result: dict, data: Any, gates: Any, out_dir: Path, not_attempted: li
 
     rep = report.build(result, data, gates, not_attempted, reference=reference)
     paths = report.write(rep, out_dir)
-    report.print_summary(rep)
+    report.print_summary(rep, folder=out_dir)
     log(f"report: {paths['html']} (+ report.md, report.json) in {time.perf_counter() - started:.0f} s")
     log(report.verdict_line(rep))
     return 0 if rep["verdict"] == "PASSED" else 1

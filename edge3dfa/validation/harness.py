@@ -29,6 +29,7 @@ from edge3dfa.measure.predict import BATCH, predict_all
 from edge3dfa.measure.timing import LatencyConfig, measure
 from edge3dfa.models.checkpoint import Checkpoint
 from edge3dfa.target import CHECKPOINT_SUFFIXES, Target, open_target, target_suffixes, verify_artifact
+from edge3dfa.validation.rows import Row
 
 NO_REFERENCE = "none"
 PRECISION_ORDER = ("fp32", "fp16", "w8", "dyn-int8", "int8")
@@ -143,19 +144,9 @@ def _score(params: np.ndarray, data: EvalSet) -> np.ndarray:
     return metrics.nme(pred, data.gt)
 
 
-def _row(key: str, role: str, *, model: str, fmt: str, precision: str, runtime_name: str, artifact: str,
-         manifest: str | None, size: int, source_sha: str) -> dict[str, Any]:
-    return {"key": key, "role": role, "status": "ok", "reason": None, "model": model, "format": fmt,
-            "precision": precision, "runtime": runtime_name, "artifact": artifact, "manifest": manifest,
-            "size_bytes": int(size), "source_sha256": source_sha, "nme": None, "delta_vs_reference": None,
-            "delta_vs_fp32": None, "parity": None, "parity_vs_fp32": None, "latency": [], "latency_note": None,
-            "per_face": None, "quantization": None, "crash_log": None, "manifest_verified": None}
-
-
-def artifact_row(key: str, *, model: str, fmt: str, precision: str, source_sha: str) -> dict[str, Any]:
+def artifact_row(key: str, *, model: str, fmt: str, precision: str, source_sha: str) -> Row:
     """An artifact's report row before it is scored (e.g. for a conversion that failed)."""
-    return _row(key, "artifact", model=model, fmt=fmt, precision=precision, runtime_name="-", artifact=None,
-                manifest=None, size=0, source_sha=source_sha)
+    return Row(key=key, role="artifact", model=model, format=fmt, precision=precision, source_sha256=source_sha)
 
 
 def _model_info(ref_target: Target | None, ref: Checkpoint | None, m: Manifest | None) -> dict[str, Any]:
@@ -181,7 +172,7 @@ def evaluate(entries: list[Entry], data: EvalSet, *, latency: LatencyConfig | No
              reference: str | os.PathLike | Checkpoint | None = None, threads: int | None = None,
              batch: int = BATCH, root: str | os.PathLike | None = None, skip_unavailable: bool = False,
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Score every entry and its reference on ``data``; returns {"models", "targets"} for the report.
+    """Score every entry and its reference on ``data``; returns {"models": {sha: info}, "targets": [Row]}.
 
     ``reference``: None finds each manifest's source checkpoint, a path or Checkpoint is used for all,
     ``"none"`` scores artifacts alone (no torch needed, e.g. on a board; deltas and parity are then taken
@@ -194,10 +185,31 @@ def evaluate(entries: list[Entry], data: EvalSet, *, latency: LatencyConfig | No
     on each other; latency is measured at every count anyway).
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    latency = latency or LatencyConfig()
-    threads = threads or 1
     root = Path(root) if root is not None else None
     rel = (lambda p: os.path.relpath(p, root)) if root is not None else str
+    run = _Run(data, rel, latency or LatencyConfig(), threads or 1, batch, skip_unavailable, log)
+    groups, others = _groups(entries, reference)
+    models: dict[str, Any] = {}
+    rows: list[Row] = []
+    for sha, (ref, group) in groups.items():
+        ref_target = ref_params = ref_summary = None
+        if ref is not None:
+            head, ref_params, ref_target = run.reference(ref, sha)
+            ref_summary = head.nme
+            rows.append(head)
+        models[sha] = _model_info(ref_target, ref, group[0].manifest if group else None)
+        scored = [run.one(e, sha, ref_params, ref_summary)
+                  for e in sorted(group, key=lambda e: (e.manifest.format, _precision_rank(e.manifest.precision),
+                                                        str(e.path)))]
+        rows += [row for row, _ in _compare_with_fp32(scored)]
+    rows += [_not_applicable(e, rel) for e in others]
+    return {"models": models, "targets": rows}
+
+
+def _groups(entries: list[Entry], reference: str | os.PathLike | Checkpoint | None
+            ) -> tuple[dict[str, tuple[Checkpoint | None, list[Entry]]], list[Entry]]:
+    """The landmark regressors by source checkpoint (sha256 -> (its reference or None, entries)), and the
+    others (detectors...), which are listed, not scored."""
     alone = isinstance(reference, str) and reference.lower() == NO_REFERENCE
     groups: dict[str, tuple[Checkpoint | None, list[Entry]]] = {}
     if isinstance(reference, Checkpoint):  # reported even when nothing was converted
@@ -212,48 +224,33 @@ def evaluate(entries: list[Entry], data: EvalSet, *, latency: LatencyConfig | No
             continue
         ref = reference if isinstance(reference, Checkpoint) else find_reference(e.manifest, reference)
         groups.setdefault(ref.sha256, (ref, []))[1].append(e)
-
-    models, rows = {}, []
-    run = _Run(data, rel, latency, threads, batch, skip_unavailable, log)
-    for sha, (ref, group) in groups.items():
-        ref_target = ref_params = ref_summary = None
-        if ref is not None:
-            log(f"reference: torch {ref.path.name} on {len(data)} faces ({data.name})")
-            ref_target = ref.target(threads)
-            ref_params = predict_all(ref_target, data.inputs, batch, f"torch {ref.name}")
-            ref_nme = _score(ref_params, data)
-            ref_summary = metrics.summarize(ref_nme, data.yaw)
-            head = _row(f"{ref.name}/torch/reference", "reference", model=ref.name, fmt="torch",
-                        precision="fp32", runtime_name="torch", artifact=rel(ref.path), manifest=None,
-                        size=ref.path.stat().st_size, source_sha=sha)
-            head.update(nme=ref_summary, per_face=ref_nme, latency=measure(ref.target, data.inputs, latency))
-            rows.append(head)
-        models[sha] = _model_info(ref_target, ref, group[0].manifest if group else None)
-        scored = [run.one(e, sha, ref_params, ref_summary)
-                  for e in sorted(group, key=lambda e: (e.manifest.format, _precision_rank(e.manifest.precision),
-                                                        str(e.path)))]
-        _compare_with_fp32(scored)
-        rows += [row for row, _ in scored]
-    for e in others:
-        m = e.manifest
-        rows.append({**_row(f"{m.model}/{m.format}/{e.path.name}", "artifact", model=m.model, fmt=m.format,
-                            precision=m.precision, runtime_name="-", artifact=rel(e.path),
-                            manifest=rel(e.manifest_path), size=m.size_bytes,
-                            source_sha=str((m.source or {}).get("sha256"))),
-                     "status": "not_applicable", "reason": "not a 62-param landmark regressor (detector or other "
-                                                           "head): validate scores landmark regressors only"})
-    return {"models": models, "targets": rows}
+    return groups, others
 
 
-def _compare_with_fp32(scored: list[tuple[dict[str, Any], np.ndarray | None]]) -> None:
+def _not_applicable(e: Entry, rel: Callable[[Path], str]) -> Row:
+    m = e.manifest
+    return Row(key=f"{m.model}/{m.format}/{e.path.name}", role="artifact", status="not_applicable",
+               reason="not a 62-param landmark regressor (detector or other head): validate scores landmark "
+                      "regressors only", model=m.model, format=m.format, precision=m.precision,
+               artifact=rel(e.path), manifest=rel(e.manifest_path), size_bytes=int(m.size_bytes),
+               source_sha256=str((m.source or {}).get("sha256")))
+
+
+Scored = tuple[Row, np.ndarray | None]
+
+
+def _compare_with_fp32(scored: list[Scored]) -> list[Scored]:
     """ΔNME and parity of every scored row against the same format's fp32 row (the base without a reference)."""
+    out = []
     for row, params in scored:
-        fp32 = next(((r, p) for r, p in scored if r["format"] == row["format"] and r["precision"] == "fp32"
-                     and r["status"] == "ok" and p is not None), None)
-        if row["status"] != "ok" or params is None or fp32 is None or row["precision"] == "fp32":
-            continue  # an fp32 row is the base of its format, never compared with another fp32
-        row["delta_vs_fp32"] = metrics.delta(row["nme"], fp32[0]["nme"])
-        row["parity_vs_fp32"] = compare_params(fp32[1], params)
+        fp32 = next(((r, p) for r, p in scored if r.format == row.format and r.precision == "fp32"
+                     and r.status == "ok" and p is not None), None)
+        if row.status == "ok" and params is not None and fp32 is not None and row.precision != "fp32":
+            # an fp32 row is the base of its format, never compared with another fp32
+            row = replace(row, delta_vs_fp32=metrics.delta(row.nme, fp32[0].nme),
+                          parity_vs_fp32=compare_params(fp32[1], params))
+        out.append((row, params))
+    return out
 
 
 def _is_regressor(m: Manifest) -> bool:
@@ -269,7 +266,7 @@ def runtime_missing(err: Edge3dfaError) -> bool:
 
 @dataclass
 class _Run:
-    """What every artifact row of one evaluation shares."""
+    """What every row of one evaluation shares."""
 
     data: EvalSet
     rel: Callable[[Path], str]
@@ -279,37 +276,48 @@ class _Run:
     skip_unavailable: bool
     log: Callable[[str], None]
 
-    def one(self, e: Entry, sha: str, ref_params: np.ndarray | None,
-            ref_summary: dict | None) -> tuple[dict[str, Any], np.ndarray | None]:
+    def reference(self, ref: Checkpoint, sha: str) -> tuple[Row, np.ndarray, Target]:
+        """The PyTorch reference's row, its params and its target."""
+        self.log(f"reference: torch {ref.path.name} on {len(self.data)} faces ({self.data.name})")
+        target = ref.target(self.threads)
+        params = predict_all(target, self.data.inputs, self.batch, f"torch {ref.name}")
+        nme = _score(params, self.data)
+        row = Row(key=f"{ref.name}/torch/reference", role="reference", model=ref.name, format="torch",
+                  precision="fp32", runtime="torch", artifact=self.rel(ref.path), manifest=None,
+                  size_bytes=ref.path.stat().st_size, source_sha256=sha, nme=metrics.summarize(nme, self.data.yaw),
+                  per_face=nme, latency=measure(ref.target, self.data.inputs, self.latency))
+        return row, params, target
+
+    def one(self, e: Entry, sha: str, ref_params: np.ndarray | None, ref_summary: dict | None) -> Scored:
         """One artifact's row and params; whatever goes wrong becomes the row's status and reason."""
         m = e.manifest
-        row = _row(f"{m.model}/{m.format}/{e.path.name}", "artifact", model=m.model, fmt=m.format,
-                   precision=m.precision, runtime_name="?", artifact=self.rel(e.path),
-                   manifest=self.rel(e.manifest_path), size=m.size_bytes, source_sha=sha)
-        row["quantization"] = m.quantization  # the --nme-budget search record, shown by the report
-        row["manifest_verified"] = e.verify  # False: used with --no-verify, so at best NOT VERIFIED (None: no manifest)
+        row = Row(key=f"{m.model}/{m.format}/{e.path.name}", role="artifact", model=m.model, format=m.format,
+                  precision=m.precision, runtime="?", artifact=self.rel(e.path), manifest=self.rel(e.manifest_path),
+                  size_bytes=int(m.size_bytes), source_sha256=sha,
+                  quantization=m.quantization,  # the --nme-budget search record, shown by the report
+                  manifest_verified=e.verify)  # False: used with --no-verify, so at best NOT VERIFIED
         self.log(f"evaluating {self.rel(e.path)} ({m.format} {m.precision})")
         try:
-            return row, self._score(e, row, ref_params, ref_summary)
+            target = open_target(e.path, threads=self.threads, verify=e.verify)
+            row = replace(row, runtime=target.runtime)
+            return self._score(e, target, row, ref_params, ref_summary)
         except Edge3dfaError as err:
             if self.skip_unavailable and runtime_missing(err):
-                row.update(status="skipped", reason=f"skipped (--skip-unavailable): {one_line(err)}")
+                row = replace(row, status="skipped", reason=f"skipped (--skip-unavailable): {one_line(err)}")
             else:
-                row.update(status="error", reason=one_line(err))
+                row = row.failed(one_line(err))
         except OSError as err:  # unreadable file, full disk...: the user's to fix, no traceback needed
             where = f" {err.filename}" if err.filename else ""
-            row.update(status="error", reason=f"cannot use{where}: {err.strerror or one_line(err)}")
+            row = row.failed(f"cannot use{where}: {err.strerror or one_line(err)}")
         except Exception as err:  # noqa: BLE001 - one broken runtime must not hide the other rows
             crash = write_crash_log(err)
-            row.update(status="error", reason=f"internal error: {type(err).__name__}: {one_line(err)} "
-                                              f"(traceback: {crash})", crash_log=str(crash))
-        self.log(f"  {row['status']}: {row['reason']}")
+            row = row.failed(f"internal error: {type(err).__name__}: {one_line(err)} (traceback: {crash})",
+                             str(crash))
+        self.log(f"  {row.status}: {row.reason}")
         return row, None
 
-    def _score(self, e: Entry, row: dict[str, Any], ref_params: np.ndarray | None,
-               ref_summary: dict | None) -> np.ndarray:
-        target = open_target(e.path, threads=self.threads, verify=e.verify)
-        row["runtime"] = target.runtime
+    def _score(self, e: Entry, target: Target, row: Row, ref_params: np.ndarray | None,
+               ref_summary: dict | None) -> Scored:
         params = predict_all(target, self.data.inputs, self.batch, f"{e.manifest.format} {e.manifest.precision}")
         bad = int((~np.isfinite(params).all(axis=1)).sum())
         if bad:
@@ -321,12 +329,12 @@ class _Run:
             raise Edge3dfaError(f"{e.path.name}: outputs so large that the landmarks of {bad} of {len(nme)} faces "
                                 "overflow (not finite)")
         summary = metrics.summarize(nme, self.data.yaw)
-        row.update(nme=summary, per_face=nme,
-                   delta_vs_reference=metrics.delta(summary, ref_summary) if ref_summary else None,
-                   parity=compare_params(ref_params, params) if ref_params is not None else None)
+        row = replace(row, nme=summary, per_face=nme,
+                      delta_vs_reference=metrics.delta(summary, ref_summary) if ref_summary else None,
+                      parity=compare_params(ref_params, params) if ref_params is not None else None)
         if target.runtime in NOT_TIMED:
-            row["latency_note"] = NOT_TIMED[target.runtime]
+            row = replace(row, latency_note=NOT_TIMED[target.runtime])
         else:
-            row["latency"] = measure(lambda n: open_target(e.path, threads=n, verify=e.verify), self.data.inputs,
-                                     self.latency)
-        return params
+            row = replace(row, latency=measure(lambda n: open_target(e.path, threads=n, verify=e.verify),
+                                               self.data.inputs, self.latency))
+        return row, params

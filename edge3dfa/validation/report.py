@@ -9,6 +9,8 @@ report.json, schema ``edge3dfa.report/2`` (numbers are plain JSON numbers; null 
                       be computed, no gates at all, no artifact scored); PASSED otherwise. ``validate``/``export``
                       exit 0 only for PASSED, 1 for FAILED and NOT VERIFIED.
     verdict_reasons   [one line per target that is not PASSED: what failed or was not checked]
+    recommended       [per model and format: the artifact to ship, or null and why none]: the fastest PASSED
+                      artifact at batch 1, one thread, ties to the smaller (edge3dfa.validation.recommend)
     passed            verdict == "PASSED"
     created           ISO time (UTC); edge3dfa_version; tools {package: version}
     machine           {platform, machine, python, cpu_threads}
@@ -22,7 +24,7 @@ report.json, schema ``edge3dfa.report/2`` (numbers are plain JSON numbers; null 
     gates             the limits applied (see edge3dfa.validation.gates)
     not_attempted     [{what, reason}]: formats/precisions export did not convert (extra not installed, not
                       offered by the format); outside the plan, so they do not change the verdict
-    targets           one object per target, the PyTorch reference of each model first:
+    targets           one object per target (``validation.rows.Row``), the PyTorch reference of each model first:
       key, role (reference|artifact), status, reason: ok; error (could not be converted, opened, run or scored:
                       reason says why, crash_log names the traceback of an unexpected exception); skipped (by the
                       user's choice, e.g. --skip-unavailable); not_applicable (not a landmark regressor, e.g. a
@@ -41,20 +43,23 @@ report.json, schema ``edge3dfa.report/2`` (numbers are plain JSON numbers; null 
       parity          {param_max_abs, param_mean_abs, landmark_max_px, landmark_mean_px, n}: vs the reference's
                       params on the same crops (landmarks in 120x120 crop pixels); null without reference
       parity_vs_fp32  the same against this format's fp32 artifact (null if none)
-      latency         [{threads, batch, median_ms, p90_ms, min_ms, per_image_ms, runs}]; latency_note says why
-                      it is empty when the runtime is only a simulation (e.g. CoreML evaluated in numpy)
+      latency         [{threads, batch, median_ms, p10_ms, p90_ms, min_ms, per_image_ms, runs}]; latency_note
+                      says why it is empty when the runtime is only a simulation (e.g. CoreML evaluated in numpy)
+      quantization    the manifest's record of an --nme-budget search (workflows.budget), null otherwise
+      crash_log       the traceback log of an unexpected exception, null otherwise
       gates           [{gate, value, limit, passed (true|false|null: not checked), vs (reference|fp32|null),
                        note}]
 
-Plots (matplotlib, Agg canvas, no display needed): CED curves of all targets, NME per yaw bin, latency,
-size vs NME. They are embedded in the HTML as base64 PNG and written beside report.md for it to link.
+The report opens with the verdict and the recommendation table (what to ship per format and the command that
+runs it), then the plots (edge3dfa.validation.plots: latency vs NME with the Pareto front first), the gates as a
+table, and the per-target tables, whose first column is the verdict so that it is never cut off on a narrow
+screen. Plots are embedded in the HTML as base64 PNG and written beside report.md for it to link.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import os
 import platform
 from datetime import datetime, timezone
@@ -70,7 +75,9 @@ from edge3dfa.fileio import json_text, write_files
 from edge3dfa.manifest import tool_versions
 from edge3dfa.measure import metrics
 from edge3dfa.measure.timing import cpu_threads
-from edge3dfa.validation.gates import PASSED, Gates, check, row_verdict, verdict
+from edge3dfa.validation import plots
+from edge3dfa.validation.gates import FAILED, NOT_VERIFIED, PASSED, Gates, check, row_verdict, verdict
+from edge3dfa.validation.recommend import BATCH, FASTEST, THREADS, command, recommend
 
 SCHEMA = "edge3dfa.report/2"
 PROTOCOL = {
@@ -80,16 +87,13 @@ PROTOCOL = {
     "auc": "area under the CED curve from 0 to 7% NME, divided by 7 (1 = perfect)",
     "failure": "fraction of faces with NME > 10%",
 }
-PLOTS = ("ced", "bins", "latency", "size_nme", "sensitivity")
+PLOTS = ("latency_nme", "ced", "ced_all", "bins", "size_nme", "sensitivity")
 BUDGET_TEXT = ("Made by convert --nme-budget: choices were judged on held-out AFLW calibration crops (21 points, "
                "never calibrated on), never on AFLW2000-3D; the AFLW2000-3D column is the evaluation figure of this "
                "report. Search latency: batch 1, one thread, on the converting machine.")
 
 
-def _label(row: dict[str, Any]) -> str:
-    if row["role"] == "reference":
-        return f"{row['model']} torch (reference)"
-    return f"{row['model']} {row['format']} {row['precision']}"
+_label = plots.label
 
 
 def _round(x: Any, nd: int = 6) -> Any:
@@ -119,7 +123,7 @@ def build(result: dict[str, Any], data: EvalSet, gates: Gates, not_attempted: li
     ``tool_packages``: whose versions go in ``tools`` (default ``runtime_packages()``)."""
     targets = []
     for row in result["targets"]:
-        row = dict(row)
+        row = row.to_dict()  # a validation.rows.Row
         per_face = row.pop("per_face", None)
         row["ced"] = metrics.ced(per_face).tolist() if per_face is not None else None
         row["per_face"] = np.round(per_face, 4).tolist() if per_face is not None else None
@@ -133,6 +137,7 @@ def build(result: dict[str, Any], data: EvalSet, gates: Gates, not_attempted: li
         "schema": SCHEMA,
         "verdict": overall,
         "verdict_reasons": _reasons(targets),
+        "recommended": recommend(targets, not_attempted),
         "passed": overall == PASSED,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "edge3dfa_version": __version__,
@@ -191,158 +196,107 @@ def verdict_line(report: dict) -> str:
     return f"Verdict: {report['verdict']} ({len(judged)} targets: {tail or 'none'}{extra})"
 
 
-# ---------------------------------------------------------------- plots
-
-def _figures(report: dict) -> dict[str, bytes]:
-    """PNG bytes of each plot; empty when matplotlib is not installed."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return {}
-    rows = [r for r in report["targets"] if r["status"] == "ok" and r["nme"]]
-    if not rows:
-        return {}
-    from matplotlib import colormaps
-
-    palette = colormaps["tab10" if len(rows) <= 10 else "tab20"].colors
-    color = {r["key"]: palette[i % len(palette)] for i, r in enumerate(rows)}  # one colour per target, all plots
-    out = {}
-
-    def png(fig: Figure) -> bytes:
-        FigureCanvasAgg(fig)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        return buf.getvalue()
-
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.add_subplot()
-    for r in rows:
-        ref = r["role"] == "reference"
-        label = f"{_label(r)} (AUC7 {_f(r['nme']['auc7'], '.3f')})"
-        ax.plot(report["ced_thresholds"], np.asarray(r["ced"]) * 100, label=label, color=color[r["key"]],
-                lw=2.2 if ref else 1.3, ls="--" if ref else "-")
-    ax.set(xlabel="NME (%)", ylabel="faces (%)", xlim=(0, report["ced_thresholds"][-1]), ylim=(0, 100),
-           title=f"CED, {report['dataset']['name']} ({report['dataset']['count']} faces)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    out["ced"] = png(fig)
-
-    # a broken artifact (NME in the hundreds) must not squash every other bar: cap the axis at 3x the reference
-    # (without one, 3x the best target)
-    refs = [r["nme"]["balanced"] for r in rows if r["role"] == "reference" and r["nme"]["balanced"]]
-    scored = [r["nme"]["balanced"] for r in rows if r["nme"]["balanced"]]
-    top = 3 * max(refs) if refs else (3 * min(scored) if scored else None)
-
-    def tag(r: dict) -> str:
-        big = top is not None and max(v["mean"] or 0 for v in r["nme"]["bins"].values()) > top
-        return _label(r) + (" (off scale)" if big else "")
-
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.add_subplot()
-    labels = [*metrics.BIN_LABELS, "balanced"]
-    width = 0.8 / len(rows)
-    for i, r in enumerate(rows):
-        vals = [r["nme"]["bins"][b]["mean"] or 0 for b in metrics.BIN_LABELS] + [r["nme"]["balanced"] or 0]
-        ax.bar(np.arange(len(labels)) + (i - (len(rows) - 1) / 2) * width, vals, width, label=tag(r),
-               color=color[r["key"]])
-    ax.set_xticks(np.arange(len(labels)), [f"|yaw| {b}" if b != "balanced" else b for b in labels])
-    ax.set(ylabel="NME (%)", title="NME per yaw bin")
-    if top is not None:
-        ax.set_ylim(0, min(ax.get_ylim()[1], top))
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    out["bins"] = png(fig)
-
-    timed = [r for r in rows if r["latency"]]
-    settings = sorted({(lat["batch"], lat["threads"]) for r in timed for lat in r["latency"]})
-    if settings:
-        fig = Figure(figsize=(6.4, 0.8 + 0.3 * len(timed) * max(1, len(settings) / 2)))
-        ax = fig.add_subplot()
-        height = 0.8 / len(settings)
-        every = []
-        for j, (b, t) in enumerate(settings):
-            vals = [next((lat["per_image_ms"] for lat in r["latency"] if (lat["batch"], lat["threads"]) == (b, t)),
-                         np.nan) for r in timed]
-            every += [v for v in vals if np.isfinite(v)]
-            ax.barh(np.arange(len(timed)) + (j - (len(settings) - 1) / 2) * height, vals, height,
-                    label=f"batch {b}, {t} thread{'s' if t > 1 else ''}")
-        ax.set_yticks(np.arange(len(timed)), [_label(r) for r in timed], fontsize=7)
-        ax.invert_yaxis()
-        if every and max(every) > 30 * min(every):  # a slow runtime would flatten the others
-            ax.set_xscale("log")
-        ax.set(xlabel="median ms per image", title="Latency of predict")
-        ax.grid(axis="x", alpha=0.3)
-        ax.legend(fontsize=7)
-        out["latency"] = png(fig)
-
-    balanced = [r for r in rows if r["nme"]["balanced"] is not None]  # None: a yaw bin without faces
-    if balanced:
-        fig = Figure(figsize=(6.4, 4.2))
-        ax = fig.add_subplot()
-        for r in balanced:
-            y = r["nme"]["balanced"] if top is None else min(r["nme"]["balanced"], top)
-            ax.scatter(r["size_bytes"] / 1e6, y, marker="*" if r["role"] == "reference" else "o",
-                       color=color[r["key"]], s=90 if r["role"] == "reference" else 40, label=tag(r), alpha=0.85)
-        ax.set(xlabel="size on disk (MB)", ylabel="balanced NME (%)", title="Size vs accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-        out["size_nme"] = png(fig)
-
-    searched = [r for r in report["targets"] if (r.get("quantization") or {}).get("sensitivity")]
-    if searched:
-        fig = Figure(figsize=(6.4, 1.2 + 2.2 * len(searched)))
-        for i, r in enumerate(searched):
-            sens = r["quantization"]["sensitivity"]
-            order = [x["layer"] for x in sorted(sens, key=lambda x: x.get("index", 0))]
-            by = {x["layer"]: x for x in sens}
-            ax = fig.add_subplot(len(searched), 1, i + 1)
-            gains = [by[k]["gain"] if k in by else 0.0 for k in order]
-            keep = set(r["quantization"]["float_layers"])
-            ax.bar(range(len(order)), gains, color=["tab:red" if k in keep else "tab:blue" for k in order])
-            ax.set(ylabel="NME gain", title=f"{_label(r)}: NME gain when each layer alone stays float "
-                                            f"(red: kept float)")
-            ax.axhline(0, color="k", lw=0.5)
-            sq = [by[k]["sqnr_db"] if k in by and by[k]["sqnr_db"] is not None else np.nan for k in order]
-            if np.isfinite(sq).any():
-                ax2 = ax.twinx()
-                ax2.plot(range(len(order)), sq, "k.", ms=3)
-                ax2.set_ylabel("SQNR dB (dots)", fontsize=7)
-            ax.set_xlabel("layer (graph order)", fontsize=7)
-        fig.tight_layout()
-        out["sensitivity"] = png(fig)
-    return out
-
-
 # ---------------------------------------------------------------- tables
 
 def _f(x: Any, fmt: str = ".2f", none: str = "-") -> str:
     return none if x is None else format(x, fmt)
 
 
+def _status(r: dict[str, Any]) -> str:
+    """A row's verdict and what it rests on, for the first column of the accuracy table."""
+    if r["verdict"] is None:
+        return f"not judged: {r['status']}: {r['reason']}"
+    if r["status"] != "ok":
+        return f"{r['verdict']}: {r['status']}: {r['reason']}"
+    failed = [g["gate"] for g in r["gates"] if g["passed"] is False]
+    unchecked = [g["gate"] for g in r["gates"] if g["passed"] is None]
+    if r["verdict"] == FAILED:
+        return "FAILED: " + ", ".join(failed)
+    if r["verdict"] == NOT_VERIFIED:
+        why = (", ".join(unchecked) + " not checked" if unchecked else "no gates" if not r["gates"]
+               else "not checked against its manifest (--no-verify)")
+        return f"NOT VERIFIED: {why}"
+    return r["verdict"]
+
+
 def _accuracy_table(report: dict) -> tuple[list[str], list[list[str]]]:
-    head = ["target", "runtime", "size MB", *[f"NME {b}" for b in metrics.BIN_LABELS], "balanced", "mean",
-            "AUC7", "fail>10%", "ΔNME vs torch", "ΔNME vs fp32", "param max err", "lm max px", "verdict"]
+    head = ["verdict", "target", "runtime", "size MB", *[f"NME {b}" for b in metrics.BIN_LABELS], "balanced",
+            "mean", "AUC7", "fail>10%", "ΔNME vs torch", "ΔNME vs fp32", "param max err", "lm max px"]
     body = []
     for r in report["targets"]:
         if r["status"] != "ok":
-            what = {"error": "FAILED", "skipped": "NOT VERIFIED"}.get(r["status"], "not judged")
-            body.append([_label(r), r["runtime"], _f(r["size_bytes"] / 1e6)] + ["-"] * (len(head) - 4)
-                        + [f"{what}: {r['status']}: {r['reason']}"])
+            body.append([_status(r), _label(r), r["runtime"], _f(r["size_bytes"] and r["size_bytes"] / 1e6)]
+                        + ["-"] * (len(head) - 4))
             continue
         n, d, d32 = r["nme"], r["delta_vs_reference"], r["delta_vs_fp32"]
         p = r["parity"] or r.get("parity_vs_fp32") or {}
-        failed = [g["gate"] for g in r["gates"] if g["passed"] is False]
-        unchecked = [g["gate"] for g in r["gates"] if g["passed"] is None]
-        gate = ("FAILED " + ", ".join(failed) if failed else "NOT VERIFIED: " + ", ".join(unchecked) + " not checked"
-                if unchecked else "pass" if r["gates"] else "NOT VERIFIED: no gates")
         fail = n["failure10"]
-        body.append([_label(r), r["runtime"], _f(r["size_bytes"] / 1e6),
+        body.append([_status(r), _label(r), r["runtime"], _f(r["size_bytes"] and r["size_bytes"] / 1e6),
                      *[_f(n["bins"][b]["mean"]) for b in metrics.BIN_LABELS], _f(n["balanced"]), _f(n["mean"]),
                      _f(n["auc7"], ".3f"), _f(fail if fail is None else fail * 100, ".1f") + "%",
                      _f(d and d["balanced"], "+.3f"), _f(d32 and d32["balanced"], "+.3f"),
-                     _f(p.get("param_max_abs"), ".2e"), _f(p.get("landmark_max_px"), ".3f"), gate])
+                     _f(p.get("param_max_abs"), ".2e"), _f(p.get("landmark_max_px"), ".3f")])
     return head, body
+
+
+def recommended(report: dict) -> list[dict[str, Any]]:
+    """The report's ``recommended`` entries (computed from its rows for a report written before the key)."""
+    if "recommended" in report:
+        return report["recommended"]
+    return recommend(report["targets"], report.get("not_attempted"))
+
+
+def _ship_table(report: dict, folder: str | os.PathLike | None = None) -> tuple[list[str], list[list[str]]]:
+    """What to ship: one row per model and format; the last cell is the command (or why there is none)."""
+    entries = recommended(report)
+    several = len({e["model"] for e in entries}) > 1
+    head = ["format", "precision", "balanced NME (Δ vs torch)", "worst yaw bin", f"ms, {THREADS} thread",
+            "size MB", "run it"]
+    body = []
+    for e in entries:
+        fmt = f"{e['model']} {e['format']}" if several else e["format"]
+        if e["artifact"] is None:
+            body.append([fmt, "-", "-", "-", "-", "-", e["reason"]])
+            continue
+        delta = f" ({e['delta_nme']:+.3f})" if e["delta_nme"] is not None else ""
+        worst = e["worst_bin"]
+        body.append([fmt, e["precision"], _f(e["nme"]) + delta,
+                     f"{_f(worst['nme'])} {worst['bin']}" if worst["bin"] else "-",
+                     _f(e["latency_ms"]) if e["latency_ms"] is not None else "not measured",
+                     _f(e["size_bytes"] and e["size_bytes"] / 1e6), command(e["artifact"], folder)])
+    return head, body
+
+
+_GATE_TEXT = {
+    "max_nme": "balanced NME, %",
+    "max_failure_rate": "fraction of faces above 10% NME",
+    "max_delta_nme": "ΔNME balanced vs the base (a loss; one-sided)",
+    "max_delta_nme_bin": "ΔNME in every yaw bin vs the base",
+    "max_abs_delta_nme": "|ΔNME| balanced vs the base (two-sided)",
+    "max_param_err": "max |params − base params| (normalised)",
+    "max_landmark_px": "max landmark distance to the base, 120×120 crop px",
+}
+
+
+def _gates_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """The limits applied, one row per (scope, gate); later scopes add to or replace earlier ones."""
+    g = dict(report["gates"])
+    scopes = [("every target", {k: v for k, v in g.items() if not isinstance(v, dict)})]
+    scopes += [(f"precision {name}", lim) for name, lim in g.get("precision", {}).items()]
+    scopes += [(f"format {name}", lim) for name, lim in g.get("format", {}).items()]
+    scopes += [("command line: every artifact, over all the above", g.get("command_line", {}))]
+    body = [[scope, gate, f"<= {limit:g}", _GATE_TEXT.get(gate, "")]
+            for scope, lim in scopes for gate, limit in lim.items()]
+    return ["applies to", "gate", "limit", "what"], body
+
+
+def _gates_note(report: dict) -> str:
+    base = ("the PyTorch reference" if report["reference"] != "none" else
+            "each format's fp32 artifact (--reference none; fp32 itself: absolute limits only)")
+    if not report["gates"]:
+        return "No gates (--no-gates): nothing was judged, so the verdict is NOT VERIFIED."
+    return (f"Relative limits (Δ) compare each artifact with its base, {base}; the reference rows get the absolute "
+            "limits only. A precision or format row adds its limits to those above it or replaces them.")
 
 
 def _latency_table(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -400,14 +354,15 @@ def _md_table(head: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in esc[1:]])
 
 
-def _html_table(head: list[str], body: list[list[str]]) -> str:
+def _html_table(head: list[str], body: list[list[str]], css: str = "") -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     trs = []
     for row in body:
-        cls = ' class="fail"' if row and row[-1].startswith("FAILED") else (
-            ' class="unverified"' if row and row[-1].startswith("NOT VERIFIED") else "")
+        cls = ' class="fail"' if row and row[0].startswith("FAILED") else (
+            ' class="unverified"' if row and row[0].startswith("NOT VERIFIED") else "")
         trs.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(trs)}</tbody></table>"
+    attr = f" class='{css}'" if css else ""
+    return f"<table{attr}><thead><tr>{th}</tr></thead><tbody>{''.join(trs)}</tbody></table>"
 
 
 def _summary_lines(report: dict) -> list[str]:
@@ -423,18 +378,38 @@ def _summary_lines(report: dict) -> list[str]:
         lines.append(f"Model {m['name']} ({m['arch']}): {params}, {macs} (source arch, 120x120).")
     lines.append(f"Machine: {report['machine']['platform']}, {report['machine']['cpu_threads']} CPU threads. "
                  "Latency is the median of timed predict calls after warm-up; on a shared machine it is noisy.")
-    base = ("the PyTorch reference" if report["reference"] != "none" else
-            "each format's fp32 artifact (--reference none; fp32 itself: absolute limits only)")
-    lines.append(f"Gates (relative limits vs {base}): {report['gates'] or 'none set'}.")
     for s in report["not_attempted"]:
         lines.append(f"Not attempted: {s['what']}: {s['reason']}")
     return lines
 
 
+_SHIP_NOTE = (f"The fastest artifact of each format that passed every gate (median ms per image at batch {BATCH}, "
+              f"{THREADS} thread; equal to 0.01 ms: the smaller file); FAILED and NOT VERIFIED artifacts are never "
+              "recommended. Paths are relative to this report's folder.")
+
+
+def _ship_notes(report: dict) -> list[str]:
+    """How each recommendation was chosen, where that is not plainly the fastest."""
+    entries = recommended(report)
+    several = len({e["model"] for e in entries}) > 1
+    return [f"{e['model'] + ' ' if several else ''}{e['format']} {e['precision']}: {e['chosen_by']}"
+            for e in entries if e["artifact"] and e["chosen_by"] != FASTEST]
+
+
 def render_markdown(report: dict, images: dict[str, str]) -> str:
-    parts = [f"**{verdict_line(report)}**", "", *[f"- {r}" for r in report["verdict_reasons"]], "",
-             "# edge3dfa validation report", "", *[f"- {s}" for s in _summary_lines(report)], "",
-             "## Accuracy (NME %, AFLW2000-3D protocol)", "", _md_table(*_accuracy_table(report)), ""]
+    head, body = _ship_table(report)
+    ship = _md_table(head, [[*row[:-1], f"`{row[-1]}`" if row[-1].startswith("edge3dfa ") else row[-1]]
+                            for row in body]) if body else "No landmark-regressor artifact was judged."
+    plots_md = [f"![{k}]({v})" for k, v in images.items()]
+    parts = [f"**{verdict_line(report)}**", "", "# edge3dfa validation report", "", "## What to ship", "",
+             ship, "", _SHIP_NOTE, *[f"- {n}" for n in _ship_notes(report)], ""]
+    if report["verdict_reasons"]:
+        parts += ["## Why not PASSED", "", *[f"- {r}" for r in report["verdict_reasons"]], ""]
+    if images:
+        parts += ["## Plots", "", *plots_md, ""]
+    parts += ["## Setting", "", *[f"- {s}" for s in _summary_lines(report)], "",
+              "## Gates", "", _gates_note(report), "", _md_table(*_gates_table(report)), "",
+              "## Accuracy (NME %, AFLW2000-3D protocol)", "", _md_table(*_accuracy_table(report)), ""]
     lat = _latency_table(report)
     if lat[1]:
         parts += ["## Latency", "", _md_table(*lat), ""]
@@ -443,37 +418,75 @@ def render_markdown(report: dict, images: dict[str, str]) -> str:
         parts += ["## Int8 within an NME budget", "", BUDGET_TEXT, "", _md_table(*budget), ""]
     if sens[1]:
         parts += ["### Most sensitive layers", "", _md_table(*sens), ""]
-    if images:
-        parts += ["## Plots", ""] + [f"![{k}]({v})" for k, v in images.items()] + [""]
     parts += ["## Protocol", "", *[f"- **{k}**: {v}" for k, v in report["protocol"].items()], "",
               f"Machine-readable: report.json (schema {report['schema']}).", ""]
     return "\n".join(parts)
 
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;
-font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}td:first-child,
-th:first-child{text-align:left}th{background:#f3f3f3}tr.fail td{background:#fde2e2}img{max-width:48%;
-margin:0.5%}.pass{color:#080}.failed{color:#b00}.unverified{color:#a60}tr.unverified td{background:#fff3d6}"""
+_CSS = """body{font-family:system-ui,sans-serif;margin:1em;color:#222;max-width:1200px}
+table{border-collapse:collapse;font-size:13px;margin:0.6em 0}th,td{border:1px solid #ccc;padding:3px 6px;
+text-align:right}td{overflow-wrap:break-word}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}
+table.text td,table.text th,table.ship td:nth-child(-n+2),table.ship th:nth-child(-n+2),table.ship td:last-child,
+table.ship th:last-child{text-align:left}tr.fail td{background:#fde2e2}tr.unverified td{background:#fff3d6}
+.pass{color:#080}.failed{color:#b00}.unverified{color:#a60}.wide{overflow-x:auto}
+.plots img{width:49%;min-width:380px;vertical-align:top}.plots img.hero{width:auto;max-width:100%}
+code{font-size:12px;white-space:nowrap}p.note{font-size:12px;color:#555}details{margin:0.4em 0}
+summary{cursor:pointer;color:#246}"""
+
+
+def _img(name: str, data: bytes) -> str:
+    hero = ' class="hero"' if name == "latency_nme" else ""  # the headline plot: full width
+    return f'<img alt="{name}"{hero} src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _html_ship(report: dict) -> str:
+    head, body = _ship_table(report)
+    if not body:
+        return "<p>No landmark-regressor artifact was judged: nothing to recommend.</p>"
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = []
+    for row in body:
+        last = html.escape(row[-1])
+        cells = "".join(f"<td>{html.escape(c)}</td>" for c in row[:-1])
+        run = f"<td><code>{last}</code></td>" if row[-1].startswith("edge3dfa ") else f"<td>{last}</td>"
+        trs.append(f"<tr{' class=fail' if row[-1].startswith('none of') else ''}>{cells}{run}</tr>")
+    notes = "".join(f"<br>{html.escape(n)}" for n in _ship_notes(report))
+    return (f"<table class='ship'><thead><tr>{th}</tr></thead><tbody>{''.join(trs)}</tbody></table>"
+            f"<p class='note'>{html.escape(_SHIP_NOTE)}{notes}</p>")
+
+
+def _html_plots(pngs: dict[str, bytes]) -> str:
+    main = "".join(_img(k, v) for k, v in pngs.items() if k not in ("ced_all", "sensitivity"))
+    out = f"<div class='plots'>{main}</div>" if main else ""
+    if "ced_all" in pngs:
+        out += ("<details><summary>CED of every target</summary><div class='plots'>"
+                f"{_img('ced_all', pngs['ced_all'])}</div></details>")
+    if "sensitivity" in pngs:
+        out += f"<div class='plots'>{_img('sensitivity', pngs['sensitivity'])}</div>"
+    return out
 
 
 def render_html(report: dict, pngs: dict[str, bytes]) -> str:
     cls = {"PASSED": "pass", "FAILED": "failed"}.get(report["verdict"], "unverified")
     reasons = "".join(f"<li>{html.escape(s)}</li>" for s in report["verdict_reasons"])
     items = "".join(f"<li>{html.escape(s)}</li>" for s in _summary_lines(report))
-    imgs = "".join(f'<img alt="{k}" src="data:image/png;base64,{base64.b64encode(v).decode()}">'
-                   for k, v in pngs.items())
     lat = _latency_table(report)
     budget, sens = _budget_table(report), _sensitivity_table(report)
     proto = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in report["protocol"].items())
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{report['verdict']}: edge3dfa validation "
-            f"report</title><style>{_CSS}</style></head><body><p class='{cls}'><b>{html.escape(verdict_line(report))}"
-            f"</b></p>" + (f"<ul>{reasons}</ul>" if reasons else "") + "<h1>edge3dfa validation report</h1>"
-            f"<ul>{items}</ul><h2>Accuracy (NME %)</h2>{_html_table(*_accuracy_table(report))}"
-            + (f"<h2>Latency</h2>{_html_table(*lat)}" if lat[1] else "")
-            + (f"<h2>Int8 within an NME budget</h2><p>{html.escape(BUDGET_TEXT)}</p>{_html_table(*budget)}"
-               if budget[1] else "")
+    gates = _html_table(*_gates_table(report), css="text")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
+            f"<title>{report['verdict']}: edge3dfa validation report</title><style>{_CSS}</style></head><body>"
+            f"<p class='{cls}'><b>{html.escape(verdict_line(report))}</b></p>"
+            f"<h2>What to ship</h2>{_html_ship(report)}"
+            + (f"<h3>Why not PASSED</h3><ul>{reasons}</ul>" if reasons else "")
+            + (f"<h2>Plots</h2>{_html_plots(pngs)}" if pngs else "")
+            + f"<h2>Setting</h2><ul>{items}</ul>"
+            f"<h2>Gates</h2><p>{html.escape(_gates_note(report))}</p>{gates}"
+            f"<h2>Accuracy (NME %)</h2><div class='wide'>{_html_table(*_accuracy_table(report))}</div>"
+            + (f"<h2>Latency</h2><div class='wide'>{_html_table(*lat)}</div>" if lat[1] else "")
+            + (f"<h2>Int8 within an NME budget</h2><p>{html.escape(BUDGET_TEXT)}</p>"
+               f"<div class='wide'>{_html_table(*budget)}</div>" if budget[1] else "")
             + (f"<h3>Most sensitive layers</h3>{_html_table(*sens)}" if sens[1] else "")
-            + (f"<h2>Plots</h2>{imgs}" if imgs else "")
             + f"<h2>Protocol</h2><ul>{proto}</ul><p>Created {html.escape(report['created'])}, edge3dfa "
             f"{html.escape(report['edge3dfa_version'])}; machine-readable: report.json ({report['schema']}).</p>"
             "</body></html>\n")
@@ -484,7 +497,7 @@ def write(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise Edge3dfaError(f"report folder {out} is a file")
-    pngs = _figures(report)
+    pngs = plots.figures(report, recommended(report))
     links = {name: f"report_{name}.png" for name in pngs}
     files = {**{links[name]: data for name, data in pngs.items()}, "report.json": json_text(report).encode(),
              "report.md": render_markdown(report, links).encode(), "report.html": render_html(report, pngs).encode()}
@@ -492,8 +505,19 @@ def write(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     return {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
 
 
-def print_summary(report: dict, file: Any = None) -> None:
-    """The accuracy table as aligned text (for the terminal)."""
+def _print_table(head: list[str], body: list[list[str]], file: Any) -> None:
+    rows = [head, *body]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=file)
+
+
+def print_summary(report: dict, file: Any = None, folder: str | os.PathLike | None = None) -> None:
+    """The verdict, the accuracy and latency tables, then what to ship and the next command (for the terminal).
+
+    ``folder``: where the report was written, so that the commands name the artifacts from the current
+    directory; without it they are relative to the report's folder, and say so.
+    """
     import sys
 
     file = file or sys.stdout
@@ -502,15 +526,24 @@ def print_summary(report: dict, file: Any = None) -> None:
         print(f"  {reason}", file=file)
     print(file=file)
     head, body = _accuracy_table(report)
-    keep = [0, 3, 4, 5, 6, 7, 10, 11, 12, 13, 14]
-    rows = [[r[i] for i in keep] for r in [head, *body]]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(keep))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=file)
+    keep = [1, 4, 5, 6, 7, 11, 12, 13, 14, 0]  # the verdict (and its reason, maybe long) last on a terminal
+    _print_table([head[i] for i in keep], [[r[i] for i in keep] for r in body], file)
     lat_head, lat_body = _latency_table(report)
     if lat_body:
-        rows = [lat_head, *lat_body]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(lat_head))]
         print(file=file)
-        for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=file)
+        _print_table(lat_head, lat_body, file)
+    print(file=file)
+    ship_head, ship_body = _ship_table(report, folder)
+    print(f"What to ship (fastest passing artifact per format, batch {BATCH}, {THREADS} thread):", file=file)
+    _print_table(ship_head[:-1], [row[:-1] for row in ship_body if row[1] != "-"], file)
+    for row in ship_body:
+        if row[1] == "-":
+            print(f"{row[0]}: {row[-1]}", file=file)
+    commands = [row[-1] for row in ship_body if row[1] != "-"]
+    if commands:
+        where = "" if folder is not None else " (artifact paths relative to the report's folder)"
+        print(f"Next{where}:", file=file)
+        for c in commands:
+            print(f"  {c}", file=file)
+    else:
+        print("Next: nothing passed, so nothing to run; fix or re-convert the artifacts named above.", file=file)

@@ -15,7 +15,7 @@ from typing import Any
 from edge3dfa.converters import PARITY_COUNT, Artifact
 from edge3dfa.converters import convert as convert_plain
 from edge3dfa.models.checkpoint import Checkpoint
-from edge3dfa.workflows.budget import Budget, export_within_budget
+from edge3dfa.workflows.budget import Budget, write_within_budget
 
 __all__ = ["Budget", "convert", "over_budget"]
 
@@ -44,7 +44,7 @@ def convert(model: str | os.PathLike | Checkpoint = "mb05", to: str | Sequence[s
     log = None if verbose else (lambda s: None)
 
     def write_int8(fmt: Any, source: Checkpoint, dest: Any, opts: Any, calib: Any, reference: Any) -> dict:
-        return export_within_budget(fmt, source, dest, opts, calib, reference, budget, heldout=heldout, log=log)
+        return write_within_budget(fmt, source, dest, opts, calib, reference, budget, heldout=heldout, log=log)
 
     return convert_plain(model, to, precision, out_dir, options=options, calibration=calibration,
                          parity_count=parity_count, threads=threads, verbose=verbose, write_int8=write_int8)

@@ -1,14 +1,15 @@
 """Int8 within an NME budget: measure every choice, then keep the fewest layers float that the budget needs.
 
-``convert(..., precision="int8", nme_budget=0.05)`` runs this instead of the format's plain int8 export.
+``workflows.convert(..., precision="int8", budget=0.05)`` runs this instead of the format's plain int8 write.
 Everything is judged on the held-out calibration crops (AFLW, 21-point ground truth, never calibrated on;
-``validation.datasets.aflw``), never on AFLW2000-3D, so the evaluation figures stay honest:
+``edge3dfa.datasets.heldout``), never on AFLW2000-3D, so the evaluation figures stay honest:
 
 1. the fp32 NME of the same model (PyTorch) on the held-out crops;
-2. each of the format's int8 ``INT8_CANDIDATES`` (e.g. ONNX: s8 weights, reduce_range, u8 x u8), every layer
-   int8: held-out NME and latency (batch 1, one thread, 10th percentile, this machine's kernels). The fastest
-   within budget wins. A format whose artifacts cannot be timed here says why (``latency_unmeasured()``, e.g.
-   CoreML off macOS, run by the numpy MIL evaluator): then there is no latency, and the fewest float layers win;
+2. each of the format's int8 candidates (``Format.int8_candidates``, e.g. ONNX: s8 weights, reduce_range,
+   u8 x u8), every layer int8: held-out NME and latency (batch 1, one thread, 10th percentile, this machine's
+   kernels). The fastest within budget wins. A format whose artifacts cannot be timed here says why
+   (``latency_unmeasured()``, e.g. CoreML off macOS, run by the numpy MIL evaluator): then there is no latency,
+   and the fewest float layers win;
 3. if none is, layer sensitivity on the fastest candidate: the held-out NME when each layer *alone* stays
    float (plus the SQNR of each layer's output where the format offers it), then greedily keep the
    most-helping layers float until the budget holds;
@@ -81,6 +82,43 @@ def _summary(params: np.ndarray, data: Any) -> dict[str, Any]:
     return metrics.summarize(metrics.nme_aflw21(runtime.landmarks(params, data.roi_boxes), data.gt), data.yaw)
 
 
+@dataclass(frozen=True)
+class Score:
+    """An artifact's NME on the held-out crops, and how far it is from fp32's."""
+
+    heldout: dict[str, Any]  # metrics.summarize
+    delta: dict[str, Any]  # metrics.delta vs fp32
+    within_budget: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """One int8 artifact the search built, scored and timed: a format's int8 variant, or one with layers float."""
+
+    name: str  # the format's int8 candidate (``Format.int8_candidates``) it was built from
+    options: dict[str, Any]  # its format options
+    fields: dict[str, Any]  # the manifest fields its builder returned
+    score: Score
+    latency_ms: float | None  # None: not timed here (``Format.latency_unmeasured``)
+    path: Path
+    float_layers: tuple[str, ...] = ()
+
+    @property
+    def within_budget(self) -> bool:
+        return self.score.within_budget
+
+    @property
+    def speed(self) -> float:
+        """What the search minimises: latency, 0 when untimed (then the first candidate wins)."""
+        return 0.0 if self.latency_ms is None else self.latency_ms
+
+    def record(self) -> dict[str, Any]:
+        """Its entry in the manifest's ``quantization.candidates``."""
+        return {"name": self.name, "options": self.options, "heldout": self.score.heldout,
+                "delta": self.score.delta, "within_budget": self.within_budget, "latency_ms": self.latency_ms,
+                "float_layers": list(self.float_layers)}
+
+
 class _Judge:
     """Scores artifacts on the held-out crops against the fp32 reference, and times them."""
 
@@ -90,14 +128,20 @@ class _Judge:
         self.data, self.budget, self.untimed = data, budget, untimed
         self.fp32 = _summary(predict_all(reference, data.inputs), data)
 
-    def score(self, path: Path) -> dict[str, Any]:
+    def score(self, path: Path) -> Score:
         from edge3dfa.measure import metrics
         from edge3dfa.measure.predict import predict_all
         from edge3dfa.target import open_target
 
         s = _summary(predict_all(open_target(path, threads=1), self.data.inputs), self.data)
         d = metrics.delta(s, self.fp32)
-        return {"heldout": s, "delta": d, "within_budget": self.budget.met(d)}
+        return Score(s, d, self.budget.met(d))
+
+    def candidate(self, name: str, options: dict[str, Any], fields: dict[str, Any], path: Path,
+                  float_layers: tuple[str, ...] = ()) -> Candidate:
+        """The artifact at ``path``, scored and timed."""
+        return Candidate(name=name, options=options, fields=fields, score=self.score(path),
+                         latency_ms=self.latency_ms(path), path=path, float_layers=float_layers)
 
     def latency_ms(self, path: Path) -> float | None:
         """10th percentile of batch-1, one-thread calls: on a shared machine the median follows the load of
@@ -122,7 +166,7 @@ def _check_disjoint(calibration: Any, data: Any) -> None:
                             f"with --nme-budget calibrate on at most the first {CALIBRATION_POOL - len(data)} crops")
 
 
-def export_within_budget(fmt: Format, source: Checkpoint, dest: Path, options: Options, calibration: Any,
+def write_within_budget(fmt: Format, source: Checkpoint, dest: Path, options: Options, calibration: Any,
                          reference: Target, budget: Budget, *, heldout: Any = None,
                          log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write the fastest int8 artifact of format ``fmt`` within ``budget``; returns its manifest fields, with the
@@ -140,64 +184,81 @@ def export_within_budget(fmt: Format, source: Checkpoint, dest: Path, options: O
         f"+{budget.nme:g} balanced, +{budget.per_bin:g} per yaw bin")
     dest = Path(dest)
     with temp_folder(dest.parent, "budget", dest=dest) as work:
-        builders, candidates = {}, []
-        for name, extra in fmt.int8_candidates.items():
-            opts = options.replace(**{k: v for k, v in extra.items() if k not in options.explicit})
-            if any(c["options"] == opts.to_dict() for c in candidates):
-                continue  # the user's own options already make this candidate
-            cwork = work / name
-            cwork.mkdir()
-            builder = fmt.int8_builder(source, opts, calibration, cwork)
-            if builder is None:
-                raise Edge3dfaError(f"--nme-budget is not offered for {fmt.name}")
-            builders[name] = builder
-            path = cwork / f"all-int8{fmt.suffix}"
-            c = {"name": name, "options": opts.to_dict(), "fields": builder.export(path), **judge.score(path),
-                 "latency_ms": judge.latency_ms(path), "path": path, "float_layers": []}
-            candidates.append(c)
-            log(f"  candidate {name:14s} NME {c['heldout']['balanced']:.3f} ({c['delta']['balanced']:+.3f}) "
-                f"{_ms(c['latency_ms'])}{'  within budget' if c['within_budget'] else ''}")
+        builders, candidates = _candidates(fmt, source, options, calibration, judge, work, log)
         fp32_ms = None if untimed else judge.latency_ms(_fp32_artifact(fmt, source, work))
-        ok = [c for c in candidates if c["within_budget"]]
         record: dict[str, Any] = {"budget": {"nme": budget.nme, "bin_nme": budget.per_bin},
                                   "heldout": data.describe(), "fp32": judge.fp32, "fp32_latency_ms": fp32_ms,
                                   "latency_note": untimed, "machine": _machine(), "sensitivity": [], "greedy": []}
-        fastest = min(candidates, key=_speed)  # untimed: the first candidate
-        chosen = min(ok, key=_speed) if ok else None
-        if chosen is not fastest:  # keeping a few layers of the fastest float may beat a slower candidate
-            mixed, record["sensitivity"], record["greedy"] = _mixed(fmt, builders[fastest["name"]], fastest, judge,
-                                                                    work, log)
-            if chosen is None or (mixed["within_budget"] and _speed(mixed) < _speed(chosen)):
-                chosen = mixed
+        chosen = _choose(fmt, builders, candidates, judge, work, record, log)
         if budget.sensitivity and not record["sensitivity"]:
-            record["sensitivity"] = _sensitivity(fmt, builders[chosen["name"]], chosen, judge, work, log)
-        shutil.move(chosen["path"], dest)  # built and scored already: the artifact the record describes
-        fields = chosen["fields"]
-    record.update(candidates=[{k: v for k, v in c.items() if k not in ("path", "fields")} for c in candidates],
-                  chosen=chosen["name"], float_layers=chosen["float_layers"], met=chosen["within_budget"],
-                  heldout_nme=chosen["heldout"], delta=chosen["delta"], latency_ms=chosen["latency_ms"],
-                  seconds=round(time.perf_counter() - t0, 1))
+            record["sensitivity"] = _sensitivity(fmt, builders[chosen.name], chosen, judge, work, log)
+        shutil.move(chosen.path, dest)  # built and scored already: the artifact the record describes
+    record.update(candidates=[c.record() for c in candidates], chosen=chosen.name,
+                  float_layers=list(chosen.float_layers), met=chosen.within_budget, heldout_nme=chosen.score.heldout,
+                  delta=chosen.score.delta, latency_ms=chosen.latency_ms, seconds=round(time.perf_counter() - t0, 1))
+    return _fields(chosen, record, fp32_ms, log)
+
+
+def _candidates(fmt: Format, source: Checkpoint, options: Options, calibration: Any, judge: _Judge, work: Path,
+                log: Callable[[str], None]) -> tuple[dict[str, Int8Builder], list[Candidate]]:
+    """Every int8 variant of the format (``int8_candidates``), every layer int8, built, scored and timed."""
+    builders, candidates = {}, []
+    for name, extra in fmt.int8_candidates.items():
+        opts = options.replace(**{k: v for k, v in extra.items() if k not in options.explicit})
+        if any(c.options == opts.to_dict() for c in candidates):
+            continue  # the user's own options already make this candidate
+        cwork = work / name
+        cwork.mkdir()
+        builder = fmt.int8_builder(source, opts, calibration, cwork)
+        if builder is None:
+            raise Edge3dfaError(f"--nme-budget is not offered for {fmt.name}")
+        builders[name] = builder
+        path = cwork / f"all-int8{fmt.suffix}"
+        c = judge.candidate(name, opts.to_dict(), builder.export(path), path)
+        candidates.append(c)
+        log(f"  candidate {name:14s} NME {c.score.heldout['balanced']:.3f} ({c.score.delta['balanced']:+.3f}) "
+            f"{_ms(c.latency_ms)}{'  within budget' if c.within_budget else ''}")
+    return builders, candidates
+
+
+def _choose(fmt: Format, builders: dict[str, Int8Builder], candidates: list[Candidate], judge: _Judge, work: Path,
+            record: dict[str, Any], log: Callable[[str], None]) -> Candidate:
+    """The fastest candidate within budget, unless keeping a few layers of the fastest one float beats it (the
+    layer search's tables go into ``record``)."""
+    ok = [c for c in candidates if c.within_budget]
+    fastest = min(candidates, key=lambda c: c.speed)  # untimed: the first candidate
+    chosen = min(ok, key=lambda c: c.speed) if ok else None
+    if chosen is not fastest:  # keeping a few layers of the fastest float may beat a slower candidate
+        mixed, record["sensitivity"], record["greedy"] = _mixed(fmt, builders[fastest.name], fastest, judge, work,
+                                                                log)
+        if chosen is None or (mixed.within_budget and mixed.speed < chosen.speed):
+            chosen = mixed
+    return chosen
+
+
+def _fields(chosen: Candidate, record: dict[str, Any], fp32_ms: float | None,
+            log: Callable[[str], None]) -> dict[str, Any]:
+    """The chosen artifact's manifest fields: the search's record and a note saying what it found."""
+    fields = chosen.fields
     fields["quantization"] = record
-    verdict = "within budget" if chosen["within_budget"] else "BUDGET NOT MET (best found)"
+    untimed = record["latency_note"]
+    verdict = "within budget" if chosen.within_budget else "BUDGET NOT MET (best found)"
     speed = (f"latency not measured ({untimed})" if untimed else
-             f"{chosen['latency_ms']:.2f} ms vs fp32 {fp32_ms:.2f} ms (batch 1, 1 thread, 10th percentile, "
+             f"{chosen.latency_ms:.2f} ms vs fp32 {fp32_ms:.2f} ms (batch 1, 1 thread, 10th percentile, "
              f"{record['machine']})")
     fields["notes"] = [*fields.get("notes", []),
-                       f"--nme-budget {budget.nme:g}: {verdict}: candidate {chosen['name']}, "
-                       f"{len(chosen['float_layers'])} layer(s) kept float, held-out NME "
-                       f"{chosen['delta']['balanced']:+.3f} vs fp32, {speed}; search took {record['seconds']:.0f} s"]
-    if not untimed and chosen["latency_ms"] >= fp32_ms:
+                       f"--nme-budget {record['budget']['nme']:g}: {verdict}: candidate {chosen.name}, "
+                       f"{len(chosen.float_layers)} layer(s) kept float, held-out NME "
+                       f"{chosen.score.delta['balanced']:+.3f} vs fp32, {speed}; search took "
+                       f"{record['seconds']:.0f} s"]
+    if not untimed and chosen.latency_ms >= fp32_ms:
         fields["notes"].append(f"WARNING: on this machine ({record['machine']}) fp32 ran in {fp32_ms:.2f} ms, "
-                               f"no slower than this int8 artifact ({chosen['latency_ms']:.2f} ms): int8 only "
+                               f"no slower than this int8 artifact ({chosen.latency_ms:.2f} ms): int8 only "
                                "saves size here; measure on the target device")
-        log(f"  note: fp32 is as fast here ({fp32_ms:.2f} ms vs {chosen['latency_ms']:.2f} ms)")
-    log(f"  chose {chosen['name']} with {len(chosen['float_layers'])} float layer(s): {verdict} "
+        log(f"  note: fp32 is as fast here ({fp32_ms:.2f} ms vs {chosen.latency_ms:.2f} ms)")
+    log(f"  chose {chosen.name} with {len(chosen.float_layers)} float layer(s): {verdict} "
         f"({record['seconds']:.0f} s)")
     return fields
-
-
-def _speed(c: dict[str, Any]) -> float:
-    return 0.0 if c["latency_ms"] is None else c["latency_ms"]
 
 
 def _ms(latency: float | None) -> str:
@@ -210,20 +271,19 @@ def _fp32_artifact(fmt: Format, source: Checkpoint, work: Path) -> Path:
     return path
 
 
-def _sensitivity(fmt: Format, builder: Int8Builder, base: dict[str, Any], judge: _Judge, work: Path,
+def _sensitivity(fmt: Format, builder: Int8Builder, base: Candidate, judge: _Judge, work: Path,
                  log: Callable[[str], None]) -> list[dict]:
     """Per layer of ``base``: the held-out NME when that layer alone stays float, most helpful first."""
     layers = list(builder.layers)
-    sqnr = builder.layer_sqnr(base["path"], judge.data.inputs[:64])
+    sqnr = builder.layer_sqnr(base.path, judge.data.inputs[:64])
     log(f"  sensitivity: {len(layers)} layers, each alone kept float ...")
     rows = []
     for i, layer in enumerate(layers):
         path = work / f"alone-{i}{fmt.suffix}"
         builder.export(path, [layer])
-        s = judge.score(path)
+        nme = judge.score(path).heldout["balanced"]
         rows.append({"layer": layer, "index": i, "sqnr_db": sqnr.get(layer),  # index: graph order, for plots
-                     "nme_alone_float": s["heldout"]["balanced"],
-                     "gain": base["heldout"]["balanced"] - s["heldout"]["balanced"]})
+                     "nme_alone_float": nme, "gain": base.score.heldout["balanced"] - nme})
         if path.is_dir():  # a CoreML .mlpackage is a folder
             shutil.rmtree(path)
         else:
@@ -232,24 +292,23 @@ def _sensitivity(fmt: Format, builder: Int8Builder, base: dict[str, Any], judge:
     return rows
 
 
-def _mixed(fmt: Format, builder: Int8Builder, base: dict[str, Any], judge: _Judge, work: Path,
-           log: Callable[[str], None]) -> tuple[dict[str, Any], list[dict], list[dict]]:
+def _mixed(fmt: Format, builder: Int8Builder, base: Candidate, judge: _Judge, work: Path,
+           log: Callable[[str], None]) -> tuple[Candidate, list[dict], list[dict]]:
     """Per-layer sensitivity on ``base``, then greedy float layers until the budget holds."""
     rows = _sensitivity(fmt, builder, base, judge, work, log)
-    best, steps, keep = base, [], []
+    best, steps, keep = base, [], ()
     for r in rows:
         if r["gain"] <= 0:
             break
-        keep.append(r["layer"])
+        keep = (*keep, r["layer"])
         path = work / f"greedy-{len(keep)}{fmt.suffix}"
-        cand = {**base, "fields": builder.export(path, keep), **judge.score(path),
-                "latency_ms": judge.latency_ms(path), "path": path, "float_layers": list(keep)}
-        steps.append({"float_layers": len(keep), "added": r["layer"], "delta": cand["delta"],
-                      "latency_ms": cand["latency_ms"]})
-        log(f"    + {r['layer']}: NME {cand['delta']['balanced']:+.3f}, {_ms(cand['latency_ms'])}")
-        if cand["delta"]["balanced"] < best["delta"]["balanced"] or cand["within_budget"]:
+        cand = judge.candidate(base.name, base.options, builder.export(path, list(keep)), path, keep)
+        steps.append({"float_layers": len(keep), "added": r["layer"], "delta": cand.score.delta,
+                      "latency_ms": cand.latency_ms})
+        log(f"    + {r['layer']}: NME {cand.score.delta['balanced']:+.3f}, {_ms(cand.latency_ms)}")
+        if cand.score.delta["balanced"] < best.score.delta["balanced"] or cand.within_budget:
             best = cand
-        if cand["within_budget"]:
+        if cand.within_budget:
             break
     return best, rows, steps
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.validation.cli import add_eval_options, dataset_of, finish, gates_of, latency_of, log
+from edge3dfa.validation.rows import Row
 
 
 def register_export(sub: Any) -> None:
@@ -93,7 +94,7 @@ def plan_export(args: argparse.Namespace) -> tuple[list[tuple[Any, list[str]]], 
     return plan, not_attempted
 
 
-def conversion_error(fmt: str, prec: str, err: Exception, src: Any) -> dict[str, Any]:
+def conversion_error(fmt: str, prec: str, err: Exception, src: Any) -> Row:
     """The report row of a conversion that failed: status error, the reason in one line (+ traceback log)."""
     from edge3dfa.logs import one_line, write_crash_log
     from edge3dfa.validation.harness import artifact_row
@@ -109,7 +110,7 @@ def conversion_error(fmt: str, prec: str, err: Exception, src: Any) -> dict[str,
         reason = f"conversion failed: internal error: {type(err).__name__}: {one_line(err)} (traceback: {crash})"
     log(f"{fmt} {prec}: {reason}")
     row = artifact_row(f"{src.name}/{fmt}/{prec}", model=src.name, fmt=fmt, precision=prec, source_sha=src.sha256)
-    return {**row, "status": "error", "reason": reason, "crash_log": str(crash) if crash else None}
+    return row.failed(reason, str(crash) if crash else None)
 
 
 def export_gates(args: argparse.Namespace, calibrated: set[str]) -> Any:

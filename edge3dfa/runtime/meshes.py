@@ -1,4 +1,4 @@
-"""Mesh files (.ply binary little-endian, .obj text), written atomically."""
+"""Mesh files (.ply binary little-endian, .obj text) of the dense 3D face, written atomically."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import numpy as np
 
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.fileio import write_bytes
+
+#: mesh file formats, by suffix
+MESH_FORMATS = ("ply", "obj")
 
 
 def _check(vertices: np.ndarray, tri: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -22,18 +25,21 @@ def _check(vertices: np.ndarray, tri: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return np.ascontiguousarray(v), np.ascontiguousarray(t)
 
 
-def write_ply(path: str | Path, vertices: np.ndarray, tri: np.ndarray) -> Path:
-    """Binary PLY: vertices [3,V] float32, triangles [T,3] (or upstream's [3,T]) int32."""
-    return write_bytes(path, ply_bytes(vertices, tri))
+def write_mesh(path: str | Path, vertices: np.ndarray, tri: np.ndarray) -> Path:
+    """The mesh in the format its suffix names (``MESH_FORMATS``): vertices [3,V] float32, triangles [T,3]
+    (or upstream's [3,T]) int32."""
+    return write_bytes(path, mesh_bytes(vertices, tri, Path(path).suffix.lstrip(".").lower()))
 
 
-def write_obj(path: str | Path, vertices: np.ndarray, tri: np.ndarray) -> Path:
-    """Wavefront OBJ (1-based face ids)."""
-    return write_bytes(path, obj_bytes(vertices, tri))
+def mesh_bytes(vertices: np.ndarray, tri: np.ndarray, kind: str) -> bytes:
+    """The bytes of a mesh file of format ``kind`` (one of ``MESH_FORMATS``)."""
+    if kind not in MESH_FORMATS:
+        raise Edge3dfaError(f"unknown mesh format {kind!r}; known: {', '.join(MESH_FORMATS)}")
+    return (ply_bytes if kind == "ply" else obj_bytes)(vertices, tri)
 
 
 def ply_bytes(vertices: np.ndarray, tri: np.ndarray) -> bytes:
-    """The bytes of :func:`write_ply`'s file."""
+    """Binary little-endian PLY."""
     v, t = _check(vertices, tri)
     header = (f"ply\nformat binary_little_endian 1.0\nelement vertex {len(v)}\n"
               "property float x\nproperty float y\nproperty float z\n"
@@ -44,7 +50,7 @@ def ply_bytes(vertices: np.ndarray, tri: np.ndarray) -> bytes:
 
 
 def obj_bytes(vertices: np.ndarray, tri: np.ndarray) -> bytes:
-    """The bytes of :func:`write_obj`'s file."""
+    """Wavefront OBJ text (1-based face ids)."""
     v, t = _check(vertices, tri)
     lines = [f"v {x:.4f} {y:.4f} {z:.4f}" for x, y, z in v] + [f"f {a} {b} {c}" for a, b, c in t + 1]
     return ("\n".join(lines) + "\n").encode()
