@@ -21,6 +21,7 @@ from edge3dfa.validation import report
 from edge3dfa.validation.gates import DEFAULT_GATES, LOSSY_DELTA_NME
 from edge3dfa.validation.plots import pareto
 from edge3dfa.validation.recommend import recommend
+from edge3dfa.validation.rows import Row
 
 N = 12  # faces
 YAW = np.array([5.0, 10, 20, 25, 40, 45, 50, 55, 70, 75, 80, 85])  # four per bin
@@ -63,7 +64,8 @@ def _build(rows: list[dict], not_attempted: list[dict] | None = None) -> dict:
     ref = _row("torch", "fp32", ms=30.0, role="reference")
     models = {"0" * 64: {"name": "mb05", "arch": "mobilenet_v1", "checkpoint": "x", "sha256": "0" * 64,
                          "params": 850000, "macs": 46500000}}
-    return report.build({"models": models, "targets": [ref, *rows]}, data, DEFAULT_GATES, not_attempted,
+    targets = [Row(**r) for r in (ref, *rows)]  # the harness's record; a misspelt key fails here
+    return report.build({"models": models, "targets": targets}, data, DEFAULT_GATES, not_attempted,
                         tool_packages=())
 
 
