@@ -139,16 +139,17 @@ def tflite_choices(src, pool, ref: dict, held, aflw, work: Path, key: str) -> di
 
 def executorch_choices(src, pool, ref: dict, held, aflw, work: Path, key: str) -> dict:  # noqa: ANN001
     """fp32, fp16 and the int8 choices of the ExecuTorch converter, as rows keyed 'executorch NAME'."""
-    from edge3dfa.converters import executorch as conv
+    from edge3dfa.converters import get_format
 
+    fmt = get_format("executorch")
     rows = {}
     for prec in ("fp32", "fp16"):
         path = work / f"et_{prec}.pte"
-        conv.export(src.load(), path, prec, source=src)
+        fmt.write(src, path, prec, fmt.Options.parse({}), None)
         rows[f"executorch {prec}"] = measure(path, ref, held, aflw, False)
         _print(key, f"executorch {prec}", rows[f"executorch {prec}"])
     t0 = time.perf_counter()
-    builder = conv.Int8Builder(src.load(), source=src, calibration=pool.data, float_input=False, float_output=False)
+    builder = fmt.int8_builder(src, fmt.Options.parse({"float_input": False, "float_output": False}), pool.data, work)
     names = list(builder.layers)
     for name, keep in EXECUTORCH_FLOAT_CHOICES.items():
         path = work / f"et_{name.replace(' ', '_')}.pte"
@@ -158,7 +159,7 @@ def executorch_choices(src, pool, ref: dict, held, aflw, work: Path, key: str) -
         t0 = time.perf_counter()
     for name, (opts, n) in EXECUTORCH_CHOICES.items():
         path = work / f"et_{name.replace(' ', '_')}.pte"
-        conv.Int8Builder(src.load(), source=src, calibration=pool.data[:n], **opts).export(path)
+        fmt.int8_builder(src, fmt.Options.parse(opts), pool.data[:n], work).export(path)
         rows[f"executorch {name}"] = {**measure(path, ref, held, aflw, False), "build_s": time.perf_counter() - t0}
         _print(key, f"executorch {name}", rows[f"executorch {name}"])
         t0 = time.perf_counter()

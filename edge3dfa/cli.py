@@ -243,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("inputs", nargs="*", help="image files, folders of images, video files (.mp4, .avi, ...)")
     run.add_argument("--model", default="mb05", help="zoo name or 3DDFA_V2 checkpoint (default: mb05)")
     run.add_argument("--arch", help="architecture of --model when it is a checkpoint (default: inferred)")
-    run.add_argument("--artifact", help="converted model (.onnx, .tflite, .mlpackage, .pte) to run instead of --model")
+    from edge3dfa.target import is_checkpoint, target_suffixes
+
+    kinds = ", ".join(s for s in target_suffixes() if not is_checkpoint(f"x{s}"))  # the installed runtimes' files
+    run.add_argument("--artifact", help=f"converted model ({kinds}) to run instead of --model")
     run.add_argument("--detector", help="FaceBoxes artifact or checkpoint (default: FaceBoxesProd.pth)")
     run.add_argument("--no-verify", action="store_true",
                      help="use --artifact/--detector even when they do not match the manifest beside them "

@@ -108,11 +108,12 @@ def _parse(where: str, value: Any, t: Any) -> Any:
                 return None
         inner = [a for a in args if a is not type(None)]
         return _parse(where, value, inner[0])
-    if origin is Literal:
-        v = value.lower() if isinstance(value, str) else value
-        if v not in args:
+    if origin is Literal:  # strings match case-insensitively and come back as declared ("ios18" -> "iOS18")
+        same = [a for a in args if a == value or (isinstance(a, str) and isinstance(value, str)
+                                                 and a.lower() == value.lower())]
+        if not same:
             raise Edge3dfaError(f"{where}={value!r} is not one of {', '.join(map(str, args))}")
-        return v
+        return same[0]
     if origin is tuple:
         items = [s.strip() for s in value.split(",")] if isinstance(value, str) else list(value)
         return tuple(_parse(where, i, args[0]) for i in items if i != "")

@@ -19,6 +19,7 @@ on every call: NaN or Inf from a runtime is an Edge3dfaError naming the target, 
 from __future__ import annotations
 
 import os
+import re
 from abc import ABC, abstractmethod
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -153,7 +154,7 @@ def runtime_class(path_or_name: str | os.PathLike) -> type[Target]:
         return eps[suffix].load()
     except ImportError as e:
         raise Edge3dfaError(f"the runtime for {suffix} files is not installed ({e.name or e}); "
-                            f"install the matching extra, e.g. pip install 'edge3dfa[{_extra(suffix)}]'") from e
+                            f"install the matching extra, e.g. pip install 'edge3dfa[{_extra(e.name)}]'") from e
 
 
 def check_manifest(path: str | os.PathLike, cls: type[Target] | None = None) -> Manifest | None:
@@ -220,6 +221,30 @@ def check_contract(target: Target, m: Manifest, mpath: str | os.PathLike) -> Non
                                 f"{have[key]!r}")
 
 
-def _extra(suffix: str) -> str:
-    return {".pth": "torch", ".onnx": "onnx", ".tflite": "pi", ".mlpackage": "coreml",
-            ".pte": "executorch"}.get(suffix, "all")
+def extras() -> dict[str, list[str]]:
+    """edge3dfa's pip extras and the distributions each installs (normalised names), from the installed metadata:
+    which runtime needs what is declared once, in pyproject.toml, never by suffix or format name here."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        reqs = requires("edge3dfa") or []
+    except PackageNotFoundError:
+        return {}
+    out: dict[str, list[str]] = {}
+    for req in reqs:
+        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*).*extra\s*==\s*[\"']([^\"']+)[\"']", req)
+        if m:
+            out.setdefault(m.group(2), []).append(_dist_name(m.group(1)))
+    return out
+
+
+def _dist_name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _extra(module: str | None) -> str:
+    """The smallest extra that installs the missing ``module`` (``ai_edge_litert`` -> pi, ``coremltools`` ->
+    coreml); "all" when none does."""
+    want = _dist_name((module or "").split(".")[0])
+    fits = {name: pkgs for name, pkgs in extras().items() if want in pkgs}
+    return min(fits, key=lambda name: len(fits[name])) if fits else "all"

@@ -12,7 +12,6 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -20,11 +19,12 @@ pytest.importorskip("torch")
 pytest.importorskip("executorch")
 
 import torch  # noqa: E402
+from conftest import eval_crops, landmark_error  # noqa: E402
 from torch import nn  # noqa: E402
 
-from edge3dfa import assets, runtime  # noqa: E402
-from edge3dfa.converters import convert  # noqa: E402
-from edge3dfa.converters import executorch as conv  # noqa: E402
+from edge3dfa import assets  # noqa: E402
+from edge3dfa.converters import convert, get_format  # noqa: E402
+from edge3dfa.converters.executorch import Int8Builder, exported, lower  # noqa: E402
 from edge3dfa.errors import Edge3dfaError  # noqa: E402
 from edge3dfa.manifest import Manifest, manifest_path  # noqa: E402
 from edge3dfa.models.checkpoint import Checkpoint  # noqa: E402
@@ -34,19 +34,11 @@ from edge3dfa.targets.torch import TorchTarget  # noqa: E402
 
 CALIB = 32
 THREADS = 2
+FORMAT = get_format("executorch")
 
 
-def eval_crops(start: int, count: int) -> np.ndarray:
-    """AFLW2000-3D crops in protocol order, read here (not through the converter's helpers)."""
-    folder = assets.fetch("aflw2000_crops")
-    names = assets.fetch("aflw2000_crop_list").read_text().split()[start:start + count]
-    return runtime.normalise(np.stack([cv2.imread(str(folder / n)) for n in names]))
-
-
-def landmark_px(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """[N,68] distance of the 2-D landmarks in 120x120 crop pixels, through the numpy runtime."""
-    roi = np.tile(np.array([[0, 0, 120, 120]], np.float32), (len(ref), 1))
-    return np.linalg.norm(runtime.landmarks(ref, roi)[:, :2] - runtime.landmarks(cand, roi)[:, :2], axis=1)
+def options(**values):  # noqa: ANN003, ANN201
+    return FORMAT.Options.parse(values)
 
 
 class Tiny(nn.Module):
@@ -77,6 +69,11 @@ def tiny(outputs: int = 62) -> nn.Module:
     return model
 
 
+def tiny_source(outputs: int = 62) -> Checkpoint:
+    """The tiny network as an in-memory checkpoint (a regressor, as the format converts)."""
+    return Checkpoint.from_module(tiny(outputs), "tiny", "mobilenet")
+
+
 @pytest.fixture(scope="module")
 def crops() -> np.ndarray:
     return eval_crops(0, 64)
@@ -96,23 +93,26 @@ def mb05_ref(crops) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def tiny_builder(crops) -> conv.Int8Builder:
-    return conv.Int8Builder(tiny(), source=None, calibration=crops[:16], float_input=False, float_output=False)
+def tiny_builder(crops) -> Int8Builder:
+    return FORMAT.int8_builder(tiny_source(), options(float_input=False, float_output=False), crops[:16], None)
 
 
 # ---------------------------------------------------------------------------------------------- accuracy
+@pytest.mark.slow
 def test_fp32_params_match_pytorch(mb05, mb05_ref, crops):
     cand = ExecuTorchTarget(mb05["fp32"].path, threads=THREADS).predict(crops)
     assert np.abs(cand - mb05_ref).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_int8_mean_landmark_error(mb05, mb05_ref, crops):
-    px = landmark_px(mb05_ref, ExecuTorchTarget(mb05["int8"].path, threads=THREADS).predict(crops))
+    px = landmark_error(mb05_ref, ExecuTorchTarget(mb05["int8"].path, threads=THREADS).predict(crops))
     assert px.mean() <= 0.5  # the bounds the TFLite int8 test holds too
     assert px.max() <= 5.0
 
 
 # ---------------------------------------------------------------------------------------------- manifest
+@pytest.mark.slow
 def test_manifests_describe_delegate_runtime_and_quantization(mb05):
     for prec, art in mb05.items():
         m = Manifest.read(manifest_path(art.path))
@@ -129,23 +129,26 @@ def test_manifests_describe_delegate_runtime_and_quantization(mb05):
 
 
 # ---------------------------------------------------------------------------------------------- target
+@pytest.mark.slow
 def test_any_batch_and_thread_count_give_the_same_params(mb05, crops):
     """Batches below, at and above the program's capacity, on 1 and 2 threads, alternating between targets (each
     switch replaces ExecuTorch's one thread pool, so a target must reload its method before running)."""
     one = ExecuTorchTarget(mb05["fp32"].path, threads=1)
     two = ExecuTorchTarget(mb05["fp32"].path, threads=2)
-    assert one.capacity == conv.DEFAULTS["max_batch"] < 40
+    assert one.capacity == FORMAT.Options().max_batch < 40
     single = np.concatenate([one.predict(crops[i:i + 1]) for i in range(40)])
     for target in (two, one, two):
         for n in (1, 5, 40):
             np.testing.assert_allclose(target.predict(crops[:n]), single[:n], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_static_batch_program_runs_any_batch(tmp_path, crops):
     """Also: hard-swish and squeeze-excite (MobileNet-V3's ops) lower into the delegate and keep PyTorch's params
     (the MobileNet-V3 fixture itself: benchmarks/int8_choices.py, README)."""
-    model = tiny()
-    fields = conv.export(model, tmp_path / "b1.pte", "fp32", source=None, max_batch=1)
+    source = tiny_source()
+    model = source.load()
+    fields = FORMAT.write(source, tmp_path / "b1.pte", "fp32", options(max_batch=1), None)
     t = ExecuTorchTarget(tmp_path / "b1.pte", threads=1)
     with torch.no_grad():
         ref = model(torch.from_numpy(crops[:3])).numpy()
@@ -155,6 +158,7 @@ def test_static_batch_program_runs_any_batch(tmp_path, crops):
     assert delegated["aten_hardswish_default"] == 1 and delegated["aten_convolution_default"] == 3
 
 
+@pytest.mark.slow
 def test_truncated_or_corrupt_file_is_one_line_error(mb05, tmp_path):
     data = mb05["fp32"].path.read_bytes()
     garbled = data[:64] + b"\xff" * 32 + data[96:]  # the program's flatbuffer tables, right after the header
@@ -168,13 +172,15 @@ def test_truncated_or_corrupt_file_is_one_line_error(mb05, tmp_path):
         assert path.name in str(e.value) and "\n" not in str(e.value), name
 
 
+@pytest.mark.slow
 def test_program_of_another_model_is_one_line_error(tmp_path):
-    content, _ = conv.lower(conv.exported(tiny(outputs=10), 2))  # export() itself refuses it (its self-check)
+    content, _ = lower(exported(tiny(outputs=10), 2))  # FORMAT.write itself refuses it (its self-check)
     (tmp_path / "ten.pte").write_bytes(content)
     with pytest.raises(Edge3dfaError, match=r"outputs \[2, 10\].*not a 3DDFA regressor"):
         ExecuTorchTarget(tmp_path / "ten.pte")
 
 
+@pytest.mark.slow
 def test_corrupt_file_in_a_fresh_process_exits_2(mb05, tmp_path):
     """The CLI path: a broken .pte is exit code 2 and one line, without the runtime's C++ log on the terminal."""
     bad = tmp_path / "bad.pte"
@@ -188,17 +194,19 @@ def test_corrupt_file_in_a_fresh_process_exits_2(mb05, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- int8 builder
+@pytest.mark.slow
 def test_layers_are_the_weighted_modules_in_order(tiny_builder):
     expected = [n for n, m in tiny().named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert list(tiny_builder.layers) == expected == ["stem.0", "dw", "se.0", "se.2", "pw", "fc"]
     assert tiny_builder.always_float == []  # float_input / float_output off; mb05's defaults: see the manifest test
 
 
+@pytest.mark.slow
 def test_keep_float_reuses_the_calibration_exactly(tiny_builder, crops):
     """A variant given the shared calibration computes exactly what one calibrated on its own computes."""
     x = torch.from_numpy(crops[16:32])
-    own = conv.Int8Builder(tiny(), source=None, calibration=crops[:16], float_input=False, float_output=False,
-                           exclude="pw")
+    own = FORMAT.int8_builder(tiny_source(), options(float_input=False, float_output=False, exclude="pw"),
+                              crops[:16], None)
     graphs = {"kept": tiny_builder.quantized(["pw"]), "alone": own.quantized(), "every": tiny_builder.quantized()}
     with torch.no_grad():
         out = {k: g(x) for k, g in graphs.items()}
@@ -213,21 +221,43 @@ def quantize_ops(graph) -> int:  # noqa: ANN001
                and "dequantize" not in str(n.target))
 
 
-def test_bad_options_and_inputs_are_user_errors(tiny_builder, crops):
+def test_bad_options_are_user_errors():
     with pytest.raises(Edge3dfaError, match="unknown executorch option"):
-        conv.parse_options("fp32", {"head": "int8"})
+        options(head="int8")
     with pytest.raises(Edge3dfaError, match="apply to int8 only"):
-        conv.parse_options("fp32", {"float_input": False})
-    with pytest.raises(Edge3dfaError, match="max_batch"):
-        conv.parse_options("fp32", {"max_batch": 0})
+        FORMAT.check("fp32", False, options(float_input=False))
+    FORMAT.check("fp32", False, options(max_batch=4))  # max_batch is every precision's
+    with pytest.raises(Edge3dfaError, match="max_batch must be 1..1024"):
+        options(max_batch=0)
+    with pytest.raises(Edge3dfaError, match="max_batch must be a whole number"):
+        options(max_batch="32.5")
     with pytest.raises(Edge3dfaError, match="observer"):
-        conv.parse_options("int8", {"observer": "entropy"})
+        options(observer="entropy")
+    with pytest.raises(Edge3dfaError, match="FaceBoxes"):
+        FORMAT.check("fp32", True, options())
+    with pytest.raises(Edge3dfaError, match="calibration"):
+        FORMAT.write(tiny_source(), Path("unused.pte"), "int8", options(), None)
+
+
+@pytest.mark.slow
+def test_bad_layers_are_user_errors(tiny_builder, crops):
     with pytest.raises(Edge3dfaError, match="no layer 'nope'"):
         tiny_builder.export(Path("unused.pte"), ["nope"])
     with pytest.raises(Edge3dfaError, match="exclude: no layer"):
-        conv.Int8Builder(tiny(), source=None, calibration=crops[:4], exclude="stem.9")
-    with pytest.raises(Edge3dfaError, match="calibration"):
-        conv.export(tiny(), Path("unused.pte"), "int8", source=None)
-    faceboxes = Checkpoint.open("faceboxes")
-    with pytest.raises(Edge3dfaError, match="FaceBoxes"):
-        conv.export(faceboxes.load(), Path("unused.pte"), "fp32", source=faceboxes)
+        FORMAT.int8_builder(tiny_source(), options(exclude="stem.9"), crops[:4], None)
+
+
+def test_a_missing_runtime_names_its_extra_from_the_package_metadata(tmp_path, monkeypatch):
+    """The core knows no format by name: the pip extra in the message is the one pyproject.toml declares for the
+    missing distribution (executorch -> edge3dfa[executorch])."""
+    import edge3dfa.target as target_module
+
+    class Missing:
+        def load(self):  # noqa: ANN202
+            raise ImportError("No module named 'executorch'", name="executorch")
+
+    monkeypatch.setattr(target_module, "target_suffixes", lambda: {".pte": Missing()})
+    path = tmp_path / "x.pte"
+    path.write_bytes(b"\0" * 16)
+    with pytest.raises(Edge3dfaError, match=r"pip install 'edge3dfa\[executorch\]'"):
+        open_target(path, verify=False)

@@ -396,8 +396,8 @@ def test_wide_float_outputs_that_overflow_float32_are_rejected(tmp_path):
     ("tflite", "fp32", "fc_per_chanel=true", "unknown tflite option(s) fc_per_chanel; known:"),
     ("coreml", "fp32", "exclude=/conv1", "unknown coreml option(s) exclude; known: calib_method, compute"),
     ("coreml", "fp32", "input=img", "coreml option input='img' is not one of tensor, image"),
-    ("coreml", "w8", "target=ios18", "coreml option target='ios18' is not one of iOS16, iOS17, iOS18"),
     ("onnx,tflite", "fp32", "tflite.params_layer=landmarks", "tflite option params_layer='landmarks' is not one of"),
+    ("coreml", "w8", "deployment_target=ios15", "deployment_target='ios15' is not one of iOS16, iOS17, iOS18"),
     ("onnx,tflite", "fp32", "head=landmarks", "option head: say which format it is for"),  # which one's head?
     ("onnx", "fp32", "opset=17.5", "onnx option opset must be a whole number, got '17.5'"),  # was silently 17
 ])

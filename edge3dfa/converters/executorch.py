@@ -35,9 +35,10 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -45,76 +46,35 @@ from edge3dfa.converters.base import Format
 from edge3dfa.converters.base import Int8Builder as BaseInt8Builder
 from edge3dfa.datasets.calibration import crops_of
 from edge3dfa.errors import Edge3dfaError
+from edge3dfa.logs import one_line
 from edge3dfa.manifest import CANONICAL_INPUT, CANONICAL_OUTPUT, tool_versions
 from edge3dfa.options import Options, option
 
-PRECISIONS = ("fp32", "fp16", "int8")
-DEFAULT_PRECISIONS = ("fp32", "int8")
-SUFFIX = ".pte"
-OBSERVERS = ("histogram", "minmax")
-DEFAULTS: dict[str, Any] = {"max_batch": 32, "float_input": True, "float_output": True, "observer": "histogram",
-                            "per_channel": True, "exclude": []}
-OPTIONS = set(DEFAULTS)
+if TYPE_CHECKING:
+    from edge3dfa.datasets.calibration import CalibrationSet
+    from edge3dfa.models import Checkpoint
+
 #: what --nme-budget tries (the fastest within budget wins, else layers are kept float): histogram ranges were
 #: better on mb05 and mbv3_05, MinMax on mbv3_large_05, whose histogram int8 missed a 0.05 budget on the held-out
 #: crops (+0.055) where MinMax met it (+0.024); both run the same kernels (benchmarks/int8_choices.py)
 INT8_CANDIDATES: dict[str, dict[str, Any]] = {"int8": {}, "minmax": {"observer": "minmax"}}
 
 
-# ---------------------------------------------------------------------------------------------- options
-def _bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.lower() in ("true", "1", "yes")
-    raise Edge3dfaError(f"executorch option {key} must be true or false, got {value!r}")
+@dataclass(frozen=True)
+class ExecuTorchOptions(Options):
+    """ExecuTorch options; int8's defaults measured in benchmarks/int8_choices.py (module docstring)."""
 
+    label = "executorch option"
+    max_batch: int = option(32, "largest batch the program takes (1: a static single crop)")
+    float_input: bool = option(True, "int8: keep the first conv float")
+    float_output: bool = option(True, "int8: keep the params layer float")
+    observer: Literal["histogram", "minmax"] = option("histogram", "int8 activation ranges")
+    per_channel: bool = option(True, "int8: per-channel weight scales")
+    exclude: tuple[str, ...] = option((), "int8: layers (module paths) kept float, comma separated")
 
-def _whole(key: str, value: Any) -> int:
-    """A whole number (32, 32.0, "32"); 32.5 or true are errors, not silently 32 or 1."""
-    whole = (isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-             or (isinstance(value, str) and value.strip().isdigit()))
-    if isinstance(value, bool) or not whole:
-        raise Edge3dfaError(f"executorch option {key} must be a whole number, got {value!r}")
-    return int(value)
-
-
-def parse_options(precision: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Validated options with defaults; unknown keys and options that do not apply are user errors."""
-    unknown = sorted(set(options) - OPTIONS)
-    if unknown:
-        raise Edge3dfaError(f"unknown executorch option(s) {', '.join(unknown)}; known: {', '.join(sorted(OPTIONS))}")
-    if precision != "int8" and set(options) - {"max_batch"}:
-        raise Edge3dfaError(f"executorch option(s) {', '.join(sorted(set(options) - {'max_batch'}))} apply to int8 "
-                            f"only, not {precision}")
-    o = {**DEFAULTS, **options}
-    o["max_batch"] = _whole("max_batch", o["max_batch"])
-    if not 1 <= o["max_batch"] <= 1024:
-        raise Edge3dfaError(f"executorch option max_batch must be 1..1024, got {o['max_batch']}")
-    for key in ("float_input", "float_output", "per_channel"):
-        o[key] = _bool(key, o[key])
-    if str(o["observer"]).lower() not in OBSERVERS:
-        raise Edge3dfaError(f"executorch option observer={o['observer']!r} is not one of {', '.join(OBSERVERS)}")
-    o["observer"] = str(o["observer"]).lower()
-    exclude = o["exclude"].split(",") if isinstance(o["exclude"], str) else list(o["exclude"] or [])
-    o["exclude"] = [str(n).strip() for n in exclude if str(n).strip()]
-    return o
-
-
-def check_options(precision: str, detector: bool, options: dict[str, Any]) -> None:
-    """Unknown keys, bad values and the detector as user errors, before anything is converted (``convert`` asks
-    every format)."""
-    _checked(precision, detector, options)
-
-
-def _checked(precision: str, detector: bool, options: dict[str, Any]) -> dict[str, Any]:
-    if precision not in PRECISIONS:
-        raise Edge3dfaError(f"executorch offers {', '.join(PRECISIONS)}, not {precision!r}")
-    if detector:
-        raise Edge3dfaError("the executorch converter takes the 3DDFA regressors; convert FaceBoxes to onnx or tflite")
-    return parse_options(precision, options)
+    def check(self) -> None:
+        if not 1 <= self.max_batch <= 1024:
+            raise Edge3dfaError(f"executorch option max_batch must be 1..1024, got {self.max_batch}")
 
 
 # ------------------------------------------------------------------------------------------- conversion
@@ -152,12 +112,7 @@ def exported(model: Any, max_batch: int) -> Any:
     try:
         return export(model, x, dynamic_shapes=dynamic)
     except Exception as e:  # noqa: BLE001 - export raises many types; one line for the user
-        raise Edge3dfaError(f"torch.export could not capture the model: {_first_line(e)}") from e
-
-
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+        raise Edge3dfaError(f"torch.export could not capture the model: {one_line(e)}") from e
 
 
 def _half(model: Any) -> Any:
@@ -227,7 +182,7 @@ def layer_names(program: Any) -> list[str]:
     return names
 
 
-def _quantizer(o: dict[str, Any], float_layers: list[str]) -> Any:
+def _quantizer(options: ExecuTorchOptions, float_layers: list[str]) -> Any:
     """ExecuTorch's XNNPACK quantizer: int8 symmetric, per-channel weights, the ``float_layers`` left out."""
     import dataclasses
 
@@ -238,8 +193,8 @@ def _quantizer(o: dict[str, Any], float_layers: list[str]) -> Any:
     from torchao.quantization.pt2e import MinMaxObserver
     from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
 
-    config = get_symmetric_quantization_config(is_per_channel=o["per_channel"])
-    if o["observer"] == "minmax":  # the default is a HistogramObserver (L2-optimal range search)
+    config = get_symmetric_quantization_config(is_per_channel=options.per_channel)
+    if options.observer == "minmax":  # the default is a HistogramObserver (L2-optimal range search)
         act = dataclasses.replace(config.input_activation,
                                   observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2 ** -12))
         config = dataclasses.replace(config, input_activation=act, output_activation=act)
@@ -265,20 +220,22 @@ class Int8Builder(BaseInt8Builder):
     """The exported graph, calibrated once, quantized to int8 and lowered as often as asked with different
     ``layers`` kept float (the mixed-precision search builds dozens of variants)."""
 
-    def __init__(self, model: Any, *, source: Any, calibration: Any, work: Any = None, **options: Any) -> None:
-        self.o = _checked("int8", bool(getattr(source, "is_detector", False)), options)
+    def __init__(self, source: Checkpoint, options: ExecuTorchOptions, calibration: CalibrationSet | np.ndarray,
+                 work: Path | None = None) -> None:
         if calibration is None:
             raise Edge3dfaError("executorch int8 needs a calibration set")
         _frameworks()
+        self.options = options
         t0 = time.perf_counter()
-        program = exported(model, self.o["max_batch"])
+        program = exported(source.load(), options.max_batch)
         names = layer_names(program)
         self.graph = program.module()
-        unknown = [n for n in self.o["exclude"] if n not in names]
+        unknown = [n for n in options.exclude if n not in names]
         if unknown:
             raise Edge3dfaError(f"exclude: no layer {unknown[0]!r} in the model; layers: {', '.join(names[:4])}, ...")
-        self.always_float = [n for i, n in enumerate(names) if n in self.o["exclude"]
-                             or (i == 0 and self.o["float_input"]) or (i == len(names) - 1 and self.o["float_output"])]
+        first, last = names[0], names[-1]
+        self.always_float = [n for n in names if n in options.exclude or (n == first and options.float_input)
+                             or (n == last and options.float_output)]
         self.layers = {n: [n] for n in names if n not in self.always_float}
         self.crops = crops_of(calibration)
         full = self._prepared([])
@@ -294,12 +251,13 @@ class Int8Builder(BaseInt8Builder):
         from edge3dfa.targets.executorch import quiet_imports
 
         with quiet_imports():
-            return prepare_pt2e(copy.deepcopy(self.graph), _quantizer(self.o, [*self.always_float, *float_layers]))
+            quantizer = _quantizer(self.options, [*self.always_float, *float_layers])
+            return prepare_pt2e(copy.deepcopy(self.graph), quantizer)
 
     def _calibrate(self, prepared: Any) -> None:
         import torch
 
-        step = self.o["max_batch"]
+        step = self.options.max_batch
         with torch.no_grad():
             for i in range(0, len(self.crops), step):
                 prepared(torch.from_numpy(np.ascontiguousarray(self.crops[i:i + step])))
@@ -313,7 +271,7 @@ class Int8Builder(BaseInt8Builder):
             setattr(prepared, node.target, copy.deepcopy(self.observers[key]))
         return True
 
-    def quantized(self, keep_float: Any = ()) -> Any:
+    def quantized(self, keep_float: Sequence[str] = ()) -> Any:
         """The PT2E-converted graph (quantize/dequantize around int8 ops) with ``keep_float`` layers float."""
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
@@ -328,55 +286,49 @@ class Int8Builder(BaseInt8Builder):
         with quiet_imports():
             return convert_pt2e(prepared)
 
-    def export(self, dest: str | os.PathLike, keep_float: Any = ()) -> dict[str, Any]:
-        """Write ``dest`` with ``keep_float`` layers float; returns its manifest fields (as ``export`` does)."""
+    def export(self, dest: str | os.PathLike, keep_float: Sequence[str] = ()) -> dict[str, Any]:
+        """Write ``dest`` with ``keep_float`` layers float; returns its manifest fields."""
         t0 = time.perf_counter()
-        content, coverage = lower(exported(self.quantized(keep_float), self.o["max_batch"]))
-        fields = _write(content, Path(dest), "int8", self.o, coverage, self.seconds + time.perf_counter() - t0)
+        content, coverage = lower(exported(self.quantized(keep_float), self.options.max_batch))
+        fields = _write(content, Path(dest), "int8", self.options, coverage,
+                        self.seconds + time.perf_counter() - t0)
         fields["options"].update(always_float=list(self.always_float), float_layers=list(keep_float))
         return fields
 
 
-# ------------------------------------------------------------------------------------------------ export
-def export(model: Any, dest: Path, precision: str, *, source: Any, calibration: Any = None,
-           **options: Any) -> dict[str, Any]:
-    """Write ``dest`` (.pte) and return the manifest fields this format fills.
-
-    Options: max_batch (32; 1 = static single crop), and for int8 float_input, float_output (true),
-    observer (histogram|minmax), per_channel (true), exclude (layer module paths, comma separated).
-    """
-    o = _checked(precision, bool(getattr(source, "is_detector", False)), options)
-    if precision == "int8":
-        return Int8Builder(model, source=source, calibration=calibration, **options).export(dest)
+# ------------------------------------------------------------------------------------------------ write
+def write_float(model: Any, dest: Path, precision: str, options: ExecuTorchOptions) -> dict[str, Any]:
+    """fp32 or fp16 ``model`` lowered to ``dest`` (.pte); returns the manifest fields."""
     _frameworks()
     t0 = time.perf_counter()
     net = _half(model) if precision == "fp16" else model
-    content, coverage = lower(exported(net, o["max_batch"]))
-    return _write(content, Path(dest), precision, o, coverage, time.perf_counter() - t0)
+    content, coverage = lower(exported(net, options.max_batch))
+    return _write(content, Path(dest), precision, options, coverage, time.perf_counter() - t0)
 
 
-def _write(content: bytes, dest: Path, precision: str, o: dict[str, Any], coverage: dict[str, Any],
+def _write(content: bytes, dest: Path, precision: str, options: ExecuTorchOptions, coverage: dict[str, Any],
            seconds: float) -> dict[str, Any]:
     """Write ``dest``, check it runs at batch 1 and max_batch, and return the manifest fields."""
     from importlib.metadata import version
 
     dest.write_bytes(content)
-    batch_diff = _self_check(dest, o["max_batch"])
+    batch = options.max_batch
+    batch_diff = _self_check(dest, batch)
     fallback = ", ".join(f"{k} {v}" for k, v in coverage["cpu_fallback"].items()) or "none"
     notes = [f"XNNPACK delegate: {sum(coverage['delegated'].values())} ops in {coverage['delegated_subgraphs']} "
              f"subgraph(s); on ExecuTorch's portable CPU kernels: {fallback}",
-             f"batch: any N (dynamic up to {o['max_batch']} per call, larger batches in chunks; batch 1 vs batch "
-             f"{o['max_batch']} max diff {batch_diff:.2g})" if o["max_batch"] > 1 else
+             f"batch: any N (dynamic up to {batch} per call, larger batches in chunks; batch 1 vs batch "
+             f"{batch} max diff {batch_diff:.2g})" if batch > 1 else
              "batch: static 1 (the target runs larger batches crop by crop)",
              "threads: XNNPACK uses ExecuTorch's process-wide pool; set it (Target threads=) or it takes every core",
              f"converted in {seconds:.1f} s"]
-    used: dict[str, Any] = {"max_batch": o["max_batch"], "route": "torch.export + to_edge_transform_and_lower "
+    used: dict[str, Any] = {"max_batch": batch, "route": "torch.export + to_edge_transform_and_lower "
                             "(XnnpackPartitioner)" + (" after PT2E prepare/convert" if precision == "int8" else ""),
                             "delegation": coverage}
     if precision == "int8":
-        used.update(quantizer="XNNPACKQuantizer (symmetric int8)", per_channel=o["per_channel"],
-                    observer=o["observer"], float_input=o["float_input"], float_output=o["float_output"],
-                    exclude=o["exclude"])
+        used.update(quantizer="XNNPACKQuantizer (symmetric int8)", per_channel=options.per_channel,
+                    observer=options.observer, float_input=options.float_input, float_output=options.float_output,
+                    exclude=list(options.exclude))
         notes.append("int8: static PT2E quantization (int8 activations and weights), layers in always_float and "
                      "float_layers run in fp32 inside the same XNNPACK delegate")
     if precision == "fp16":
@@ -390,41 +342,33 @@ def _write(content: bytes, dest: Path, precision: str, o: dict[str, Any], covera
 
 
 # ------------------------------------------------------------------------------------------ the format
-@dataclass(frozen=True)
-class ExecuTorchOptions(Options):
-    """ExecuTorch options (defaults: ``DEFAULTS``; int8's measured in benchmarks/int8_choices.py)."""
-
-    label = "executorch option"
-    max_batch: int = option(DEFAULTS["max_batch"], "largest batch the program takes (1: a static single crop)")
-    float_input: bool = option(DEFAULTS["float_input"], "int8: keep the first conv float")
-    float_output: bool = option(DEFAULTS["float_output"], "int8: keep the params layer float")
-    observer: Literal["histogram", "minmax"] = option(DEFAULTS["observer"], "int8 activation ranges")
-    per_channel: bool = option(DEFAULTS["per_channel"], "int8: per-channel weight scales")
-    exclude: tuple[str, ...] = option((), "int8: layers (module paths) kept float, comma separated")
-
-
 class ExecuTorchFormat(Format):
     name = "executorch"
-    suffix = SUFFIX
+    suffix = ".pte"
     extra = "executorch"
-    precisions = PRECISIONS
-    default_precisions = DEFAULT_PRECISIONS
+    precisions = ("fp32", "fp16", "int8")
+    #: fp16 is opt-in: its file is barely smaller than fp32's (module docstring)
+    default_precisions = ("fp32", "int8")
     Options = ExecuTorchOptions
     int8_candidates = INT8_CANDIDATES
 
-    @staticmethod
-    def _for(precision: str, options: Options) -> dict[str, Any]:
-        """int8 takes every option; the float precisions only max_batch (the rest are int8's: refused if set)."""
-        values = options.to_dict()
-        return values if precision == "int8" else {k: values[k] for k in options.explicit | {"max_batch"}}
-
-    def check(self, precision: str, detector: bool, options: Options) -> None:
+    def check(self, precision: str, detector: bool, options: ExecuTorchOptions) -> None:
+        """The regressors only; the float precisions take max_batch alone (int8's options set for them: an error)."""
         super().check(precision, detector, options)
-        check_options(precision, detector, self._for(precision, options))
+        if detector:
+            raise Edge3dfaError("the executorch converter takes the 3DDFA regressors; convert FaceBoxes to onnx or "
+                                "tflite")
+        int8_only = sorted(options.explicit - {"max_batch"})
+        if precision not in self.calibrated and int8_only:
+            raise Edge3dfaError(f"executorch option(s) {', '.join(int8_only)} apply to int8 only, not {precision}")
 
-    def write(self, source: Any, dest: Path, precision: str, options: Options, calibration: Any) -> dict[str, Any]:
-        return export(source.load(), dest, precision, source=source, calibration=calibration,
-                      **self._for(precision, options))
+    def write(self, source: Checkpoint, dest: Path, precision: str, options: ExecuTorchOptions,
+              calibration: CalibrationSet | None) -> dict[str, Any]:
+        self.check(precision, source.is_detector, options)
+        if precision in self.calibrated:
+            return Int8Builder(source, options, calibration).export(dest)
+        return write_float(source.load(), dest, precision, options)
 
-    def int8_builder(self, source: Any, options: Options, calibration: Any, work: Path) -> Int8Builder:
-        return Int8Builder(source.load(), source=source, calibration=calibration, work=work, **options.to_dict())
+    def int8_builder(self, source: Checkpoint, options: ExecuTorchOptions, calibration: CalibrationSet,
+                     work: Path) -> Int8Builder:
+        return Int8Builder(source, options, calibration, work)

@@ -66,7 +66,7 @@ class CoreMLTarget(Target):
     """
 
     format = "coreml"
-    precisions = ("fp32", "fp16", "w8", "pal6", "pal4", "w8a8")
+    precisions = ("fp32", "fp16", "w8", "pal6", "pal4", "int8")
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, backend: str = "auto",
                  compute_units: str = "all"):

@@ -20,7 +20,7 @@ What is not modelled:
     also for fp16 programs; CoreML's GPU / Neural Engine kernels may accumulate in fp16 or with other
     summation orders, so device outputs can differ by a few fp16 ulps per op from these.
   * which device runs what (CPU / GPU / ANE), ops CoreML fuses or runs in other precisions, and true int8
-    arithmetic for W8A8 on the Neural Engine (here: fake-quantization, float compute between the pairs).
+    arithmetic for int8 activations on the Neural Engine (here: fake-quantization, float compute between the pairs).
   * control flow (ops with nested blocks), states and multi-function packages other than ``main``.
 """
 
@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from edge3dfa.errors import Edge3dfaError
+from edge3dfa.logs import one_line
 
 Observer = Callable[[str, np.ndarray], None]
 
@@ -93,7 +94,7 @@ def load_program(path: str | os.PathLike) -> Any:
         with quiet_coremltools():
             model = ct.models.MLModel(str(p), skip_model_load=True)
     except Exception as e:  # noqa: BLE001 - protobuf / package errors of every kind
-        raise Edge3dfaError(f"{p}: unreadable CoreML package ({_one_line(e)})") from None
+        raise Edge3dfaError(f"{p}: unreadable CoreML package ({one_line(e, 160)})") from None
     return program_of(model, label=str(p))
 
 
@@ -109,12 +110,7 @@ def program_of(model: Any, label: str = "model") -> Any:
             return milproto.load(spec, spec.specificationVersion, model.weights_dir or "")
     except Exception as e:  # noqa: BLE001 - the blob reader raises ValueError/RuntimeError for bad weights
         raise Edge3dfaError(f"{label}: weights cannot be read, truncated or corrupted package? "
-                            f"({_one_line(e)})") from None
-
-
-def _one_line(e: object, limit: int = 160) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+                            f"({one_line(e, 160)})") from None
 
 
 # ---------------------------------------------------------------- helpers
@@ -484,7 +480,7 @@ class MILEvaluator:
             raise
         except Exception as e:  # noqa: BLE001 - numpy shape errors etc. mean the program and evaluator disagree
             raise Edge3dfaError(f"{self.name}: {op.op_type} {op.name} failed in the MIL evaluator "
-                                f"({_one_line(e)})") from None
+                                f"({one_line(e, 160)})") from None
         results = result if isinstance(result, tuple) else (result,)
         for var, value in zip(op.outputs, results):
             dtype = _nptype(var)

@@ -108,11 +108,19 @@ def _round(x: Any, nd: int = 6) -> Any:
     return x
 
 
+def runtime_packages() -> tuple[str, ...]:
+    """What the formats' extras install (edge3dfa.target.extras; not dev, validate, all): the report records the
+    versions of those installed, whatever formats are registered."""
+    from edge3dfa.target import extras
+
+    skip = {"dev", "validate", "all"}
+    return tuple(dict.fromkeys(p for name, pkgs in extras().items() if name not in skip for p in pkgs))
+
+
 def build(result: dict[str, Any], data: EvalSet, gates: Gates, not_attempted: list[dict[str, str]] | None = None,
-          reference: str = "pytorch",
-          tool_packages: tuple[str, ...] = ("torch", "onnxruntime", "ai-edge-litert", "coremltools",
-                                            "executorch")) -> dict:
-    """The report.json object: evaluation rows + dataset, gates and machine, gates checked per target, verdict."""
+          reference: str = "pytorch", tool_packages: tuple[str, ...] | None = None) -> dict:
+    """The report.json object: evaluation rows + dataset, gates and machine, gates checked per target, verdict.
+    ``tool_packages``: whose versions go in ``tools`` (default ``runtime_packages()``)."""
     targets = []
     for row in result["targets"]:
         row = row.to_dict()  # a validation.rows.Row
@@ -133,7 +141,7 @@ def build(result: dict[str, Any], data: EvalSet, gates: Gates, not_attempted: li
         "passed": overall == PASSED,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "edge3dfa_version": __version__,
-        "tools": tool_versions(*tool_packages),
+        "tools": tool_versions(*(runtime_packages() if tool_packages is None else tool_packages)),
         "machine": {"platform": platform.platform(), "machine": platform.machine(),
                     "python": platform.python_version(), "cpu_threads": cpu_threads()},
         "dataset": {**data.describe(), "bins": list(metrics.BIN_LABELS),

@@ -19,7 +19,7 @@ The budget: balanced NME (mean of the three yaw-bin means) at most ``nme`` above
 ``bin_nme`` above (default 2x ``nme``). The record of the search goes into the manifest (``quantization``).
 
 The budget applies to each format's calibrated 8-bit precision (``converters.CALIBRATED``): ONNX and TFLite
-``int8``, CoreML ``w8a8`` (int8 weights and activations); the format module offers ``Int8Builder``.
+``int8`` (CoreML's too: int8 weights and activations); the format offers an ``Int8Builder``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""CoreML w8a8 through ``Int8Builder``: layers named like the model, exactly the requested layers kept float
+"""CoreML int8 (int8 weights and activations, formerly "w8a8") through ``Int8Builder``: layers named like the
+model, exactly the requested layers kept float
 (read back from the saved MIL program), and the --nme-budget search on CoreML on a cheap setting.
 
 What "float" means here is read from the program, independently of the builder's bookkeeping: an int8 layer's
@@ -13,8 +14,8 @@ import pytest
 ct = pytest.importorskip("coremltools")
 torch = pytest.importorskip("torch")
 
-from edge3dfa.converters import convert  # noqa: E402
-from edge3dfa.converters import coreml as conv  # noqa: E402
+from edge3dfa.converters import convert, get_format  # noqa: E402
+from edge3dfa.converters.coreml.int8 import layer_units, module_order  # noqa: E402
 from edge3dfa.datasets.calibration import load_calibration  # noqa: E402
 from edge3dfa.errors import Edge3dfaError  # noqa: E402
 from edge3dfa.models.checkpoint import Checkpoint  # noqa: E402
@@ -42,10 +43,12 @@ def mb05():
     return Checkpoint.open("mb05")
 
 
+@pytest.mark.slow
 def test_builder_keeps_exactly_the_requested_layers_float(mb05, tmp_path):
     names = module_names(mb05.load())
     assert len(names) == 1 + 2 * 13 + 1  # MobileNet-V1: conv1, 13 depthwise-separable blocks, fc
-    b = conv.Int8Builder(mb05.load(), source=mb05, calibration=load_calibration(None, count=16))
+    fmt = get_format("coreml")
+    b = fmt.int8_builder(mb05, fmt.Options.parse({}), load_calibration(None, count=16), tmp_path)
     assert list(b.units) == names
     assert b.always_float == ["fc"] and list(b.layers) == names[:-1]  # the params layer: float by default
 
@@ -72,35 +75,41 @@ def test_builder_keeps_exactly_the_requested_layers_float(mb05, tmp_path):
         b.export(tmp_path / "bad.mlpackage", ["conv_1"])
 
 
+@pytest.mark.slow
 def test_mbv3_layers_are_named_like_the_model():
     """MobileNet-V3 (hard-swish, squeeze-excite Linear layers, residual adds): every weighted op gets its module."""
+    from edge3dfa.converters.coreml.export import convert_program, resolve
     from edge3dfa.models import build_model, randomize_
-    from edge3dfa.targets.mil_eval import import_coremltools, program_of
+    from edge3dfa.targets.mil_eval import program_of
 
     model = randomize_(build_model("mbv3_05"), seed=1).eval()
-    mlmodel = conv._convert(import_coremltools(), model, False, "tensor", "trace", "fp16", "iOS17")  # noqa: SLF001
-    units = conv.layer_units(program_of(mlmodel), conv._module_order(model))  # noqa: SLF001
+    options = resolve("int8", get_format("coreml").Options.parse({}))
+    units = layer_units(program_of(convert_program(model, False, options)), module_order(model))
     assert list(units) == module_names(model)
 
 
-def test_w8a8_options_are_checked(mb05, tmp_path):
-    with pytest.raises(Edge3dfaError, match="calib_method must be one of minmax, percentile"):
-        convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calibration={"count": 4}, verbose=False,
+def test_int8_options_are_checked(mb05, tmp_path):
+    with pytest.raises(Edge3dfaError, match="calib_method='entropy' is not one of minmax, percentile"):
+        convert(mb05, to="coreml", precision="int8", out_dir=tmp_path, calibration={"count": 4}, verbose=False,
                 options={"calib_method": "entropy"})
     with pytest.raises(Edge3dfaError, match="float_output must be true or false"):
-        convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calibration={"count": 4}, verbose=False,
+        convert(mb05, to="coreml", precision="int8", out_dir=tmp_path, calibration={"count": 4}, verbose=False,
                 options={"float_output": "maybe"})
-    with pytest.raises(Edge3dfaError, match="w8a8 computes in fp16"):
-        convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calibration={"count": 4}, verbose=False,
+    with pytest.raises(Edge3dfaError, match=r"percentile=40: must be in \(50, 100\]"):
+        convert(mb05, to="coreml", precision="int8", out_dir=tmp_path, calibration={"count": 4}, verbose=False,
+                options={"percentile": 40})
+    with pytest.raises(Edge3dfaError, match="int8 computes in fp16"):
+        convert(mb05, to="coreml", precision="int8", out_dir=tmp_path, calibration={"count": 4}, verbose=False,
                 options={"compute": "fp32"})
     with pytest.raises(Edge3dfaError, match="nme-budget"):  # the budget needs a calibrated precision
         budget_convert(mb05, to="coreml", precision="fp16", out_dir=tmp_path, budget=0.05, verbose=False)
     assert not list(tmp_path.rglob("*.mlpackage"))
 
 
+@pytest.mark.slow
 def test_budget_search_runs_on_coreml(mb05, tmp_path):
     """A real search on a cheap setting: three int8 layers (the rest kept float by option), the params layer among
-    them. The ranking must put the params layer first (measured: an 8-bit params tensor is most of w8a8's error),
+    them. The ranking must put the params layer first (measured: an 8-bit params tensor is most of int8's error),
     the record must match an independent scoring of the artifact, and what it calls float must be float."""
     from edge3dfa import runtime
     from edge3dfa.datasets.heldout import load_heldout
@@ -113,13 +122,13 @@ def test_budget_search_runs_on_coreml(mb05, tmp_path):
     int8 = ["conv1", "dw6/conv_sep", "fc"]
     held = load_heldout(48)
     calib = load_calibration(None, count=16)
-    (art,) = budget_convert(mb05, to="coreml", precision="w8a8", out_dir=tmp_path, calibration=calib,
+    (art,) = budget_convert(mb05, to="coreml", precision="int8", out_dir=tmp_path, calibration=calib,
                             parity_count=8, verbose=False, budget=Budget.parse({"nme": 0.05, "sensitivity": True}),
                             heldout=held, threads=1,
                             options={"float_input": False, "float_output": False,
                                      "float_layers": [n for n in names if n not in int8]})
     q = art.manifest.quantization
-    assert [c["name"] for c in q["candidates"]] == ["w8a8"]
+    assert [c["name"] for c in q["candidates"]] == ["int8"]
     assert sorted(r["layer"] for r in q["sensitivity"]) == sorted(int8)
     assert q["sensitivity"][0]["layer"] == "fc", q["sensitivity"]
     if not coreml_runtime_available():
@@ -137,24 +146,25 @@ def test_budget_search_runs_on_coreml(mb05, tmp_path):
     assert float_inputs(art.path) == floats
 
 
-def test_export_with_a_budget_searches_w8a8_and_gates_it(tmp_path):
-    """`edge3dfa export --nme-budget`: the budget goes to w8a8 only (fp32 converts as usual), w8a8 is gated at the
+@pytest.mark.slow
+def test_export_with_a_budget_searches_int8_and_gates_it(tmp_path):
+    """`edge3dfa export --nme-budget`: the budget goes to int8 only (fp32 converts as usual), int8 is gated at the
     budget, and the report renders the search record that has no latency (CoreML is not timed off macOS)."""
     import json
 
     from edge3dfa.cli import main
     from edge3dfa.targets.coreml import coreml_runtime_available
 
-    code = main(["export", "--model", "mb05", "--to", "coreml", "--precision", "fp32,w8a8", "--nme-budget", "0.5",
+    code = main(["export", "--model", "mb05", "--to", "coreml", "--precision", "fp32,int8", "--nme-budget", "0.5",
                  "--calib-count", "16", "--parity-count", "8", "--samples", "16", "--latency-runs", "0",
                  "--out", str(tmp_path)])
     report = json.loads((tmp_path / "mb05" / "report.json").read_text())
     rows = {t["precision"]: t for t in report["targets"] if t["role"] == "artifact"}
-    assert code == 0 and set(rows) == {"fp32", "w8a8"} and all(t["status"] == "ok" for t in rows.values())
-    gates = {g["gate"]: g["limit"] for g in rows["w8a8"]["gates"]}
+    assert code == 0 and set(rows) == {"fp32", "int8"} and all(t["status"] == "ok" for t in rows.values())
+    gates = {g["gate"]: g["limit"] for g in rows["int8"]["gates"]}
     assert {k: gates[k] for k in ("max_delta_nme", "max_delta_nme_bin")} == {"max_delta_nme": 0.5,
                                                                           "max_delta_nme_bin": 1.0}
-    q = json.loads((tmp_path / "mb05" / "coreml" / "mb05_w8a8.json").read_text())["quantization"]
+    q = json.loads((tmp_path / "mb05" / "coreml" / "mb05_int8.json").read_text())["quantization"]
     assert q["budget"]["nme"] == 0.5 and q["met"]
     if not coreml_runtime_available():
         assert q["latency_ms"] is None  # and the report with its budget table was written all the same (code 0)

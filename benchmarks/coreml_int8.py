@@ -1,4 +1,4 @@
-"""CoreML w8a8 choices, measured: which layers stay float, and how activation ranges are set.
+"""CoreML int8 choices (int8 weights and activations), measured: which layers stay float, and how ranges are set.
 
 For each model and each choice (one change from the defaults at a time, plus the former defaults), prints the
 NME change against PyTorch on the held-out AFLW crops (what --nme-budget judges on, and what the defaults were
@@ -7,7 +7,7 @@ with the mean and worst 68-landmark distance to PyTorch in 120x120 crop pixels. 
 of what plain fp16 compute and int8 weights cost. Every artifact is run by the numpy MIL evaluator (CoreML
 predict needs macOS), so no latency here. Usage:
 
-    python benchmarks/coreml_w8a8.py [--models mb05,mbv3] [--out out/bench]
+    python benchmarks/coreml_int8.py [--models mb05,mbv3] [--out out/bench]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edge3dfa import assets, runtime
-from edge3dfa.converters import coreml as conv
+from edge3dfa.converters import get_format
 from edge3dfa.datasets import load_crops
 from edge3dfa.datasets.aflw2000_3d import select
 from edge3dfa.datasets.calibration import load_calibration
@@ -35,7 +35,7 @@ from edge3dfa.targets.torch import TorchTarget
 MODELS = {"mb05": ("mb05", None), "mbv3": (None, "mbv3_05")}  # mbv3: the distilled fixture
 CALIBRATIONS = {"percentile 99.999": {}, "percentile 99.99": {"percentile": 99.99},
                 "minmax": {"calib_method": "minmax"}}
-#: name -> (calibration, options changing the float layers); "default" is W8A8_DEFAULTS
+#: name -> (calibration, options changing the float layers); "default" is CoreMLOptions' defaults
 CHOICES = {"default": ("percentile 99.999", {}), "percentile 99.99": ("percentile 99.99", {}),
            "minmax": ("minmax", {}), "first conv float too": ("percentile 99.999", {"float_input": True}),
            "params layer int8": ("percentile 99.999", {"float_output": False}),
@@ -93,26 +93,27 @@ def main() -> None:
         results[key] = {}
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
+            fmt = get_format("coreml")
             for prec in ("fp16", "w8"):
                 path = work / f"{prec}.mlpackage"
-                conv.export(src.load(), path, prec, source=src)
+                fmt.write(src, path, prec, fmt.Options.parse({}), None)
                 _record(results[key], key, prec, measure(path, ref, held, aflw, half))
             builders = {}
             for name, opts in CALIBRATIONS.items():
                 t0 = time.perf_counter()
-                builders[name] = conv.Int8Builder(src.load(), source=src, calibration=pool, **opts)
+                builders[name] = fmt.int8_builder(src, fmt.Options.parse(opts), pool, work)
                 print(f"{key}: {name} calibration {time.perf_counter() - t0:.0f} s", flush=True)
             for name, (calib, opts) in CHOICES.items():
                 b = copy.copy(builders[calib])
-                b.o = {**b.o, **opts}
+                b.options = b.options.replace(**opts)
                 b.always_float = b._always_float()  # noqa: SLF001 - benchmark internals: same ranges, other layers
                 path = work / f"{len(results[key])}.mlpackage"
                 b.export(path)
-                _record(results[key], key, f"w8a8 {name}", measure(path, ref, held, aflw, half))
+                _record(results[key], key, f"int8 {name}", measure(path, ref, held, aflw, half))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "coreml_w8a8.json", results)
-    print(f"wrote {out / 'coreml_w8a8.json'}")
+    write_json(out / "coreml_int8.json", results)
+    print(f"wrote {out / 'coreml_int8.json'}")
 
 
 def _record(results: dict, model: str, name: str, r: dict) -> None:
