@@ -28,20 +28,21 @@ MODELS = {"mb05": "mb05", "mbv3": "mbv3_05_distilled", "mbv3_large": "mbv3_large
 ALL_INT8 = {"onnx": {"float_input": False, "float_output": False}, "tflite": {"head": "int8"}}
 
 
-def variants(fmt: str, src, calib, work: Path, keep: list[str]) -> dict[str, Path]:  # noqa: ANN001
-    from importlib import import_module
+def variants(name: str, src, calib, work: Path, keep: list[str]) -> dict[str, Path]:  # noqa: ANN001
+    """fp32, every layer int8, the default int8 (and it with ``keep`` layers float), through the format protocol."""
+    from edge3dfa.converters import get_format
 
-    conv = import_module(f"edge3dfa.converters.{fmt}")
-    out = {"fp32": work / f"fp32.{fmt}"}
-    conv.export(src.load(), out["fp32"], "fp32", source=src)
-    for name, opts in (("all int8", ALL_INT8[fmt]), ("default int8", {})):
-        sub = work / name.replace(" ", "_")
+    fmt = get_format(name)
+    out = {"fp32": work / f"fp32{fmt.suffix}"}
+    fmt.write(src, out["fp32"], "fp32", fmt.Options(), None)
+    for label, opts in (("all int8", ALL_INT8[name]), ("default int8", {})):
+        sub = work / label.replace(" ", "_")
         sub.mkdir()
-        builder = conv.Int8Builder(src.load(), source=src, calibration=calib, work=sub, **opts)
-        out[name] = sub / f"m.{fmt}"
-        builder.export(out[name])
-        if keep and name == "default int8":
-            out[f"default + {len(keep)} float"] = sub / f"k.{fmt}"
+        builder = fmt.int8_builder(src, fmt.Options.parse(opts), calib, sub)
+        out[label] = sub / f"m{fmt.suffix}"
+        builder.export(out[label])
+        if keep and label == "default int8":
+            out[f"default + {len(keep)} float"] = sub / f"k{fmt.suffix}"
             builder.export(out[f"default + {len(keep)} float"], keep)
     return out
 
