@@ -113,10 +113,9 @@ class OnnxFormat(Format):
         "s8": {}, "u8s8": {"activations": "u8"}, "reduce_range": {"reduce_range": True},
         "u8u8": {"weights": "u8", "activations": "u8"}}
 
-    def check(self, precision: str, detector: bool, options: Options) -> None:
+    def check(self, precision: str, detector: bool, options: OnnxOptions) -> None:
         """Combinations that cannot work are user errors."""
         super().check(precision, detector, options)
-        assert isinstance(options, OnnxOptions)
         if detector and options.head != "params":
             raise Edge3dfaError("head=landmarks is for the 3DDFA regressors, not FaceBoxes")
         if detector and precision == "int8":
@@ -125,14 +124,13 @@ class OnnxFormat(Format):
             # the head is kept float by its node names (/head/...), which only the TorchScript exporter writes
             raise Edge3dfaError("a quantized head=landmarks model needs the default exporter (torchscript)")
 
-    def write(self, source: Checkpoint, dest: Path, precision: str, options: Options,
+    def write(self, source: Checkpoint, dest: Path, precision: str, options: OnnxOptions,
               calibration: CalibrationSet | None) -> dict[str, Any]:
         """Write ``dest`` (one self-contained .onnx) and return the manifest fields this format fills."""
         from edge3dfa.converters.onnx.export import write_float
         from edge3dfa.converters.onnx.int8 import write_dynamic
 
         self.check(precision, source.is_detector, options)
-        assert isinstance(options, OnnxOptions)
         dest = Path(dest)
         with temp_folder(dest.parent, "onnx", dest=dest) as work:
             if precision == "int8":
@@ -141,14 +139,14 @@ class OnnxFormat(Format):
                 return write_dynamic(source, dest, options, work)
             return write_float(source, dest, options, work)
 
-    def int8_builder(self, source: Checkpoint, options: Options, calibration: CalibrationSet | None,
+    def int8_builder(self, source: Checkpoint, options: OnnxOptions, calibration: CalibrationSet | None,
                      work: Path) -> Int8Builder:
+        """The float graph exported, pre-processed and calibrated once in ``work``, ready to quantize."""
         from edge3dfa.converters.onnx.int8 import Int8Builder
 
         if calibration is None:
             raise Edge3dfaError("onnx int8 needs a calibration set")
         self.check("int8", source.is_detector, options)
-        assert isinstance(options, OnnxOptions)
         return Int8Builder(source, options, calibration, work)
 
     def extra_parity(self, path: Path, reference: Target, sets: dict[str, np.ndarray],
