@@ -97,16 +97,16 @@ def main() -> None:
             if "onnx" in args.formats:
                 from edge3dfa.converters import get_format
 
-                onnx = get_format("onnx")
+                fmt = get_format("onnx")
                 fp32 = work / "fp32.onnx"
-                onnx.write(src, fp32, "fp32", onnx.Options(), None)
+                fmt.write(src, fp32, "fp32", fmt.Options(), None)
                 results[key]["onnx fp32 ms"] = latency(fp32)
                 for name, (opts, n) in ONNX_CHOICES.items():
                     t0 = time.perf_counter()
                     path = work / f"{len(results[key])}.onnx"
                     sub = work / f"w{len(results[key])}"
                     sub.mkdir()
-                    onnx.int8_builder(src, onnx.Options.parse(opts), pool.data[:n], sub).export(path)
+                    fmt.int8_builder(src, fmt.Options.parse(opts), pool.data[:n], sub).export(path)
                     row = {**measure(path, ref, held, aflw, True), "build_s": time.perf_counter() - t0}
                     results[key][f"onnx {name}"] = row
                     _print(key, f"onnx {name}", row)
