@@ -95,17 +95,18 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             if "onnx" in args.formats:
-                from edge3dfa.converters import onnx as conv
+                from edge3dfa.converters import get_format
 
+                fmt = get_format("onnx")
                 fp32 = work / "fp32.onnx"
-                conv.export(src.load(), fp32, "fp32", source=src)
+                fmt.write(src, fp32, "fp32", fmt.Options(), None)
                 results[key]["onnx fp32 ms"] = latency(fp32)
                 for name, (opts, n) in ONNX_CHOICES.items():
                     t0 = time.perf_counter()
                     path = work / f"{len(results[key])}.onnx"
                     sub = work / f"w{len(results[key])}"
                     sub.mkdir()
-                    conv.Int8Builder(src.load(), source=src, calibration=pool.data[:n], work=sub, **opts).export(path)
+                    fmt.int8_builder(src, fmt.Options.parse(opts), pool.data[:n], sub).export(path)
                     row = {**measure(path, ref, held, aflw, True), "build_s": time.perf_counter() - t0}
                     results[key][f"onnx {name}"] = row
                     _print(key, f"onnx {name}", row)

@@ -29,6 +29,7 @@ ALL_INT8 = {"onnx": {"float_input": False, "float_output": False}, "tflite": {"p
 
 
 def variants(name: str, src, calib, work: Path, keep: list[str]) -> dict[str, Path]:  # noqa: ANN001
+    """fp32, every layer int8, the default int8 (and it with ``keep`` layers float), through the format protocol."""
     from edge3dfa.converters import get_format
 
     fmt = get_format(name)

@@ -403,7 +403,7 @@ def test_onnx_calibrator_takes_any_count():
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator
 
-    from edge3dfa.converters.onnx import calibration_reader, equal_batch
+    from edge3dfa.converters.onnx.int8 import calibration_reader, equal_batch
 
     graph = helper.make_graph(
         [helper.make_node("Relu", ["input"], ["r"]), helper.make_node("Mul", ["r", "two"], ["y"])], "g",

@@ -258,7 +258,7 @@ def test_bias_correction_repairs_per_tensor_weights(tmp_path):
     """Per-tensor int8 weights bias mb05's depthwise outputs (measured +0.14 NME); correcting each layer's own
     rounding error must take most of that back, judged on held-out crops with their ground truth."""
     from edge3dfa import runtime
-    from edge3dfa.converters import onnx as conv
+    from edge3dfa.converters import get_format
     from edge3dfa.datasets.calibration import load_calibration
     from edge3dfa.datasets.heldout import load_heldout
     from edge3dfa.models.checkpoint import Checkpoint
@@ -278,8 +278,9 @@ def test_bias_correction_repairs_per_tensor_weights(tmp_path):
     for corrected in (False, True):
         work = tmp_path / str(corrected)
         work.mkdir()
-        conv.Int8Builder(src.load(), source=src, calibration=cal, work=work, per_channel=False,
-                         bias_correction=corrected).export(work / "m.onnx")
+        fmt = get_format("onnx")
+        options = fmt.Options.parse({"per_channel": False, "bias_correction": corrected})
+        fmt.int8_builder(src, options, cal, work).export(work / "m.onnx")
         delta[corrected] = nme(OnnxTarget(work / "m.onnx", threads=1)) - ref
     assert delta[False] > 0.08, delta  # the problem is real
     assert delta[True] < delta[False] / 2, delta  # and mostly repaired

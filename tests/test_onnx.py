@@ -1,6 +1,8 @@
 """ONNX converter and onnxruntime target, against PyTorch, the numpy runtime and a third-party export.
 
-Conversions are cached in session fixtures (calibration on 64 crops to keep the file under ~3 minutes).
+The format is used only through its protocol (``get_format("onnx")``, ``OnnxOptions.parse``). Conversions are
+cached in session fixtures (calibration on 64 crops to keep the file under ~3 minutes); tests that convert are
+``slow``.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from conftest import crop_px, eval_crops, files_under  # noqa: E402
+
 from edge3dfa import assets, runtime  # noqa: E402
 from edge3dfa.cli import main  # noqa: E402
-from edge3dfa.converters import convert  # noqa: E402
-from edge3dfa.converters import onnx as conv  # noqa: E402
+from edge3dfa.converters import convert, get_format  # noqa: E402
+from edge3dfa.converters.onnx import OnnxOptions  # noqa: E402
 from edge3dfa.datasets.calibration import load_calibration  # noqa: E402
 from edge3dfa.errors import Edge3dfaError  # noqa: E402
 from edge3dfa.manifest import Manifest, manifest_path  # noqa: E402
@@ -31,23 +35,12 @@ from edge3dfa.targets.torch import TorchTarget  # noqa: E402
 
 CALIB = 64
 THREADS = 2
+FORMAT = get_format("onnx")
 
 
-def eval_crops(start: int, count: int) -> np.ndarray:
-    """AFLW2000-3D crops in protocol order, read here (not through the converter's helpers)."""
-    folder = assets.fetch("aflw2000_crops")
-    names = assets.fetch("aflw2000_crop_list").read_text().split()[start:start + count]
-    return runtime.normalise(np.stack([cv2.imread(str(folder / n)) for n in names]))
-
-
-def crop_px(params_norm: np.ndarray) -> np.ndarray:
-    """[N,2,68] landmarks in 120x120 crop pixels via the numpy runtime."""
-    roi = np.tile(np.array([[0, 0, 120, 120]], np.float32), (len(params_norm), 1))
-    return runtime.landmarks(params_norm, roi)[:, :2]
-
-
-def files_under(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+def write(source: Checkpoint, dest: Path, precision: str, calibration=None, **options) -> dict:  # noqa: ANN001
+    """One artifact through the protocol, as ``convert`` writes it (without parity or manifest)."""
+    return FORMAT.write(source, dest, precision, OnnxOptions.parse(options), calibration)
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +70,7 @@ def torch_mb05() -> TorchTarget:
 
 
 # ------------------------------------------------------------------------------------------------- fp32
+@pytest.mark.slow
 def test_fp32_layout_and_manifest(mb05):
     art = mb05["fp32"]
     assert art.path.name == "mb05_fp32.onnx" and manifest_path(art.path).exists()
@@ -95,6 +89,7 @@ def test_fp32_layout_and_manifest(mb05):
     assert m.parity["aflw2000"]["param_max_abs"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_fp32_matches_pytorch_any_batch(mb05, torch_mb05):
     x = eval_crops(100, 37)
     target = open_target(mb05["fp32"].path, threads=THREADS)
@@ -110,6 +105,7 @@ def test_fp32_matches_pytorch_any_batch(mb05, torch_mb05):
     np.testing.assert_allclose(single.predict(x), ref, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,seed", [("mb1", 1), ("mbv3_05", 2), ("resnet22", 3)])
 def test_fp32_randomized_archs(tmp_path, name, seed):
     """Archs without public weights: seeded random weights and BN statistics, so BN folding is exercised."""
@@ -119,7 +115,7 @@ def test_fp32_randomized_archs(tmp_path, name, seed):
     model = randomize_(build_model(name), seed).eval()
     src = Checkpoint.from_module(model, name, spec.arch, spec.widen_factor)
     dest = tmp_path / f"{name}.onnx"
-    conv.export(model, dest, "fp32", source=src)
+    write(src, dest, "fp32")
     x = eval_crops(0, 8)
     ref = TorchTarget(threads=THREADS, model=model).predict(x)
     got = OnnxTarget(dest, threads=THREADS).predict(x)
@@ -127,12 +123,11 @@ def test_fp32_randomized_archs(tmp_path, name, seed):
     assert np.abs(got - ref).max() <= 1e-4 * scale, (np.abs(got - ref).max(), scale)
 
 
+@pytest.mark.slow
 def test_mbv3_fixture_fp32(tmp_path):
-    from edge3dfa.models.checkpoint import Checkpoint
-
     src = Checkpoint.open(assets.fetch("mbv3_05_distilled"), "mbv3_05")
     dest = tmp_path / "mbv3.onnx"
-    conv.export(src.load(), dest, "fp32", source=src)
+    write(src, dest, "fp32")
     x = eval_crops(0, 16)
     ref = TorchTarget(threads=THREADS, model=src.load()).predict(x)
     got = OnnxTarget(dest, threads=THREADS).predict(x)
@@ -140,27 +135,30 @@ def test_mbv3_fixture_fp32(tmp_path):
     assert np.linalg.norm(crop_px(got) - crop_px(ref), axis=1).max() <= 0.01
 
 
+@pytest.mark.slow
 def test_dynamo_exporter_same_params(tmp_path, mb05, torch_mb05):
     src = Checkpoint.from_module(torch_mb05.model, "mb05", "mobilenet_v1", 0.5)
     dest = tmp_path / "dyn.onnx"
-    info = conv.export(torch_mb05.model, dest, "fp32", source=src, exporter="dynamo")
+    info = write(src, dest, "fp32", exporter="dynamo")
     assert info["options"]["exporter"] == "dynamo"
     assert not list(tmp_path.glob("*.data"))
     x = eval_crops(0, 8)
     assert np.abs(OnnxTarget(dest, threads=THREADS).predict(x) - torch_mb05.predict(x)).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_exports_are_byte_identical(tmp_path, mb05, torch_mb05):
     """Same checkpoint, same calibration -> the same bytes (session artifact vs a fresh export)."""
     src = Checkpoint.open("mb05")
     again = tmp_path / "again_fp32.onnx"
-    conv.export(torch_mb05.model, again, "fp32", source=src)
+    write(src, again, "fp32")
     assert again.read_bytes() == mb05["fp32"].path.read_bytes()
     again8 = tmp_path / "again_int8.onnx"
-    conv.export(torch_mb05.model, again8, "int8", source=src, calibration=load_calibration(None, count=CALIB))
+    write(src, again8, "int8", calibration=load_calibration(None, count=CALIB))
     assert again8.read_bytes() == mb05["int8"].path.read_bytes()
 
 
+@pytest.mark.slow
 def test_stableview_reference_gives_same_params(mb05):
     """A third-party export of the same weights (fixed batch 1, opset 13) agrees with ours."""
     x = eval_crops(0, 8)
@@ -171,6 +169,7 @@ def test_stableview_reference_gives_same_params(mb05):
 
 
 # ------------------------------------------------------------------------------------------------- int8
+@pytest.mark.slow
 def test_int8_landmark_error(mb05, torch_mb05):
     m = mb05["int8"].manifest
     assert m.calibration["count"] == CALIB
@@ -187,6 +186,7 @@ def test_int8_landmark_error(mb05, torch_mb05):
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 20
 
 
+@pytest.mark.slow
 def test_fake_quant_is_the_same_graph_without_int8_kernels(mb05, torch_mb05):
     x = eval_crops(0, 16)
     fq = OnnxTarget(mb05["int8"].path, threads=THREADS, optimization="disable").predict(x)
@@ -196,6 +196,7 @@ def test_fake_quant_is_the_same_graph_without_int8_kernels(mb05, torch_mb05):
     assert np.abs(fq - rt).max() < 0.5
 
 
+@pytest.mark.slow
 def test_dynamic_int8(mb05):
     m = mb05["dyn-int8"].manifest
     assert any("slower" in n.lower() for n in m.notes)
@@ -204,23 +205,24 @@ def test_dynamic_int8(mb05):
     assert any(n.op_type in ("ConvInteger", "DynamicQuantizeLinear") for n in graph.node)
 
 
+@pytest.mark.slow
 def test_exclude_keeps_named_node_float(tmp_path, torch_mb05):
     src = Checkpoint.from_module(torch_mb05.model, "mb05", "mobilenet_v1", 0.5)
     dest = tmp_path / "ex.onnx"
-    info = conv.export(torch_mb05.model, dest, "int8", source=src, calibration=load_calibration(None, count=16),
-                       exclude="/conv1/Conv")
+    calibration = load_calibration(None, count=16)
+    info = write(src, dest, "int8", calibration, exclude="/conv1/Conv")
     assert "/conv1/Conv" in info["options"]["excluded_nodes"]
     graph = onnx.load(str(dest)).graph
     inits = {i.name for i in graph.initializer}
     conv1 = next(n for n in graph.node if n.name == "/conv1/Conv")
     assert conv1.input[1] in inits and conv1.input[0] == "input"  # float weight, float input: not quantized
     with pytest.raises(Edge3dfaError, match="no node named"):
-        conv.export(torch_mb05.model, tmp_path / "bad.onnx", "int8", source=src,
-                    calibration=load_calibration(None, count=16), exclude="/conv1/Cnv")
+        write(src, tmp_path / "bad.onnx", "int8", calibration, exclude="/conv1/Cnv")
     assert not (tmp_path / "bad.onnx").exists()
 
 
 # --------------------------------------------------------------------------------------- landmark head
+@pytest.mark.slow
 def test_fused_landmark_head_matches_numpy_runtime(tmp_path, mb05_landmarks, torch_mb05):
     m = mb05_landmarks.manifest
     assert m.output["name"] == "landmarks" and m.options["head"] == "landmarks"
@@ -241,6 +243,7 @@ def test_fused_landmark_head_matches_numpy_runtime(tmp_path, mb05_landmarks, tor
 
 
 # ------------------------------------------------------------------------------------------- FaceBoxes
+@pytest.mark.slow
 def test_faceboxes_onnx_finds_the_same_faces(faceboxes):
     from edge3dfa.models.faceboxes import load_faceboxes, torch_forward
     from edge3dfa.runtime.detect import FaceBoxesDetector
@@ -260,6 +263,7 @@ def test_faceboxes_onnx_finds_the_same_faces(faceboxes):
     assert target.run(small)[0].shape[1] == TorchTarget(arch="faceboxes").run(small)[0].shape[1]
 
 
+@pytest.mark.slow
 def test_cli_run_end_to_end_on_onnxruntime(tmp_path, mb05, faceboxes):
     photo = assets.fetch("trump_hillary")
     onnx_dir, torch_dir = tmp_path / "onnx", tmp_path / "torch"
@@ -274,6 +278,7 @@ def test_cli_run_end_to_end_on_onnxruntime(tmp_path, mb05, faceboxes):
 
 
 # ------------------------------------------------------------------------------------------- bad input
+@pytest.mark.slow
 def test_unreadable_onnx_is_one_line_error(tmp_path, mb05):
     jpeg = tmp_path / "photo.onnx"
     shutil.copy(assets.fetch("emma"), jpeg)
@@ -287,6 +292,35 @@ def test_unreadable_onnx_is_one_line_error(tmp_path, mb05):
             open_target(bad)
         assert bad.name in str(e.value) and "\n" not in str(e.value)
     assert main(["run", str(assets.fetch("emma")), "--artifact", str(half), "--out-dir", str(tmp_path)]) == 2
+
+
+def test_options_and_combinations_are_checked_before_any_work(tmp_path):
+    """Ranges and combinations a field's annotation cannot say, as one-line user errors, before anything is written."""
+    for values, needle in (({"opset": 21}, "the torchscript exporter supports 17..20"),
+                           ({"opset": 16, "exporter": "dynamo"}, "the dynamo exporter supports 17..21"),
+                           ({"percentile": 50}, r"percentile=50.0: must be in \(50, 100\]"),
+                           ({"num_quantized_bins": 2048}, "128 <= num_quantized_bins < num_bins"),
+                           ({"calib_batch": 0}, "calib_batch >= 1"),
+                           ({"exporter": "fx"}, "onnx option exporter='fx' is not one of torchscript, dynamo")):
+        with pytest.raises(Edge3dfaError, match=needle):
+            OnnxOptions.parse(values)
+    assert OnnxOptions.parse({"opset": 21, "exporter": "dynamo"}).opset == 21
+    assert OnnxOptions.parse({"exclude": "/b/Conv, /a/Conv,/b/Conv"}).excluded == ["/a/Conv", "/b/Conv"]
+    landmarks_dynamo = OnnxOptions.parse({"head": "landmarks", "exporter": "dynamo"})
+    FORMAT.check("fp32", False, landmarks_dynamo)  # a float head needs no node names
+    for precision, detector, options, needle in (
+            ("int8", False, landmarks_dynamo, "needs the default exporter"),
+            ("dyn-int8", True, OnnxOptions.parse({"head": "landmarks"}), "not FaceBoxes"),
+            ("int8", True, OnnxOptions(), "FaceBoxes int8 needs photo calibration"),
+            ("fp16", False, OnnxOptions(), "does not offer precision fp16")):
+        with pytest.raises(Edge3dfaError, match=needle):
+            FORMAT.check(precision, detector, options)
+    out = tmp_path / "out"
+    with pytest.raises(Edge3dfaError, match="FaceBoxes int8"):
+        convert("faceboxes", to="onnx", precision="int8", out_dir=out, verbose=False)
+    with pytest.raises(Edge3dfaError, match="needs a calibration set"):
+        FORMAT.write(Checkpoint.open("mb05"), out / "m.onnx", "int8", OnnxOptions(), None)
+    assert files_under(tmp_path) == []
 
 
 def test_bad_model_arguments(tmp_path):

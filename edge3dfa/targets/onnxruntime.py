@@ -14,18 +14,20 @@ from collections.abc import Sequence
 import numpy as np
 
 from edge3dfa.errors import Edge3dfaError
+from edge3dfa.logs import one_line
 from edge3dfa.target import Target
 
 OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                 "all": "ORT_ENABLE_ALL"}
 
 
-def _one_line(e: BaseException, limit: int = 160) -> str:
+def _ort_error(e: BaseException) -> str:
+    """onnxruntime's error in one line, without its "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF :" prefix."""
     text = " ".join(str(e).split())
-    for marker in ("] : ", "failed:"):  # drop onnxruntime's "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF :" prefix
+    for marker in ("] : ", "failed:"):
         if marker in text:
             text = text.rsplit(marker, 1)[1].strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return one_line(text, limit=160)
 
 
 #: on one thread, large batches fall out of cache: chunks of 8 ran 7% faster per face than one batch of 64 for
@@ -69,7 +71,7 @@ class OnnxTarget(Target):
             self.session = ort.InferenceSession(str(self.path), so,
                                                 providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf/RuntimeError types
-            raise Edge3dfaError(f"{self.path}: not a readable ONNX model ({_one_line(e)})") from None
+            raise Edge3dfaError(f"{self.path}: not a readable ONNX model ({_ort_error(e)})") from None
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 4:
             got = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
@@ -114,4 +116,4 @@ class OnnxTarget(Target):
         try:
             return self.session.run(None, {self.input_name: x})
         except (Fail, InvalidArgument, RuntimeException) as e:
-            raise Edge3dfaError(f"{self.name}: the model failed on a {list(x.shape)} batch ({_one_line(e)})") from None
+            raise Edge3dfaError(f"{self.name}: the model failed on a {list(x.shape)} batch ({_ort_error(e)})") from None
