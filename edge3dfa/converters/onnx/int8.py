@@ -144,8 +144,9 @@ def write_dynamic(source: Checkpoint, dest: Path, options: OnnxOptions, work: Pa
     used = {"quant_format": "dynamic (ConvInteger/MatMulInteger)", "per_channel": options.per_channel,
             "weight_type": "QUInt8", "reduce_range": options.reduce_range, "float_output": options.float_output,
             "excluded_nodes": excluded}
-    note = ("dynamic int8 quantizes activations at run time: on these CNNs it runs 2.5-11x SLOWER than fp32 on "
-            "onnxruntime's CPU provider (measured: mb05, x86); it only saves file size. Use int8 for speed")
+    note = ("dynamic int8 quantizes activations at run time, which makes these CNNs slower than fp32 on "
+            "onnxruntime's CPU provider (benchmarks/onnx_speed.py measures it on a machine); it only saves file "
+            "size. Use int8 for speed")
     return fields(proto, source.is_detector, options, used, (note,))
 
 
