@@ -383,7 +383,7 @@ def test_wide_float_outputs_that_overflow_float32_are_rejected(tmp_path):
 @pytest.mark.parametrize("to, precision, option, needle", [
     ("tflite", "dyn-int8", "fc_per_channel=flase", "tflite option fc_per_channel must be true or false, got 'flase'"),
     ("tflite", "fp32", "fc_per_chanel=true", "unknown tflite option(s) fc_per_chanel; known:"),
-    ("coreml", "fp32", "exclude=/conv1", "unknown coreml option(s) exclude; known: compute, input, route, target"),
+    ("coreml", "fp32", "exclude=/conv1", "unknown coreml option(s) exclude; known: calib_method, compute"),
     ("coreml", "fp32", "input=img", "coreml option input must be one of tensor, image, got 'img'"),
     ("coreml", "w8", "target=ios18", "coreml option target: w8 needs deployment target iOS16 or later"),
     ("onnx,tflite", "fp32", "head=landmarks", "tflite option head='landmarks' is not one of"),  # valid for onnx

@@ -387,7 +387,7 @@ def test_export_says_what_it_did_not_attempt_and_a_failed_conversion_fails(tmp_p
     _clean(err)
     report = _report(out / "mb05")
     assert rc == 1 and report["verdict"] == "FAILED" and o.splitlines()[0].startswith("Verdict: FAILED")
-    assert {n["what"] for n in report["not_attempted"]} == {"tflite", "coreml"}
+    assert {n["what"] for n in report["not_attempted"]} == {"tflite", "coreml", "executorch"}
     assert "not attempted: tflite" in err
     rows = {(r["format"], r["precision"], r["role"]): r for r in report["targets"]}
     assert rows[("onnx", "fp32", "artifact")]["verdict"] == "PASSED"
