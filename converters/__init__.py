@@ -138,7 +138,7 @@ def convert(model: str | os.PathLike | Source = "mb05", to: str | Sequence[str] 
     """
     from edge3dfa.converters.calibration import CalibrationSet, load_calibration, load_eval_crops
     from edge3dfa.converters.parity import parity
-    from edge3dfa.target import open_target
+    from edge3dfa.target import check_threads, open_target
     from edge3dfa.targets.torch import TorchTarget
 
     formats, precisions = plan_list(to, "format"), plan_list(precision, "precision")
@@ -149,8 +149,7 @@ def convert(model: str | os.PathLike | Source = "mb05", to: str | Sequence[str] 
             raise Edge3dfaError(f"{fmt} does not offer precision {', '.join(bad)}; "
                                 f"it offers {', '.join(mod.PRECISIONS)}")
     check_budget(nme_budget, precisions)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise Edge3dfaError(f"--threads must be a whole number >= 1, got {threads}")
+    check_threads(threads, "--threads")
     if any(p in CALIBRATED for p in precisions) and not _is_calibration_set(calibration):
         from edge3dfa.converters.calibration import calibration_files
 

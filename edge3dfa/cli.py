@@ -81,8 +81,10 @@ def _check_run_options(args: argparse.Namespace) -> None:
     """Numeric options in range before any work (a negative thread count crashed torch)."""
     import math
 
-    checks = [("--threads", args.threads, args.threads is None or args.threads >= 1, "a whole number >= 1"),
-              ("--max-frames", args.max_frames, args.max_frames is None or args.max_frames >= 1, "a whole number >= 1"),
+    from edge3dfa.target import check_threads
+
+    check_threads(args.threads, "--threads")
+    checks = [("--max-frames", args.max_frames, args.max_frames is None or args.max_frames >= 1, "a whole number >= 1"),
               ("--redetect-every", args.redetect_every, args.redetect_every >= 0, "a whole number >= 0 (0: off)"),
               ("--probe", args.probe, math.isfinite(args.probe) and 0 <= args.probe < 1, "from 0 (off) to below 1"),
               ("--smooth-min-cutoff", args.smooth_min_cutoff,

@@ -18,6 +18,7 @@ on every call: NaN or Inf from a runtime is an Edge3dfaError naming the target, 
 
 from __future__ import annotations
 
+import numbers
 import os
 from abc import ABC, abstractmethod
 from importlib.metadata import entry_points
@@ -46,7 +47,7 @@ class Target(ABC):
 
     def __init__(self, path: str | os.PathLike | None, threads: int | None = None):
         self.path = Path(path) if path is not None else None
-        self.threads = threads
+        self.threads = check_threads(threads)
         #: expected shape of one sample; None entries accept any size (the detector takes any H, W)
         self.input_shape: tuple[int | None, ...] = (3, 120, 120)
         #: the verified manifest beside the artifact (set by ``open_target``); None: none, or not checked
@@ -109,6 +110,30 @@ class Target(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} threads={self.threads}>"
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, else every CPU)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: object, what: str = "threads") -> int | None:
+    """``threads`` if it is None (the runtime's default) or a whole number from 1 to ``usable_cpus()``; an
+    Edge3dfaError naming ``what`` (``threads``, ``--threads``...) otherwise.
+
+    One check for every runtime, because each failed differently: onnxruntime took 0 and -1 as "its default" and
+    raised TypeError on 2**40, torch raised on 0 and segfaulted on 100000 (OpenMP could not create the threads).
+    More threads than CPUs only make the runtime's threads compete for them, so the CPU count is the limit."""
+    limit = usable_cpus()
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 1 <= threads <= limit:
+        raise Edge3dfaError(f"{what} must be a whole number from 1 to {limit} (the CPUs this process may use), "
+                            f"got {threads!r}")
+    return int(threads)
 
 
 def target_suffixes() -> dict[str, object]:

@@ -396,3 +396,26 @@ def test_option_typos_are_exit_2_before_anything_is_converted(tmp_path, capsys, 
     assert code == 2
     _one_error(capsys.readouterr().err, needle)
     assert not out.exists()  # not even the onnx artifact of "onnx,tflite"
+
+
+# ------------------------------------------------------------------------------------------ thread counts
+@pytest.mark.parametrize("threads", [0, -1, 10**5, 2**40, 1.5, True, "2"])
+def test_a_thread_count_no_runtime_can_take_is_a_one_line_error(converted, threads):
+    """Every runtime shares one check: onnxruntime took 0/-1 as "its default" and raised a TypeError on 2**40;
+    torch raised on 0/-1 and segfaulted on 10**5 (OpenMP could not create the threads)."""
+    from edge3dfa.targets.torch import TorchTarget
+
+    for opened in (lambda: open_target(converted["fp32"], threads=threads), lambda: TorchTarget(threads=threads)):
+        with pytest.raises(Edge3dfaError, match=r"threads must be a whole number from 1 to \d+ \(the CPUs"):
+            opened()
+
+
+@pytest.mark.parametrize("option, value", [("--threads", "0"), ("--threads", "-1"), ("--threads", "100000"),
+                                           ("--latency-threads", "1,100000")])
+def test_validate_refuses_a_thread_count_before_any_work(pair, tmp_path, option, value):
+    """validate took --threads 0 as 1 (exit 0), -1 was an internal error (exit 3), 100000 segfaulted."""
+    report = tmp_path / "report"
+    r = _cli("validate", str(pair["fp32"].parent), *FAST_VALIDATE, option, value, "--report-dir", str(report))
+    assert r.returncode == 2, r.stderr
+    _one_error(r.stderr, f"{option} must be a whole number from 1 to")
+    assert not report.exists()

@@ -231,8 +231,8 @@ def test_invalid_camera_index_is_one_line_exit_2(index):
     assert line.startswith("edge3dfa: error:") and "camera" in line
 
 
-@pytest.mark.parametrize("option", [("--threads", "-1"), ("--max-frames", "0"), ("--probe", "nan"),
-                                    ("--redetect-every", "-2"), ("--smooth-min-cutoff", "0")])
+@pytest.mark.parametrize("option", [("--threads", "-1"), ("--threads", str(2**40)), ("--max-frames", "0"),
+                                    ("--probe", "nan"), ("--redetect-every", "-2"), ("--smooth-min-cutoff", "0")])
 def test_run_options_out_of_range_exit_2(tmp_path, option):
     r = cli("run", assets.fetch("JianzhuGuo"), "--out-dir", tmp_path / "o", *option)
     assert r.returncode == 2

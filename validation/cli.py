@@ -154,6 +154,15 @@ def _gates(args: argparse.Namespace):  # noqa: ANN202
     return gates.merged(Gates(override=cli))
 
 
+def _check_threads(args: argparse.Namespace) -> None:
+    """Thread counts before any work: one check for every runtime (``edge3dfa.target.check_threads``)."""
+    from edge3dfa.target import check_threads
+
+    check_threads(args.threads, "--threads")
+    for n in args.latency_threads or ():
+        check_threads(n, "--latency-threads")
+
+
 def _latency(args: argparse.Namespace):  # noqa: ANN202
     from edge3dfa.validation.latency import LatencyConfig
 
@@ -200,6 +209,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from edge3dfa.validation.harness import NO_REFERENCE, discover, evaluate
 
     started = time.perf_counter()
+    _check_threads(args)
     folder = Path(args.folder)
     entries = discover(folder, verify=not args.no_verify)
     if args.no_verify:
@@ -325,6 +335,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from edge3dfa.validation.harness import Entry, Reference, evaluate
 
     started = time.perf_counter()
+    _check_threads(args)
     plan, not_attempted = _plan(args)  # a plan that cannot be met fails now, having built nothing
     gates, latency = _export_gates(args), _latency(args)
     for n in not_attempted:
