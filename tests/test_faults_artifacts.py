@@ -419,3 +419,33 @@ def test_validate_refuses_a_thread_count_before_any_work(pair, tmp_path, option,
     assert r.returncode == 2, r.stderr
     _one_error(r.stderr, f"{option} must be a whole number from 1 to")
     assert not report.exists()
+
+
+# ------------------------------------------------------------------------------ named pipes, symlink loops
+def _py(code: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter: a hang (a named pipe opened for reading) fails the test at ``timeout``."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env=os.environ.copy())
+
+
+def test_a_named_pipe_in_a_manifest_place_never_blocks(pair):
+    """A FIFO named like a manifest blocked validate's walk (x.json) and run --artifact (the artifact's own
+    manifest) forever: the walk passes over it, opening the artifact refuses it in one line."""
+    folder = pair["fp32"].parent
+    os.mkfifo(folder / "x.json")
+    r = _py(f"from edge3dfa.validation.harness import discover\nprint(len(discover({str(folder)!r})))")
+    assert r.returncode == 0 and r.stdout.split() == ["2"], r.stderr
+    mpath = manifest_path(pair["fp32"])
+    mpath.unlink()
+    os.mkfifo(mpath)
+    r = _py(f"from edge3dfa.target import open_target\nopen_target({str(pair['fp32'])!r})")
+    assert r.returncode == 1 and f"Edge3dfaError: manifest {mpath} is not a regular file" in r.stderr, r.stderr
+
+
+def test_a_symlink_loop_named_like_an_artifact_is_one_line_exit_2(pair, tmp_path, capsys):
+    """``loop.onnx -> loop.onnx`` was an internal error (RuntimeError from Path.resolve)."""
+    folder = pair["fp32"].parent
+    os.symlink("loop.onnx", folder / "loop.onnx")
+    assert main(["validate", str(folder), *FAST_VALIDATE, "--report-dir", str(tmp_path / "r")]) == 2
+    _one_error(capsys.readouterr().err, str(folder / "loop.onnx"), "link to nothing")
+    assert not (tmp_path / "r").exists()

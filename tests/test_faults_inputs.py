@@ -380,6 +380,18 @@ def test_fingerprint_cache_is_used_and_a_corrupt_one_rebuilt(tmp_path):
     assert cache.read_bytes() == built  # rebuilt, identical
 
 
+def test_a_named_pipe_among_calibration_crops_is_passed_over(tmp_path):
+    """``0pipe.jpg``, a FIFO sorted first in --calib-dir, blocked the int8 conversion forever: only regular files
+    are calibration images (as in run's folders). A fresh interpreter: a hang fails the test at its timeout."""
+    for p in default_crops(8):
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    os.mkfifo(tmp_path / "0pipe.jpg")
+    code = ("from edge3dfa.converters.calibration import load_calibration\n"
+            f"print(load_calibration({str(tmp_path)!r}, count=8).files[0])")
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == default_crops(1)[0].name, r.stderr
+
+
 # ---------------------------------------------------------------------------------- calibration counts
 @pytest.mark.parametrize("count, expected", [("0", "at least 1"), ("-3", "at least 1"), ("513", "more than the 512")])
 def test_calibration_count_out_of_range_exit_2(tmp_path, count, expected):
