@@ -4,7 +4,10 @@ through the ``edge3dfa.commands`` entry-point group (each exposes ``register(sub
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -16,7 +19,14 @@ import cv2
 import numpy as np
 
 from edge3dfa import __version__
-from edge3dfa.errors import INTERNAL_ERROR, USER_ERROR, Edge3dfaError, Interrupted, handle_termination
+from edge3dfa.errors import (
+    INTERNAL_ERROR,
+    INTERRUPT_SIGNALS,
+    USER_ERROR,
+    Edge3dfaError,
+    Interrupted,
+    handle_termination,
+)
 from edge3dfa.jobs import Job
 from edge3dfa.logs import one_line, printable, write_crash_log
 from edge3dfa.track import SMOOTH
@@ -281,7 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every outcome is one of the exit codes in ``EXIT_CODES``, never a traceback."""
     handle_termination()
-    args = build_parser().parse_args(argv)
+    _tolerant_std_streams()
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version or a usage error, already printed by argparse
+        return _flushed(e.code if isinstance(e.code, int) else USER_ERROR)
+    return _flushed(_run(args, argv))
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     try:
         return int(args.func(args) or 0)
     except Edge3dfaError as e:
@@ -294,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"interrupted ({e})")
         return e.exit_code
     except BrokenPipeError:
-        _quiet_stdout()
+        _quiet(sys.stdout)
         return 141
     except MemoryError:
         _say("error: out of memory (try a smaller --batch or fewer --samples)")
@@ -312,19 +330,70 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERNAL_ERROR
 
 
-def _say(message: str) -> None:
-    print(f"edge3dfa: {message}", file=sys.stderr, flush=True)
-
-
-def _quiet_stdout() -> None:
-    """After a closed pipe (``edge3dfa ... | head``), send what is still buffered nowhere instead of raising again."""
-    import os
-
+def console() -> NoReturn:
+    """The ``edge3dfa`` program: ``main()``, then the interpreter's own shutdown (torch's finalizers take a
+    noticeable time) made safe from a late Ctrl-C or SIGTERM: the command's work is done and its output flushed,
+    so such a signal ends the process at once with 128+signal instead of a traceback from an exit handler. A
+    signal the parent ignores stays ignored (``handle_termination``)."""
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = main()
+    except KeyboardInterrupt:  # in the instant between main's last line and this one
+        code = 130
+    except Interrupted as e:
+        code = e.exit_code
+    for s in INTERRUPT_SIGNALS:
+        if signal.getsignal(s) not in (None, signal.SIG_IGN):
+            signal.signal(s, _exit_at_once)
+    sys.exit(code)
+
+
+def _exit_at_once(signum: int, _frame: object) -> None:
+    os._exit(128 + signum)
+
+
+def _say(message: str) -> None:
+    """One line on stderr; a stderr that cannot be written (``2> /dev/full``) is given up on, not an error."""
+    try:
+        print(f"edge3dfa: {message}", file=sys.stderr, flush=True)
     except (OSError, ValueError):
+        _quiet(sys.stderr)
+
+
+def _flushed(code: int) -> int:
+    """``code`` once stdout and stderr are flushed here rather than at exit, where a failure (``> /dev/full``) is
+    Python's exit 120 and an 'Exception ignored' message: a full stdout is a user error (2), said on stderr."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:  # None: started with the stream closed (>&-); print() writes nothing then
+                stream.flush()
+        except BrokenPipeError:  # edge3dfa ... | head: the reader has all it wanted
+            _quiet(stream)
+            code = code or 141
+        except (OSError, ValueError) as e:
+            _quiet(stream)
+            if stream is sys.stdout:
+                _say(f"error: cannot write the output: {getattr(e, 'strerror', None) or e}")
+                code = code or USER_ERROR
+    return code
+
+
+def _tolerant_std_streams() -> None:
+    """Text a terminal's encoding cannot show (Δ under ``PYTHONIOENCODING=latin-1``) is escaped, not a crash."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            pass  # a replaced stream (a test's capture) that cannot be reconfigured keeps its own rules
+
+
+def _quiet(stream: object) -> None:
+    """After a closed pipe or a full device, send what is still buffered for ``stream`` (stdout or stderr) nowhere
+    instead of failing again at exit."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
         pass
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
