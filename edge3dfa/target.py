@@ -12,8 +12,9 @@ names this file, its format is this runtime's, its precision is one the format o
 (float vs quantized, as far as the file tells cheaply), its sha256 matches and the input the runtime sees is
 the one the manifest describes. A mismatch is an Edge3dfaError naming the file and the field (exit 2) unless
 the caller passes ``verify=False``. An artifact without a manifest (a third-party .onnx) still opens, with
-``target.manifest`` None: its provenance is unverified, which the command line says once. Outputs are checked
-on every call: NaN or Inf from a runtime is an Edge3dfaError naming the target, never a number passed on.
+``target.manifest`` None: its provenance is unverified, which the command line says once. Inputs and outputs
+are checked on every call: NaN or Inf in the input is bad input, NaN or Inf from a runtime an Edge3dfaError
+naming the target, never a number passed on.
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ class Target(ABC):
             raise Edge3dfaError(f"{self.name}: input must be {want}, got {list(x.shape)}")
         if len(x) == 0:
             raise Edge3dfaError(f"{self.name}: empty batch")
+        bad = ~np.isfinite(x).all(axis=(1, 2, 3))
+        if bad.any():  # checked first: NaN in, NaN out would otherwise be blamed on the artifact
+            raise Edge3dfaError(f"{self.name}: the input holds NaN/Inf in {int(bad.sum())} of {len(x)} samples "
+                                "(bad input, not a fault of the model)")
         outs = self._run(np.ascontiguousarray(x))
         self._check_finite(outs, len(x))
         return outs

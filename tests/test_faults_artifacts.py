@@ -342,6 +342,18 @@ def test_predict_counts_the_samples_with_nan(tmp_path):
     np.testing.assert_allclose(target.predict(x[1:2]), 0.5)  # the finite sample alone is fine
 
 
+def test_nan_input_is_bad_input_not_a_broken_artifact(tmp_path):
+    """x * 0 + bias passes NaN through: the artifact was blamed ("re-convert it") for the caller's NaN."""
+    path = tmp_path / "const.onnx"
+    _graph(path)
+    target = open_target(path, threads=1)
+    x = np.zeros((3, 3, 120, 120), np.float32)
+    x[1, 0, 5, 5], x[2, 2, 0, 0] = np.nan, -np.inf
+    with pytest.raises(Edge3dfaError, match=r"const.onnx: the input holds NaN/Inf in 2 of 3 samples \(bad input"):
+        target.predict(x)
+    np.testing.assert_array_equal(target.predict(x[:1]), 0.0)
+
+
 def test_detector_outputs_are_checked_too(tmp_path):
     """run() checks every output (FaceBoxes' loc and conf), not only predict()'s params."""
     path = tmp_path / "det.onnx"
