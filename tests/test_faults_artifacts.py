@@ -354,6 +354,15 @@ def test_nan_input_is_bad_input_not_a_broken_artifact(tmp_path):
     np.testing.assert_array_equal(target.predict(x[:1]), 0.0)
 
 
+def test_a_landmark_model_given_as_the_detector_is_exit_2(converted, photo, tmp_path):
+    """run --detector mb05_fp32.onnx: one [N,62] output where FaceBoxes has two was an internal error
+    (ValueError: not enough values to unpack)."""
+    r = _cli("run", photo, "--detector", str(converted["fp32"]), "--out-dir", str(tmp_path / "o"))
+    assert r.returncode == 2
+    _one_error(r.stderr, "onnxruntime:mb05_fp32.onnx: returned 1 output(s)", "landmark model")
+    assert not (tmp_path / "o").exists()
+
+
 def test_detector_outputs_are_checked_too(tmp_path):
     """run() checks every output (FaceBoxes' loc and conf), not only predict()'s params."""
     path = tmp_path / "det.onnx"

@@ -187,7 +187,7 @@ def _dataset(args: argparse.Namespace):  # noqa: ANN202
     path = str(args.detector or assets.fetch("faceboxes"))
     net = open_artifact(path, args.threads, not getattr(args, "no_verify", False),
                         **({"arch": "faceboxes"} if path.endswith(".pth") else {}))
-    detector = FaceBoxesDetector(lambda blob: tuple(net.run(blob)[:2]))  # upstream's thresholds and NMS
+    detector = FaceBoxesDetector(lambda blob: tuple(net.run(blob)[:2]), name=net.name)  # upstream's thresholds, NMS
     return load_pipeline(detector, args.samples, args.ground_truth, args.images_dir)
 
 
