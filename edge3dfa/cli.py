@@ -390,9 +390,12 @@ def _quiet(stream: object) -> None:
     """After a closed pipe or a full device, send what is still buffered for ``stream`` (stdout or stderr) nowhere
     instead of failing again at exit."""
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        fd = stream.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
     except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
-        pass
+        return
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":
