@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
+import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -17,7 +20,14 @@ import cv2
 import numpy as np
 
 from edge3dfa import __version__
-from edge3dfa.errors import INTERNAL_ERROR, USER_ERROR, Edge3dfaError, Interrupted, handle_termination
+from edge3dfa.errors import (
+    INTERNAL_ERROR,
+    INTERRUPT_SIGNALS,
+    USER_ERROR,
+    Edge3dfaError,
+    Interrupted,
+    handle_termination,
+)
 from edge3dfa.jobs import Job
 from edge3dfa.logs import ThirdPartyLog, one_line, printable, write_crash_log
 from edge3dfa.runtime.meshes import MESH_FORMATS
@@ -80,8 +90,10 @@ def _check_run_options(args: argparse.Namespace) -> None:
     """Numeric options in range before any work (a negative thread count crashed torch)."""
     import math
 
-    checks = [("--threads", args.threads, args.threads is None or args.threads >= 1, "a whole number >= 1"),
-              ("--max-frames", args.max_frames, args.max_frames is None or args.max_frames >= 1, "a whole number >= 1"),
+    from edge3dfa.target import check_threads
+
+    check_threads(args.threads, "--threads")
+    checks = [("--max-frames", args.max_frames, args.max_frames is None or args.max_frames >= 1, "a whole number >= 1"),
               ("--redetect-every", args.redetect_every, args.redetect_every >= 0, "a whole number >= 0 (0: off)"),
               ("--probe", args.probe, math.isfinite(args.probe) and 0 <= args.probe < 1, "from 0 (off) to below 1"),
               ("--smooth-min-cutoff", args.smooth_min_cutoff,
@@ -291,13 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every outcome is one of the exit codes in ``EXIT_CODES``, never a traceback."""
     handle_termination()
-    args = build_parser().parse_args(argv)
-    third_party = None if args.verbose else ThirdPartyLog().install()
+    _tolerant_std_streams()
     try:
-        return _run(args, argv)
-    finally:
-        if third_party is not None and (line := third_party.summary()):
-            _say(line)
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version or a usage error, already printed by argparse
+        return _flushed(e.code if isinstance(e.code, int) else USER_ERROR)
+    third_party = None if args.verbose else ThirdPartyLog().install()
+    code = _run(args, argv)
+    if third_party is not None and (line := third_party.summary()):
+        _say(line)
+    return _flushed(code)
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
@@ -313,7 +328,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         _say(f"interrupted ({e})")
         return e.exit_code
     except BrokenPipeError:
-        _quiet_stdout()
+        _quiet(sys.stdout)
         return 141
     except MemoryError:
         _say("error: out of memory (try a smaller --batch or fewer --samples)")
@@ -331,19 +346,73 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         return INTERNAL_ERROR
 
 
-def _say(message: str) -> None:
-    print(f"edge3dfa: {message}", file=sys.stderr, flush=True)
-
-
-def _quiet_stdout() -> None:
-    """After a closed pipe (``edge3dfa ... | head``), send what is still buffered nowhere instead of raising again."""
-    import os
-
+def console() -> NoReturn:
+    """The ``edge3dfa`` program: ``main()``, then the interpreter's own shutdown (torch's finalizers take a
+    noticeable time) made safe from a late Ctrl-C or SIGTERM: the command's work is done and its output flushed,
+    so such a signal ends the process at once with 128+signal instead of a traceback from an exit handler. A
+    signal the parent ignores stays ignored (``handle_termination``)."""
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = main()
+    except KeyboardInterrupt:  # in the instant between main's last line and this one
+        code = 130
+    except Interrupted as e:
+        code = e.exit_code
+    for s in INTERRUPT_SIGNALS:
+        if signal.getsignal(s) not in (None, signal.SIG_IGN):
+            signal.signal(s, _exit_at_once)
+    sys.exit(code)
+
+
+def _exit_at_once(signum: int, _frame: object) -> None:
+    os._exit(128 + signum)
+
+
+def _say(message: str) -> None:
+    """One line on stderr; a stderr that cannot be written (``2> /dev/full``) is given up on, not an error."""
+    try:
+        print(f"edge3dfa: {message}", file=sys.stderr, flush=True)
     except (OSError, ValueError):
-        pass
+        _quiet(sys.stderr)
+
+
+def _flushed(code: int) -> int:
+    """``code`` once stdout and stderr are flushed here rather than at exit, where a failure (``> /dev/full``) is
+    Python's exit 120 and an 'Exception ignored' message: a full stdout is a user error (2), said on stderr."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:  # None: started with the stream closed (>&-); print() writes nothing then
+                stream.flush()
+        except BrokenPipeError:  # edge3dfa ... | head: the reader has all it wanted
+            _quiet(stream)
+            code = code or 141
+        except (OSError, ValueError) as e:
+            _quiet(stream)
+            if stream is sys.stdout:
+                _say(f"error: cannot write the output: {getattr(e, 'strerror', None) or e}")
+                code = code or USER_ERROR
+    return code
+
+
+def _tolerant_std_streams() -> None:
+    """Text a terminal's encoding cannot show (Δ under ``PYTHONIOENCODING=latin-1``) is escaped, not a crash."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            pass  # a replaced stream (a test's capture) that cannot be reconfigured keeps its own rules
+
+
+def _quiet(stream: object) -> None:
+    """After a closed pipe or a full device, send what is still buffered for ``stream`` (stdout or stderr) nowhere
+    instead of failing again at exit."""
+    try:
+        fd = stream.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

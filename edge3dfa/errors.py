@@ -44,13 +44,16 @@ def raise_interrupted(signum: int, _frame: object) -> None:
 
 
 def handle_termination() -> None:
-    """Route SIGTERM and SIGHUP to ``raise_interrupted`` (main thread only; a no-op elsewhere)."""
+    """Route SIGTERM and SIGHUP to ``raise_interrupted`` (main thread only; a no-op elsewhere).
+
+    A signal the parent set to be ignored stays ignored (``nohup`` ignores SIGHUP, a shell's ``cmd &`` SIGINT):
+    the person asked for the command to outlive it. Python itself leaves an ignored SIGINT alone."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return
     for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
+        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) != signal.SIG_IGN:
             signal.signal(getattr(signal, name), raise_interrupted)
 
 
@@ -100,8 +103,8 @@ class DeferredInterrupts:
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            for s in INTERRUPT_SIGNALS:
-                if signal.getsignal(s) is not None:  # None: a handler not set from Python, which cannot be restored
+            for s in INTERRUPT_SIGNALS:  # None: a handler not set from Python, which cannot be restored;
+                if signal.getsignal(s) not in (None, signal.SIG_IGN):  # SIG_IGN: ignored, see handle_termination
                     self._old[s] = signal.signal(s, self._record)
         return self
 

@@ -87,8 +87,12 @@ class Manifest:
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> Manifest:
-        """The manifest at ``path``, validated; an Edge3dfaError naming the file and the field otherwise."""
+        """The manifest at ``path``, validated; an Edge3dfaError naming the file and the field otherwise.
+
+        Only a regular file is read: a named pipe or device in a manifest's place would block or never end."""
         path = Path(path)
+        if path.exists() and not path.is_file():
+            raise Edge3dfaError(f"manifest {path} is not a regular file")
         try:
             d = json.loads(path.read_bytes())
         except FileNotFoundError as e:

@@ -12,12 +12,14 @@ names this file, its format is this runtime's, its precision is one the format o
 (float vs quantized, as far as the file tells cheaply), its sha256 matches and the input the runtime sees is
 the one the manifest describes. A mismatch is an Edge3dfaError naming the file and the field (exit 2) unless
 the caller passes ``verify=False``. An artifact without a manifest (a third-party .onnx) still opens, with
-``target.manifest`` None: its provenance is unverified, which the command line says once. Outputs are checked
-on every call: NaN or Inf from a runtime is an Edge3dfaError naming the target, never a number passed on.
+``target.manifest`` None: its provenance is unverified, which the command line says once. Inputs and outputs
+are checked on every call: NaN or Inf in the input is bad input, NaN or Inf from a runtime an Edge3dfaError
+naming the target, never a number passed on.
 """
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from abc import ABC, abstractmethod
@@ -47,7 +49,7 @@ class Target(ABC):
 
     def __init__(self, path: str | os.PathLike | None, threads: int | None = None):
         self.path = Path(path) if path is not None else None
-        self.threads = threads
+        self.threads = check_threads(threads)
         #: expected shape of one sample; None entries accept any size (the detector takes any H, W)
         self.input_shape: tuple[int | None, ...] = (3, 120, 120)
         #: the verified manifest beside the artifact (set by ``open_target``); None: none, or not checked
@@ -80,6 +82,10 @@ class Target(ABC):
             raise Edge3dfaError(f"{self.name}: input must be {want}, got {list(x.shape)}")
         if len(x) == 0:
             raise Edge3dfaError(f"{self.name}: empty batch")
+        bad = ~np.isfinite(x).all(axis=(1, 2, 3))
+        if bad.any():  # checked first: NaN in, NaN out would otherwise be blamed on the artifact
+            raise Edge3dfaError(f"{self.name}: the input holds NaN/Inf in {int(bad.sum())} of {len(x)} samples "
+                                "(bad input, not a fault of the model)")
         outs = self._run(np.ascontiguousarray(x))
         self._check_finite(outs, len(x))
         return outs
@@ -110,6 +116,30 @@ class Target(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} threads={self.threads}>"
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, else every CPU)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: object, what: str = "threads") -> int | None:
+    """``threads`` if it is None (the runtime's default) or a whole number from 1 to ``usable_cpus()``; an
+    Edge3dfaError naming ``what`` (``threads``, ``--threads``...) otherwise.
+
+    One check for every runtime, because each failed differently: onnxruntime took 0 and -1 as "its default" and
+    raised TypeError on 2**40, torch raised on 0 and segfaulted on 100000 (OpenMP could not create the threads).
+    More threads than CPUs only make the runtime's threads compete for them, so the CPU count is the limit."""
+    limit = usable_cpus()
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 1 <= threads <= limit:
+        raise Edge3dfaError(f"{what} must be a whole number from 1 to {limit} (the CPUs this process may use), "
+                            f"got {threads!r}")
+    return int(threads)
 
 
 def target_suffixes() -> dict[str, object]:

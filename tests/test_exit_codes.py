@@ -138,3 +138,49 @@ def test_verbose_is_accepted_before_and_after_the_command(tmp_path):
         r = _cli("", *argv, env={"EDGE3DFA_CACHE": str(tmp_path)})
         assert r.returncode == 0, r.stderr
         assert "third-party" not in r.stderr  # nothing routed, nothing announced
+# ------------------------------------------------------------------------------ the ends of the process
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_a_full_stdout_or_stderr_is_exit_2_not_pythons_120(stream):
+    """``> /dev/full`` failed only when Python flushed stdout at exit: exit 120 and 'Exception ignored'. With
+    ``2> /dev/full`` even the one error line cannot be written: the exit code still says what happened."""
+    table = "def table(args):\n    print('a table')\n    return 0\ncli.cmd_models = table"
+    argv = ["models"] if stream == "stdout" else ["run", "missing.jpg"]
+    script = f"import sys\nimport edge3dfa.cli as cli\n{table}\nsys.exit(cli.main({argv!r}))\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as for a person
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([PY, "-c", script], text=True, timeout=120, env=env, **{stream: full},
+                           **{"stderr" if stream == "stdout" else "stdout": subprocess.PIPE})
+    assert r.returncode == 2
+    if stream == "stdout":
+        assert r.stderr.splitlines() == ["edge3dfa: error: cannot write the output: No space left on device"], \
+            r.stderr
+
+
+def test_text_the_terminal_cannot_encode_is_escaped():
+    """Under PYTHONIOENCODING=latin-1 validate --help (ΔNME in the gates text) was exit 1 with a traceback, and
+    every message with Δ an internal error."""
+    r = _cli("", "validate", "--help", env={"PYTHONIOENCODING": "latin-1"})
+    assert r.returncode == 0 and "\\u0394NME" in r.stdout and "Traceback" not in r.stderr, r.stderr
+    bad = ("from edge3dfa.errors import Edge3dfaError\ndef bad(args):\n    raise Edge3dfaError('ΔNME 0.3 > 0.1')\n"
+           "cli.cmd_models = bad")
+    r = _cli(bad, "models", env={"PYTHONIOENCODING": "latin-1"})
+    assert r.returncode == 2 and r.stderr.splitlines() == ["edge3dfa: error: \\u0394NME 0.3 > 0.1"], r.stderr
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_the_interpreter_shuts_down_is_no_traceback(sig, code):
+    """The work is done and flushed, then Python runs its exit handlers (torch's take a noticeable time): a
+    Ctrl-C or SIGTERM there printed 'Exception ignored ... KeyboardInterrupt' with a traceback. The console
+    script ends at once with 128+signal instead."""
+    from importlib.metadata import entry_points
+
+    (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "edge3dfa"]
+    assert script.value == "edge3dfa.cli:console"
+    slow_exit = ("import atexit, time\nimport edge3dfa.cli as cli\ncli.cmd_models = lambda args: 0\n"
+                 "atexit.register(lambda: (print('exiting', flush=True), time.sleep(30)))\ncli.console()\n")
+    p = subprocess.Popen([PY, "-c", slow_exit, "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "exiting"
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == code and err == "", err

@@ -353,6 +353,27 @@ def test_predict_counts_the_samples_with_nan(tmp_path):
     np.testing.assert_allclose(target.predict(x[1:2]), 0.5)  # the finite sample alone is fine
 
 
+def test_nan_input_is_bad_input_not_a_broken_artifact(tmp_path):
+    """x * 0 + bias passes NaN through: the artifact was blamed ("re-convert it") for the caller's NaN."""
+    path = tmp_path / "const.onnx"
+    _graph(path)
+    target = open_target(path, threads=1)
+    x = np.zeros((3, 3, 120, 120), np.float32)
+    x[1, 0, 5, 5], x[2, 2, 0, 0] = np.nan, -np.inf
+    with pytest.raises(Edge3dfaError, match=r"const.onnx: the input holds NaN/Inf in 2 of 3 samples \(bad input"):
+        target.predict(x)
+    np.testing.assert_array_equal(target.predict(x[:1]), 0.0)
+
+
+def test_a_landmark_model_given_as_the_detector_is_exit_2(converted, photo, tmp_path):
+    """run --detector mb05_fp32.onnx: one [N,62] output where FaceBoxes has two was an internal error
+    (ValueError: not enough values to unpack)."""
+    r = _cli("run", photo, "--detector", str(converted["fp32"]), "--out-dir", str(tmp_path / "o"))
+    assert r.returncode == 2
+    _one_error(r.stderr, "onnxruntime:mb05_fp32.onnx: returned 1 output(s)", "landmark model")
+    assert not (tmp_path / "o").exists()
+
+
 def test_detector_outputs_are_checked_too(tmp_path):
     """run() checks every output (FaceBoxes' loc and conf), not only predict()'s params."""
     path = tmp_path / "det.onnx"
@@ -408,3 +429,56 @@ def test_option_typos_are_exit_2_before_anything_is_converted(tmp_path, capsys, 
     assert code == 2
     _one_error(capsys.readouterr().err, needle)
     assert not out.exists()  # not even the onnx artifact of "onnx,tflite"
+
+
+# ------------------------------------------------------------------------------------------ thread counts
+@pytest.mark.parametrize("threads", [0, -1, 10**5, 2**40, 1.5, True, "2"])
+def test_a_thread_count_no_runtime_can_take_is_a_one_line_error(converted, threads):
+    """Every runtime shares one check: onnxruntime took 0/-1 as "its default" and raised a TypeError on 2**40;
+    torch raised on 0/-1 and segfaulted on 10**5 (OpenMP could not create the threads)."""
+    from edge3dfa.targets.torch import TorchTarget
+
+    for opened in (lambda: open_target(converted["fp32"], threads=threads), lambda: TorchTarget(threads=threads)):
+        with pytest.raises(Edge3dfaError, match=r"threads must be a whole number from 1 to \d+ \(the CPUs"):
+            opened()
+
+
+@pytest.mark.parametrize("option, value", [("--threads", "0"), ("--threads", "-1"), ("--threads", "100000"),
+                                           ("--latency-threads", "1,100000")])
+def test_validate_refuses_a_thread_count_before_any_work(pair, tmp_path, option, value):
+    """validate took --threads 0 as 1 (exit 0), -1 was an internal error (exit 3), 100000 segfaulted."""
+    report = tmp_path / "report"
+    r = _cli("validate", str(pair["fp32"].parent), *FAST_VALIDATE, option, value, "--report-dir", str(report))
+    assert r.returncode == 2, r.stderr
+    _one_error(r.stderr, f"{option} must be a whole number from 1 to")
+    assert not report.exists()
+
+
+# ------------------------------------------------------------------------------ named pipes, symlink loops
+def _py(code: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter: a hang (a named pipe opened for reading) fails the test at ``timeout``."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env=os.environ.copy())
+
+
+def test_a_named_pipe_in_a_manifest_place_never_blocks(pair):
+    """A FIFO named like a manifest blocked validate's walk (x.json) and run --artifact (the artifact's own
+    manifest) forever: the walk passes over it, opening the artifact refuses it in one line."""
+    folder = pair["fp32"].parent
+    os.mkfifo(folder / "x.json")
+    r = _py(f"from edge3dfa.validation.harness import discover\nprint(len(discover({str(folder)!r})))")
+    assert r.returncode == 0 and r.stdout.split() == ["2"], r.stderr
+    mpath = manifest_path(pair["fp32"])
+    mpath.unlink()
+    os.mkfifo(mpath)
+    r = _py(f"from edge3dfa.target import open_target\nopen_target({str(pair['fp32'])!r})")
+    assert r.returncode == 1 and f"Edge3dfaError: manifest {mpath} is not a regular file" in r.stderr, r.stderr
+
+
+def test_a_symlink_loop_named_like_an_artifact_is_one_line_exit_2(pair, tmp_path, capsys):
+    """``loop.onnx -> loop.onnx`` was an internal error (RuntimeError from Path.resolve)."""
+    folder = pair["fp32"].parent
+    os.symlink("loop.onnx", folder / "loop.onnx")
+    assert main(["validate", str(folder), *FAST_VALIDATE, "--report-dir", str(tmp_path / "r")]) == 2
+    _one_error(capsys.readouterr().err, str(folder / "loop.onnx"), "link to nothing")
+    assert not (tmp_path / "r").exists()

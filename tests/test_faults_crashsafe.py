@@ -590,6 +590,22 @@ def test_a_second_signal_stops_a_stuck_frame_and_still_keeps_the_frames_so_far(t
     assert _dot_entries(out) == []
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_a_signal_the_parent_ignores_stays_ignored(tmp_path, long_clip, sig):
+    """``nohup edge3dfa ...`` ignores SIGHUP and a script's ``edge3dfa ... &`` SIGINT: the person asked for the
+    run to go on. Handlers installed over SIG_IGN stopped it (129 / a cut-short video); the run ends whole."""
+    out = tmp_path / "out"
+    child = _video_child(long_clip, [str(long_clip), "--out-dir", str(out)],
+                         preexec_fn=lambda: signal.signal(sig, signal.SIG_IGN))
+    _wait_for_frame(child, 5)
+    child.send_signal(sig)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    _no_traceback(err)
+    assert _check_pair(out / "clip_overlay.mp4", out / "clip.jsonl") == 150
+    assert sorted(p.name for p in out.iterdir()) == ["clip.jsonl", "clip_overlay.mp4"]
+
+
 @pytest.mark.parametrize("variant", ["tmpfs", "injected", "read-only"])
 def test_video_on_a_full_or_read_only_disk_is_one_line_exit_2(tmp_path, long_clip, variant):
     if variant in ("tmpfs", "read-only") and MOUNT_ERROR:

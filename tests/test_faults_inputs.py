@@ -231,8 +231,8 @@ def test_invalid_camera_index_is_one_line_exit_2(index):
     assert line.startswith("edge3dfa: error:") and "camera" in line
 
 
-@pytest.mark.parametrize("option", [("--threads", "-1"), ("--max-frames", "0"), ("--probe", "nan"),
-                                    ("--redetect-every", "-2"), ("--smooth-min-cutoff", "0")])
+@pytest.mark.parametrize("option", [("--threads", "-1"), ("--threads", str(2**40)), ("--max-frames", "0"),
+                                    ("--probe", "nan"), ("--redetect-every", "-2"), ("--smooth-min-cutoff", "0")])
 def test_run_options_out_of_range_exit_2(tmp_path, option):
     r = cli("run", assets.fetch("JianzhuGuo"), "--out-dir", tmp_path / "o", *option)
     assert r.returncode == 2
@@ -381,6 +381,18 @@ def test_fingerprint_cache_is_used_and_a_corrupt_one_rebuilt(tmp_path):
     assert cache.read_bytes() == built  # rebuilt, identical
 
 
+def test_a_named_pipe_among_calibration_crops_is_passed_over(tmp_path):
+    """``0pipe.jpg``, a FIFO sorted first in --calib-dir, blocked the int8 conversion forever: only regular files
+    are calibration images (as in run's folders). A fresh interpreter: a hang fails the test at its timeout."""
+    for p in default_crops(8):
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    os.mkfifo(tmp_path / "0pipe.jpg")
+    code = ("from edge3dfa.converters.calibration import load_calibration\n"
+            f"print(load_calibration({str(tmp_path)!r}, count=8).files[0])")
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == default_crops(1)[0].name, r.stderr
+
+
 # ---------------------------------------------------------------------------------- calibration counts
 @pytest.mark.parametrize("count, expected", [("0", "at least 1"), ("-3", "at least 1"), ("513", "more than the 512")])
 def test_calibration_count_out_of_range_exit_2(tmp_path, count, expected):
@@ -475,3 +487,46 @@ def test_budget_not_met_exits_1_unless_allowed(allow):
     (line,) = err_lines(r)
     assert "does not meet --nme-budget 0.01" in line and "+0.030" in line
     assert line.startswith("edge3dfa: warning:" if allow else "edge3dfa: error:")
+
+
+# ------------------------------------------------------------------------------------------ --dense-bfm files
+def _bad_bfm(tmp_path: Path, kind: str) -> Path:
+    import pickle
+
+    u, w = np.zeros((300, 1), np.float32), np.zeros((300, 40), np.float32)
+    path = tmp_path / ("bfm.pkl" if kind in ("list", "object-pkl") else "bfm.npz")
+    if kind == "garbage":
+        path.write_bytes(b"PK\x03\x04garbage" * 10)  # a zip header and nothing else
+    elif kind == "1-D":
+        np.savez(path, u=np.zeros(30), w_shp=np.zeros(30), w_exp=np.zeros(30))
+    elif kind == "object":
+        np.savez(path, u=np.array([{"a": 1}], dtype=object), w_shp=w, w_exp=w[:, :10])
+    elif kind == "list":
+        path.write_bytes(pickle.dumps(["u", "w_shp", "w_exp"]))
+    elif kind == "object-pkl":
+        path.write_bytes(pickle.dumps({"u": np.array([{"a": 1}], dtype=object), "w_shp": w, "w_exp": w}))
+    elif kind == "rows":
+        np.savez(path, u=u, w_shp=w[:299], w_exp=w[:, :10])
+    elif kind == "tri":
+        np.savez(path, u=u, w_shp=w, w_exp=w[:, :10], tri=np.array([[0, 1, 100]]))  # 100 vertices: ids 0..99
+    elif kind == "nan":
+        np.savez(path, u=np.full((300, 1), np.nan), w_shp=w, w_exp=w[:, :10])
+    return path
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("garbage", "not a BFM file"), ("1-D", "'w_shp' must be a non-empty 2-D numeric array"),
+    ("object", "not a BFM file"), ("list", "holds a list, not a dict of arrays"),
+    ("object-pkl", "'u' must be a non-empty 1 or 2-D numeric array, got a 1-D object array"),
+    ("rows", "inconsistent BFM shapes"), ("tri", "'tri' must be [T,3] vertex ids below 100"),
+    ("nan", "'u' holds NaN or Inf")])
+def test_a_bad_dense_bfm_file_is_one_error_naming_it(tmp_path, kind, needle):
+    """run --dense-bfm took these as a BFM and failed inside numpy: BadZipFile, IndexError, ValueError and
+    TypeError, each an internal error (exit 3). Each is an Edge3dfaError (exit 2) naming the file."""
+    from edge3dfa.errors import Edge3dfaError
+    from edge3dfa.runtime import load_dense_bfm
+
+    path = _bad_bfm(tmp_path, kind)
+    with pytest.raises(Edge3dfaError) as e:
+        load_dense_bfm(path)
+    assert str(e.value).startswith(f"{path}: ") and needle in str(e.value), e.value

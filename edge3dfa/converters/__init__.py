@@ -30,7 +30,7 @@ from edge3dfa.fileio import remove_stale, temp_folder, write_errors
 from edge3dfa.manifest import Manifest, publish
 from edge3dfa.models.checkpoint import Checkpoint
 from edge3dfa.options import Options, option
-from edge3dfa.target import Target
+from edge3dfa.target import Target, check_threads
 
 __all__ = ["Artifact", "Calibration", "Checkpoint", "Format", "Plan", "convert", "convert_one", "formats",
            "get_format", "plan", "plan_list"]
@@ -159,8 +159,7 @@ def convert(model: str | os.PathLike | Checkpoint = "mb05", to: str | Sequence[s
     ``calibration``: a CalibrationSet, a ``Calibration``, a folder, or None (the default disjoint crops); loaded
     only when a calibrated precision is asked for.
     """
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise Edge3dfaError(f"--threads must be a whole number >= 1, got {threads}")
+    check_threads(threads, "--threads")
     p = plan(model, to, precision, options, calibration)
     calib = load_calibration_set(calibration) if p.calibrated else None
     reference = p.source.target(threads)

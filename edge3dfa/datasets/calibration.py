@@ -101,11 +101,13 @@ def load_calibration(folder: str | os.PathLike | None = None, count: int = 256, 
 
 def calibration_files(folder: str | os.PathLike | None, count: object) -> tuple[Path, list[Path]]:
     """The calibration folder (default: asset ``calibration_crops``) and its images in sorted order, after
-    checking that ``count`` of them can be asked for (nothing is decoded: cheap enough to run up front)."""
+    checking that ``count`` of them can be asked for (nothing is decoded: cheap enough to run up front). Only
+    regular files count, as in ``edge3dfa run``'s folders: reading a named pipe called ``x.jpg`` would never end."""
     folder = Path(folder) if folder is not None else assets.fetch("calibration_crops")
     if not folder.is_dir():
         raise Edge3dfaError(f"calibration folder not found: {runtime.printable(folder)}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                   and p.is_file())
     check_count(count, len(files), folder)
     return folder, files
 

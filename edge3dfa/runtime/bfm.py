@@ -7,6 +7,7 @@ A model is ``u + W @ alpha`` with the bases stored xyz-interleaved ([3V] vectors
 from __future__ import annotations
 
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,26 +78,56 @@ def load_dense_bfm(path: str | Path) -> BFM:
     """A full BFM (upstream ``bfm_noneck_v3.pkl``, or an .npz with keys u, w_shp, w_exp[, tri]).
 
     The dense bases are not in the shared assets; users supply upstream's file. Mean/std come from ``bfm68``.
+    A file that is not such a BFM (not an .npz or pickle of arrays, keys missing, arrays of the wrong kind or
+    shape, triangles naming vertices that do not exist) is an Edge3dfaError naming the file and the key.
     """
     path = Path(path)
-    if not path.exists():
-        raise Edge3dfaError(f"dense BFM file not found: {path}")
-    d = dict(np.load(path)) if path.suffix == ".npz" else load_pickled_arrays(path)
-    missing = {"u", "w_shp", "w_exp"} - set(d)
-    if missing:
-        raise Edge3dfaError(f"{path}: not a BFM file, missing {sorted(missing)}")
-    u = np.asarray(d["u"], np.float32).reshape(-1)
-    w = np.concatenate([np.asarray(d["w_shp"])[:, :N_SHP], np.asarray(d["w_exp"])[:, :N_EXP]], 1).T
-    if w.shape[1] != u.shape[0] or u.shape[0] % 3:
-        raise Edge3dfaError(f"{path}: inconsistent BFM shapes u {u.shape}, w {w.shape}")
-    tri = d.get("tri")
-    if tri is None:
-        tri = load_pickled_arrays(assets.fetch("tri"))
-    tri = np.asarray(tri)
+    if not path.is_file():
+        raise Edge3dfaError(f"dense BFM file not found: {path}" if not path.exists() else
+                            f"dense BFM {path} is not a regular file")
+    d = _read_bfm_file(path)
+    u = _bfm_array(d, "u", path, (1, 2))
+    w_shp, w_exp = (_bfm_array(d, k, path, (2,)) for k in ("w_shp", "w_exp"))
+    for key, arr, cols in (("w_shp", w_shp, N_SHP), ("w_exp", w_exp, N_EXP)):
+        if u.size != u.shape[0] or u.size % 3 or arr.shape[0] != u.size or arr.shape[1] < cols:
+            raise Edge3dfaError(f"{path}: inconsistent BFM shapes: u {list(u.shape)} ([3V] or [3V,1]), {key} "
+                                f"{list(arr.shape)} (one row per value of u, at least {cols} columns)")
+    u = u.reshape(-1)
+    w = np.concatenate([w_shp[:, :N_SHP], w_exp[:, :N_EXP]], 1).T
+    tri = _bfm_array(d, "tri", path, (2,)) if "tri" in d else load_pickled_arrays(assets.fetch("tri"))
     tri = tri.T if tri.shape[0] == 3 else tri
+    if tri.shape[1] != 3 or (tri.dtype.kind == "f" and not np.array_equal(tri, np.round(tri))) \
+            or not 0 <= tri.min() <= tri.max() < len(u) // 3:
+        raise Edge3dfaError(f"{path}: 'tri' must be [T,3] vertex ids below {len(u) // 3}, got {list(tri.shape)}")
     base = load_bfm68()
     return BFM(u, np.ascontiguousarray(w, np.float32), base.param_mean, base.param_std,
                tri.astype(np.int32), d.get("keypoints"))
+
+
+def _read_bfm_file(path: Path) -> dict:
+    """The arrays of a dense BFM file by key; an Edge3dfaError for anything else (no code runs from it)."""
+    try:
+        d = dict(np.load(path)) if path.suffix == ".npz" else load_pickled_arrays(path)
+    except (ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:  # object arrays: ValueError
+        raise Edge3dfaError(f"{path}: not a BFM file: not an .npz or pickle of numeric arrays ({e})") from e
+    if not isinstance(d, dict):
+        raise Edge3dfaError(f"{path}: not a BFM file: holds a {type(d).__name__}, not a dict of arrays")
+    missing = {"u", "w_shp", "w_exp"} - set(d)
+    if missing:
+        raise Edge3dfaError(f"{path}: not a BFM file, missing {sorted(missing)}")
+    return d
+
+
+def _bfm_array(d: dict, key: str, path: Path, ndims: tuple[int, ...]) -> np.ndarray:
+    """``d[key]`` as a float32 (or, for 'tri', its own numeric type) array with one of ``ndims`` dimensions."""
+    a = d[key] if isinstance(d[key], np.ndarray) else None
+    if a is None or a.dtype.kind not in "fiu" or a.ndim not in ndims or not a.size:
+        what = f"a {a.ndim}-D {a.dtype} array" if a is not None else type(d[key]).__name__
+        raise Edge3dfaError(f"{path}: '{key}' must be a non-empty {' or '.join(map(str, ndims))}-D numeric array, "
+                            f"got {what}")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise Edge3dfaError(f"{path}: '{key}' holds NaN or Inf")
+    return a if key == "tri" else a.astype(np.float32, copy=False)
 
 
 def check_params(params: np.ndarray) -> np.ndarray:

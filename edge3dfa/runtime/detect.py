@@ -134,12 +134,14 @@ class FaceBoxesDetector:
     ``forward`` is any runtime (torch via models.faceboxes.torch_forward, onnxruntime, TFLite) mapping the
     blob [1,3,H,W] to (loc [1,P,4], conf [1,P,2] softmax); priors are cached per blob size. Defaults are
     upstream's: candidates above 0.05, top 5000 into NMS at IoU 0.3, top 750 kept, reported above 0.5.
+    ``name`` (e.g. the target's) names the model in errors.
     """
 
     def __init__(self, forward: Forward, score_threshold: float = 0.5, nms_threshold: float = 0.3,
                  confidence_threshold: float = 0.05, top_k: int = 5000, keep_top_k: int = 750,
-                 input_size: tuple[int, int] | None = None) -> None:
+                 input_size: tuple[int, int] | None = None, name: str = "detector model") -> None:
         self.forward = forward
+        self.name = name
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold
         self.confidence_threshold = confidence_threshold
@@ -159,12 +161,16 @@ class FaceBoxesDetector:
         blob, scale = prepare(img_bgr, self.input_size)
         height, width = blob.shape[2:]
         priors = self.priors(height, width)
-        loc, conf = self.forward(blob)
+        outs = tuple(self.forward(blob))
+        if len(outs) != 2:  # e.g. a landmark model given as the detector: one output, [N,62] params
+            raise Edge3dfaError(f"{self.name}: returned {len(outs)} output(s), where a FaceBoxes detector returns 2 "
+                                "(box offsets and scores); is it a landmark model rather than a face detector?")
+        loc, conf = outs
         loc = np.asarray(loc, dtype=np.float32).reshape(-1, 4)
         conf = np.asarray(conf, dtype=np.float32)
         if loc.shape[0] != priors.shape[0] or conf.size != 2 * priors.shape[0]:
             raise Edge3dfaError(
-                f"detector model returned {loc.shape[0]} boxes for a {height}x{width} input, expected "
+                f"{self.name} returned {loc.shape[0]} boxes for a {height}x{width} input, expected "
                 f"{priors.shape[0]}; a model exported at a fixed size needs input_size=(H, W) of that size")
         scores = conf.reshape(-1, 2)[:, 1]
         boxes = decode(loc, priors) * np.array([width, height, width, height], np.float32) / np.float32(scale)

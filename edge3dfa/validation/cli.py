@@ -132,6 +132,15 @@ def gates_of(args: argparse.Namespace):  # noqa: ANN202
     return gates.merged(Gates(override=cli))
 
 
+def check_threads_of(args: argparse.Namespace) -> None:
+    """Thread counts before any work: one check for every runtime (``edge3dfa.target.check_threads``)."""
+    from edge3dfa.target import check_threads
+
+    check_threads(args.threads, "--threads")
+    for n in args.latency_threads or ():
+        check_threads(n, "--latency-threads")
+
+
 def latency_of(args: argparse.Namespace):  # noqa: ANN202
     from edge3dfa.measure.timing import LatencyConfig
 
@@ -156,7 +165,7 @@ def dataset_of(args: argparse.Namespace):  # noqa: ANN202
     path = str(args.detector or assets.fetch("faceboxes"))
     net = open_artifact(path, args.threads, not getattr(args, "no_verify", False),
                         **({"arch": "faceboxes"} if path.endswith(".pth") else {}))
-    detector = FaceBoxesDetector(lambda blob: tuple(net.run(blob)[:2]))  # upstream's thresholds and NMS
+    detector = FaceBoxesDetector(lambda blob: tuple(net.run(blob)[:2]), name=net.name)  # upstream's thresholds, NMS
     return load_pipeline(detector, args.samples, args.ground_truth, args.images_dir)
 
 
@@ -178,6 +187,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from edge3dfa.validation.harness import NO_REFERENCE, discover, evaluate
 
     started = time.perf_counter()
+    check_threads_of(args)
     folder = Path(args.folder)
     entries = discover(folder, verify=not args.no_verify)
     if args.no_verify:

@@ -79,10 +79,12 @@ def _walk(root: Path) -> Iterator[Path]:
 def discover(folder: str | os.PathLike, verify: bool = True) -> list[Entry]:
     """Every artifact under ``folder`` (recursive) with a valid manifest that it matches.
 
-    An artifact file without its manifest, a manifest naming a missing artifact, or a folder with no artifact
-    at all is an Edge3dfaError naming the file; so is an artifact that does not match its manifest (sha256,
-    format, precision, input: ``edge3dfa.target.verify_artifact``) unless ``verify=False``. Dot-entries (temp
-    folders of a running or killed conversion) are ignored (``_walk``).
+    An artifact file without its manifest, a manifest naming a missing artifact, a link to nothing (a missing
+    target or a loop) named like an artifact, or a folder with no artifact at all is an Edge3dfaError naming the
+    file; so is an artifact that does not match its manifest (sha256, format, precision, input:
+    ``edge3dfa.target.verify_artifact``) unless ``verify=False``. Dot-entries (temp folders of a running or
+    killed conversion) are ignored (``_walk``), and so is a ``.json`` that is not a regular file: a named pipe
+    would block the walk forever (an artifact beside it then has no manifest, which is an error).
     """
     root = Path(folder)
     if not root.is_dir():
@@ -90,7 +92,8 @@ def discover(folder: str | os.PathLike, verify: bool = True) -> list[Entry]:
     paths = list(_walk(root))
     entries, named = [], set()
     for mpath in sorted(p for p in paths if p.suffix == ".json"):
-        if mpath.name in REPORT_FILES or _inside_package(mpath, root) or not _is_manifest(mpath):
+        if mpath.name in REPORT_FILES or _inside_package(mpath, root) or not mpath.is_file() \
+                or not _is_manifest(mpath):
             continue
         m = Manifest.read(mpath)
         art = mpath.parent / m.artifact
@@ -101,11 +104,13 @@ def discover(folder: str | os.PathLike, verify: bool = True) -> list[Entry]:
             raise Edge3dfaError(f"artifact {art} named by {mpath} is missing")
         if verify:
             m = verify_artifact(art)
-        named.add(art.resolve())
+        named.add(os.path.realpath(art))
         entries.append(Entry(art, m, mpath, verify))
     suffixes = set(target_suffixes())
-    for p in paths:
-        if p.suffix.lower() in suffixes and not _inside_package(p, root) and p.resolve() not in named:
+    for p in paths:  # (realpath, not Path.resolve: that raises RuntimeError on a symlink loop)
+        if p.suffix.lower() in suffixes and not _inside_package(p, root) and os.path.realpath(p) not in named:
+            if not p.exists():
+                raise Edge3dfaError(f"{p} is a link to nothing (its target is missing, or the link is a loop)")
             raise Edge3dfaError(f"{p} has no manifest ({manifest_path(p).name}); re-run edge3dfa convert")
     if not entries:
         raise Edge3dfaError(f"no edge3dfa artifacts in {root}: no *.json manifest of schema {SCHEMA}")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edge3dfa.errors import Edge3dfaError
-from edge3dfa.validation.cli import add_eval_options, dataset_of, finish, gates_of, latency_of, log
+from edge3dfa.validation.cli import add_eval_options, check_threads_of, dataset_of, finish, gates_of, latency_of, log
 from edge3dfa.validation.rows import Row
 
 
@@ -135,6 +135,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from edge3dfa.workflows.cli import budget_of, calibration_of, list_options, parse_options
 
     started = time.perf_counter()
+    check_threads_of(args)
     plan, not_attempted = plan_export(args)  # a plan that cannot be met fails now, having built nothing
     if args.list_options:
         return list_options([f.name for f, _ in plan])
