@@ -10,24 +10,20 @@ number of runs actually made is reported with each figure.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge3dfa.target import Target
+from edge3dfa.target import Target, usable_cpus
 
 MIN_RUNS = 10
 
 
 def cpu_threads() -> int:
-    """CPUs this process may run on (the affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    """CPUs this process may run on (``edge3dfa.target.usable_cpus``: the affinity mask where the OS has one)."""
+    return usable_cpus()
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from edge3dfa.errors import Edge3dfaError
-from edge3dfa.target import N_PARAMS, Target
+from edge3dfa.target import N_PARAMS, Target, usable_cpus
 
 _MAGIC = b"ET12"  # bytes 4..8 of every .pte this runtime reads (program.cpp checks the same identifier)
 _FLOAT32 = 6  # c10::ScalarType::Float, as MethodMeta reports dtypes
@@ -129,7 +129,7 @@ class ExecuTorchTarget(Target):
         self._data = self.path.read_bytes()
         if self._data[4:8] != _MAGIC:
             raise Edge3dfaError(f"{self.path.name}: not an ExecuTorch program (no {_MAGIC.decode()} identifier)")
-        self.num_threads = int(threads) if threads else _cpu_threads()
+        self.num_threads = int(threads) if threads else usable_cpus()
         if self.num_threads < 1:
             raise Edge3dfaError(f"{self.path.name}: threads must be >= 1, got {threads}")
         self._rt, self._lib = _runtime()
@@ -192,9 +192,3 @@ class ExecuTorchTarget(Target):
                 raise Edge3dfaError(f"{self.name}: execution failed ({_reason(e, [])})") from None
         return [np.concatenate(outs) if len(outs) > 1 else outs[0]]
 
-
-def _cpu_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
