@@ -387,7 +387,7 @@ def test_a_named_pipe_among_calibration_crops_is_passed_over(tmp_path):
     for p in default_crops(8):
         (tmp_path / p.name).write_bytes(p.read_bytes())
     os.mkfifo(tmp_path / "0pipe.jpg")
-    code = ("from edge3dfa.converters.calibration import load_calibration\n"
+    code = ("from edge3dfa.datasets.calibration import load_calibration\n"
             f"print(load_calibration({str(tmp_path)!r}, count=8).files[0])")
     r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == default_crops(1)[0].name, r.stderr
