@@ -498,3 +498,17 @@ def test_models_table_shows_computed_and_paper_counts_and_the_papers_mode(capsys
     assert row["faceboxes"][1:5] == ["detector", "faceboxes", "1", "any"]
     source = next(ln for ln in lines if ln.strip().startswith("mbv3_large_05:"))
     assert "Table 1" in source and "large mode" in source
+
+
+@pytest.mark.parametrize("arch, error", [(None, None), ("mobilenet_v1", None), ("mb05", None),
+                                         ("nonsense", "unknown model 'nonsense'"), ("resnet22", "not resnet22"),
+                                         ("mb1", "not mb1")])
+def test_an_arch_beside_a_zoo_name_must_agree_with_it(arch, error):
+    """`run --model mb05 --arch nonsense` ran mb05 and exited 0: --arch was silently ignored for zoo names."""
+    from edge3dfa.models.checkpoint import Checkpoint
+
+    if error is None:
+        assert Checkpoint.open("mb05", arch=arch).arch == "mobilenet_v1"
+    else:
+        with pytest.raises(Edge3dfaError, match=error):
+            Checkpoint.open("mb05", arch=arch)

@@ -270,6 +270,7 @@ class Checkpoint:
         p = Path(model)
         spec = MODELS.get(str(model)) if not p.exists() else None
         if spec is not None:
+            _check_zoo_arch(spec, arch)
             if spec.checkpoint_asset is None:
                 raise Edge3dfaError(f"{spec.name} has no public weights; pass a checkpoint path "
                                     f"(e.g. --checkpoint FILE --arch {spec.name})")
@@ -324,3 +325,17 @@ class Checkpoint:
     def describe(self) -> dict[str, Any]:
         """The manifest's ``source``: where the weights came from and which they are."""
         return {"path": str(self.path), "sha256": self.sha256, "widen_factor": self.widen_factor}
+
+
+def _check_zoo_arch(spec: Any, arch: str | None) -> None:
+    """``--arch`` beside a zoo name must name that model or its arch: anything else was silently ignored."""
+    from edge3dfa.models.registry import ARCHS, get_spec
+
+    if arch is None or arch in (spec.name, spec.arch):
+        return
+    if arch not in ARCHS:
+        given = get_spec(arch)  # not a zoo name either: the error lists the known ones
+        if (given.arch, given.widen_factor) == (spec.arch, spec.widen_factor):
+            return
+    raise Edge3dfaError(f"{spec.name} is a {spec.arch} (width {spec.widen_factor:g}) model, not {arch}; "
+                        "--arch is for checkpoint files")
