@@ -169,10 +169,7 @@ def convert(model: str | os.PathLike | Checkpoint = "mb05", to: str | Sequence[s
     p = plan(model, to, precision, options, calibration)
     calib = load_calibration_set(calibration) if p.calibrated else None
     reference = p.source.target(threads)
-    regressor = None
-    if p.source.is_detector and landmarks_with is not None:
-        landmarks = landmarks_with if isinstance(landmarks_with, Checkpoint) else Checkpoint.open(landmarks_with)
-        regressor = landmarks.target(threads)
+    regressor = _landmark_model(landmarks_with, threads, verbose) if p.source.is_detector else None
     sets = {} if p.source.is_detector else parity_sets(parity_count)
     out = Path(out_dir) / p.source.name
     _prepare(out, verbose)
@@ -186,6 +183,19 @@ def convert(model: str | os.PathLike | Checkpoint = "mb05", to: str | Sequence[s
                                        calib if prec in fmt.calibrated else None, reference, sets, threads=threads,
                                        verbose=verbose, write_int8=write_int8, regressor=regressor))
     return results
+
+
+def _landmark_model(model: str | os.PathLike | Checkpoint | None, threads: int | None, verbose: bool) -> Target | None:
+    """The PyTorch landmark model of a detector's landmark figures; None (figures left out, with a warning) when it
+    cannot be opened, e.g. its weights are not in the assets: the detector still converts."""
+    if model is None:
+        return None
+    try:
+        return (model if isinstance(model, Checkpoint) else Checkpoint.open(model)).target(threads)
+    except Edge3dfaError as e:
+        if verbose:
+            print(f"edge3dfa: warning: the detector's landmark figures are left out: {e}", file=sys.stderr, flush=True)
+        return None
 
 
 def parity_sets(count: int = PARITY_COUNT) -> dict[str, np.ndarray]:
