@@ -58,9 +58,10 @@ report.json, schema ``edge3dfa.report/2`` (numbers are plain JSON numbers; null 
                       entry's ``detector`` is the PASSED detector of its format, which its command names.
 
 The report opens with the verdict and the recommendation table (what to ship per format and the command that
-runs it), then the plots (edge3dfa.validation.plots: latency vs NME with the Pareto front first), the gates as a
-table, and the per-target tables, whose first column is the verdict so that it is never cut off on a narrow
-screen. Plots are embedded in the HTML as base64 PNG and written beside report.md for it to link.
+runs it, naming the detector of the same format), then the detector artifacts export wrote, then the plots
+(edge3dfa.validation.plots: latency vs NME with the Pareto front first), the gates as a table, and the
+per-target tables, whose first column is the verdict so that it is never cut off on a narrow screen. Plots are
+embedded in the HTML as base64 PNG and written beside report.md for it to link.
 """
 
 from __future__ import annotations
