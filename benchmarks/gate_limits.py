@@ -73,7 +73,7 @@ def _sets(mode: str, samples: str) -> list:
         from edge3dfa.target import open_target
 
         net = open_target(assets.fetch("faceboxes"), threads=1, arch="faceboxes")
-        base = load_pipeline(FaceBoxesDetector(lambda blob: tuple(net.run(blob)[:2])), samples)
+        base = load_pipeline(FaceBoxesDetector.of_target(net), samples)
     out = [base]
     for gt_name in GROUND_TRUTH:
         if gt_name != base.ground_truth:

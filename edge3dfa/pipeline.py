@@ -59,9 +59,8 @@ class FaceAligner:
                  score_threshold: float = 0.5):
         self.regressor = regressor
         # A detector exported at a fixed size (e.g. TFLite) gets every photo shrunk and padded to that size.
-        fixed = tuple(detector.input_shape[1:]) if detector and None not in detector.input_shape else None
-        self.detector = FaceBoxesDetector(lambda blob: tuple(detector.run(blob)[:2]), score_threshold=score_threshold,
-                                          input_size=fixed, name=detector.name) if detector else None
+        self.detector = (FaceBoxesDetector.of_target(detector, score_threshold=score_threshold) if detector
+                         else None)
         self.bfm = load_bfm68()
         self.dense = dense
 

@@ -18,6 +18,7 @@ import pytest
 
 from edge3dfa.measure import metrics
 from edge3dfa.validation import report
+from edge3dfa.validation.detectors import DetectorRow
 from edge3dfa.validation.gates import DEFAULT_GATES, LOSSY_DELTA_NME
 from edge3dfa.validation.plots import pareto
 from edge3dfa.validation.recommend import recommend
@@ -56,8 +57,9 @@ def _row(fmt: str, precision: str, *, ms: float | None = 1.0, size: int = 1_000_
     return base
 
 
-def _build(rows: list[dict], not_attempted: list[dict] | None = None) -> dict:
-    """report.build on the rows (real gates decide each verdict) with the PyTorch reference first."""
+def _build(rows: list[dict], not_attempted: list[dict] | None = None, detectors: list | None = None) -> dict:
+    """report.build on the rows (real gates decide each verdict) with the PyTorch reference first; ``detectors``:
+    the DetectorRows export adds (validation.detectors)."""
     data = SimpleNamespace(yaw=YAW, files=[f"img{i}.jpg" for i in range(N)],
                            describe=lambda: {"name": "AFLW2000-3D crops", "mode": "crops", "ground_truth": "original",
                                              "count": N, "subset": f"{N} of 2000", "missed": [], "source": "test"})
@@ -65,7 +67,8 @@ def _build(rows: list[dict], not_attempted: list[dict] | None = None) -> dict:
     models = {"0" * 64: {"name": "mb05", "arch": "mobilenet_v1", "checkpoint": "x", "sha256": "0" * 64,
                          "params": 850000, "macs": 46500000}}
     targets = [Row(**r) for r in (ref, *rows)]  # the harness's record; a misspelt key fails here
-    return report.build({"models": models, "targets": targets}, data, DEFAULT_GATES, not_attempted,
+    return report.build({"models": models, "targets": targets, "detectors": detectors or []}, data, DEFAULT_GATES,
+                        not_attempted,
                         tool_packages=())
 
 
@@ -254,3 +257,44 @@ def test_the_printed_summary_ends_with_what_to_ship_and_the_next_command(written
     buf = io.StringIO()
     report.print_summary(nothing, buf)
     assert buf.getvalue().splitlines()[-1].startswith("Next: nothing passed, so nothing to run")
+
+
+# ---------------------------------------------------------------- the detector export writes beside the regressor
+
+
+def _detector(fmt: str, iou: float | None = 0.999999, status: str = "ok") -> DetectorRow:
+    """A FaceBoxes artifact as export records it; its parity as measure.parity.detector_parity writes it."""
+    photo = {"faces": [2, 2], "box_min_iou": iou, "box_max_px": 1e-4, "landmark_mean_px": 1e-4,
+             "landmark_max_px": 2e-4, "landmark_max_crop_px": 1e-4}
+    return DetectorRow(key=f"faceboxes/{fmt}/fp32", model="faceboxes", format=fmt, precision="fp32", status=status,
+                       reason=None if status == "ok" else "conversion failed: boom",
+                       artifact=f"../faceboxes/{fmt}/faceboxes_fp32.{fmt}" if status == "ok" else None,
+                       size_bytes=4_000_000, parity={"photo a": photo} if status == "ok" else None, seconds=9.0)
+
+
+def test_the_run_command_names_the_passing_detector_of_its_format_and_a_failed_detector_fails_the_report(tmp_path):
+    rows = [_row("onnx", "fp32"), _row("tflite", "fp32")]
+    rep = _build(rows, detectors=[_detector("onnx"), _detector("tflite", iou=float("nan"))])
+    assert rep["verdict"] == "FAILED" and not rep["passed"]  # every regressor passed; the TFLite detector did not
+    assert any(r.startswith("detector faceboxes tflite fp32") and "min_box_iou not finite" in r
+               for r in rep["verdict_reasons"])
+    onnx, tflite = _pick(rep, "onnx"), _pick(rep, "tflite")
+    assert onnx["command"] == ("edge3dfa run photo.jpg --artifact onnx/mb05_fp32.onnx "
+                               "--detector ../faceboxes/onnx/faceboxes_fp32.onnx")
+    assert tflite["detector"] is None and "--detector" not in tflite["command"]  # a FAILED detector is not shipped
+    buf = io.StringIO()
+    report.print_summary(rep, buf, folder="out/mb05")
+    assert ("  edge3dfa run photo.jpg --artifact out/mb05/onnx/mb05_fp32.onnx "
+            "--detector out/faceboxes/onnx/faceboxes_fp32.onnx") in buf.getvalue().splitlines()
+    report.write(rep, tmp_path)
+    md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
+    assert "## Detector" in md and "<h2>Detector</h2>" in page and "../faceboxes/onnx/faceboxes_fp32.onnx" in md
+
+
+def test_a_detector_that_failed_to_convert_makes_the_report_failed_and_one_that_passed_keeps_it_passed():
+    rows = [_row("onnx", "fp32")]
+    assert _build(rows, detectors=[_detector("onnx")])["verdict"] == "PASSED"
+    failed = _build(rows, detectors=[_detector("onnx", status="error")])
+    assert failed["verdict"] == "FAILED" and "conversion failed: boom" in " ".join(failed["verdict_reasons"])
+    assert _pick(failed, "onnx")["detector"] is None
+    assert _build(rows, detectors=[_detector("onnx", iou=None)])["verdict"] == "NOT VERIFIED"

@@ -36,6 +36,8 @@ __all__ = ["Artifact", "Calibration", "Checkpoint", "Format", "Plan", "convert",
            "get_format", "plan", "plan_list"]
 
 PARITY_COUNT = 64
+#: the landmark model a detector's parity measures its landmark change with, unless told: the zoo's default
+DETECTOR_LANDMARKS_WITH = "mb05"
 #: writes one calibrated int8 artifact at ``dest`` instead of the format's own ``write`` (the NME-budget search)
 Int8Writer = Callable[[Format, Checkpoint, Path, Options, CalibrationSet, Target], dict[str, Any]]
 
@@ -151,18 +153,23 @@ def load_calibration_set(calibration: Any) -> CalibrationSet:
 def convert(model: str | os.PathLike | Checkpoint = "mb05", to: str | Sequence[str] = "onnx",
             precision: str | Sequence[str] = "fp32", out_dir: str | os.PathLike = "out", *,
             options: Mapping[str, Any] | None = None, calibration: Any = None, parity_count: int = PARITY_COUNT,
-            threads: int | None = None, verbose: bool = True, write_int8: Int8Writer | None = None) -> list[Artifact]:
+            threads: int | None = None, verbose: bool = True, write_int8: Int8Writer | None = None,
+            landmarks_with: str | os.PathLike | Checkpoint | None = DETECTOR_LANDMARKS_WITH) -> list[Artifact]:
     """Convert ``model`` (zoo name, checkpoint path or ``Checkpoint``) to every format in ``to`` at every
     precision; artifacts go to OUT/NAME/FORMAT/NAME_PRECISION.SUFFIX with a manifest beside each.
 
     ``options``: per format (``{"onnx": {"opset": 18}}`` or ``{"onnx.opset": 18}``; bare keys when one format).
     ``calibration``: a CalibrationSet, a ``Calibration``, a folder, or None (the default disjoint crops); loaded
     only when a calibrated precision is asked for.
+    ``landmarks_with``: for a detector, the landmark model (zoo name, checkpoint or ``Checkpoint``) whose landmarks
+    on the parity photos measure what the artifact changes downstream (``measure.parity.detector_parity``); None
+    leaves that out.
     """
     check_threads(threads, "--threads")
     p = plan(model, to, precision, options, calibration)
     calib = load_calibration_set(calibration) if p.calibrated else None
     reference = p.source.target(threads)
+    regressor = _landmark_model(landmarks_with, threads, verbose) if p.source.is_detector else None
     sets = {} if p.source.is_detector else parity_sets(parity_count)
     out = Path(out_dir) / p.source.name
     _prepare(out, verbose)
@@ -174,8 +181,21 @@ def convert(model: str | os.PathLike | Checkpoint = "mb05", to: str | Sequence[s
                 print(f"converting {p.source.name} -> {name} {prec} ...", file=sys.stderr, flush=True)
             results.append(convert_one(fmt, p.source, prec, dest, p.options[name],
                                        calib if prec in fmt.calibrated else None, reference, sets, threads=threads,
-                                       verbose=verbose, write_int8=write_int8))
+                                       verbose=verbose, write_int8=write_int8, regressor=regressor))
     return results
+
+
+def _landmark_model(model: str | os.PathLike | Checkpoint | None, threads: int | None, verbose: bool) -> Target | None:
+    """The PyTorch landmark model of a detector's landmark figures; None (figures left out, with a warning) when it
+    cannot be opened, e.g. its weights are not in the assets: the detector still converts."""
+    if model is None:
+        return None
+    try:
+        return (model if isinstance(model, Checkpoint) else Checkpoint.open(model)).target(threads)
+    except Edge3dfaError as e:
+        if verbose:
+            print(f"edge3dfa: warning: the detector's landmark figures are left out: {e}", file=sys.stderr, flush=True)
+        return None
 
 
 def parity_sets(count: int = PARITY_COUNT) -> dict[str, np.ndarray]:
@@ -192,8 +212,10 @@ def parity_sets(count: int = PARITY_COUNT) -> dict[str, np.ndarray]:
 
 def convert_one(fmt: Format, source: Checkpoint, precision: str, dest: Path, options: Options,
                 calibration: CalibrationSet | None, reference: Target, sets: dict[str, np.ndarray], *,
-                threads: int | None = None, verbose: bool = True, write_int8: Int8Writer | None = None) -> Artifact:
-    """One artifact: written in a temp folder, its parity measured, published with its manifest as a pair."""
+                threads: int | None = None, verbose: bool = True, write_int8: Int8Writer | None = None,
+                regressor: Target | None = None) -> Artifact:
+    """One artifact: written in a temp folder, its parity measured, published with its manifest as a pair.
+    ``regressor``: for a detector, the landmark model of ``detector_parity``'s landmark figures."""
     from edge3dfa.measure.parity import detector_parity, parity
     from edge3dfa.target import open_target
 
@@ -211,7 +233,8 @@ def convert_one(fmt: Format, source: Checkpoint, precision: str, dest: Path, opt
             manifest = replace(manifest, calibration=calibration.describe())
         figures: dict[str, Any] = {}
         if source.is_detector:
-            figures = detector_parity(reference, open_target(tmp, threads=threads, verify=False))
+            figures = detector_parity(reference, open_target(tmp, threads=threads, verify=False),
+                                      regressor=regressor)
         elif manifest.output.get("name", "params") == "params":
             figures = parity(reference, open_target(tmp, threads=threads, verify=False), sets)
         manifest = replace(manifest, parity={**figures, **fmt.extra_parity(tmp, reference, sets, threads)})

@@ -35,12 +35,15 @@ def parity(reference: Target, candidate: Target, sets: dict[str, np.ndarray]) ->
 DETECTOR_PHOTOS = ("trump_hillary", "emma")
 
 
-def detector_parity(reference: Target, candidate: Target, photos: tuple[str, ...] = DETECTOR_PHOTOS) -> dict:
+def detector_parity(reference: Target, candidate: Target, photos: tuple[str, ...] = DETECTOR_PHOTOS,
+                    regressor: Target | None = None) -> dict:
     """FaceBoxes artifact vs PyTorch on example photos, for every format alike: raw outputs on the same blob (shrunk
     and padded to the candidate's fixed size where it has one, as the pipeline does) and the faces each finds
     after decoding and NMS (``runtime.detect``): count, and for matched faces the smallest IoU and the largest
-    corner difference in photo pixels."""
-    from edge3dfa import assets, runtime
+    corner difference in photo pixels. With ``regressor`` (a landmark model), also what the detector changes
+    downstream: the regressor's 68 landmarks on the crops cut from the reference's boxes vs from the candidate's,
+    mean and max distance in photo pixels, and the max in 120x120 crop pixels (``landmark_max_crop_px``)."""
+    from edge3dfa import assets
     from edge3dfa.runtime.detect import FaceBoxesDetector, box_iou, prepare
 
     size = tuple(candidate.input_shape[1:]) if None not in candidate.input_shape else None
@@ -49,15 +52,29 @@ def detector_parity(reference: Target, candidate: Target, photos: tuple[str, ...
         img = runtime.read_image(assets.fetch(name))
         blob, _ = prepare(img, size)
         r, c = reference.run(blob), candidate.run(blob)
+        # the reference runs at the candidate's size: the figures are the conversion's, not the padding's
         boxes = [FaceBoxesDetector(lambda b, t=t: tuple(t.run(b)[:2]), input_size=size)(img)
                  for t in (reference, candidate)]
         row = {"loc_max_abs": float(np.abs(r[0] - c[0]).max()), "conf_max_abs": float(np.abs(r[1] - c[1]).max()),
                "blob": list(blob.shape[2:]), "faces": [len(b) for b in boxes], "box_min_iou": None,
-               "box_max_px": None}
+               "box_max_px": None, "landmark_mean_px": None, "landmark_max_px": None, "landmark_max_crop_px": None}
         if len(boxes[0]) and len(boxes[1]):
             iou = box_iou(boxes[0], boxes[1])
             match = iou.argmax(axis=1)
             row["box_min_iou"] = float(iou[np.arange(len(match)), match].min())
             row["box_max_px"] = float(np.abs(boxes[0][:, :4] - boxes[1][match, :4]).max())
+            if regressor is not None:
+                row.update(_landmark_effect(regressor, img, boxes[0], boxes[1][match]))
         out[f"photo {name}"] = row
     return out
+
+
+def _landmark_effect(regressor: Target, img: np.ndarray, ref_boxes: np.ndarray, cand_boxes: np.ndarray) -> dict:
+    """The regressor's landmarks on crops from ``ref_boxes`` vs from the matched ``cand_boxes`` [K,5]: mean and max
+    distance in photo pixels, and the max in crop pixels (each face's distance over its roi side / 120)."""
+    rois = [runtime.roi_from_box(b) for b in (ref_boxes, cand_boxes)]
+    pts = [runtime.landmarks(regressor.predict(runtime.crops_from_rois(img, roi)), roi)[:, :2] for roi in rois]
+    px = np.linalg.norm(np.asarray(pts[0], np.float64) - pts[1], axis=1)  # [K,68]
+    crop_px = px / ((rois[0][:, 2] - rois[0][:, 0]) / runtime.INPUT_SIZE)[:, None]
+    return {"landmark_mean_px": float(px.mean()), "landmark_max_px": float(px.max()),
+            "landmark_max_crop_px": float(crop_px.max())}

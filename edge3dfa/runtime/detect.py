@@ -10,6 +10,7 @@ This module must never import torch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -149,6 +150,16 @@ class FaceBoxesDetector:
         self.keep_top_k = keep_top_k
         self.input_size = input_size
         self._priors: dict[tuple[int, int], np.ndarray] = {}
+
+    @classmethod
+    def of_target(cls, target: Any, **options: Any) -> FaceBoxesDetector:
+        """The detector around a FaceBoxes ``Target`` (anything with ``run``, ``input_shape`` and ``name``): a model
+        exported at a fixed size (e.g. TFLite's 480x640) gets every photo shrunk and padded to that size, one of
+        any size gets upstream's shrink-to-fit. Every caller goes through here, so none can forget the size.
+        ``options``: the thresholds of ``__init__``."""
+        shape = tuple(target.input_shape[1:])
+        fixed = shape if shape and None not in shape else None
+        return cls(lambda blob: tuple(target.run(blob)[:2]), input_size=fixed, name=target.name, **options)
 
     def priors(self, height: int, width: int) -> np.ndarray:
         """prior_boxes for a blob size, computed once."""

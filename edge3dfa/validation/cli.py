@@ -165,7 +165,7 @@ def dataset_of(args: argparse.Namespace):  # noqa: ANN202
     path = str(args.detector or assets.fetch("faceboxes"))
     net = open_artifact(path, args.threads, not getattr(args, "no_verify", False),
                         **({"arch": "faceboxes"} if path.endswith(".pth") else {}))
-    detector = FaceBoxesDetector(lambda blob: tuple(net.run(blob)[:2]), name=net.name)  # upstream's thresholds, NMS
+    detector = FaceBoxesDetector.of_target(net)  # upstream's thresholds and NMS; a fixed-size artifact's size
     return load_pipeline(detector, args.samples, args.ground_truth, args.images_dir)
 
 

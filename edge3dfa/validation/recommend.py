@@ -49,10 +49,15 @@ def latency_ms(row: dict[str, Any], batch: int = BATCH, threads: int = THREADS) 
     return None
 
 
-def command(artifact: str, folder: str | os.PathLike | None = None, image: str = "photo.jpg") -> str:
-    """The command line that runs ``artifact`` (a path relative to the report's ``folder``, when given)."""
-    path = os.path.join(folder, artifact) if folder is not None else artifact
-    return f"edge3dfa run {image} --artifact {shlex.quote(os.fspath(path))}"
+def command(artifact: str, folder: str | os.PathLike | None = None, image: str = "photo.jpg",
+            detector: str | None = None) -> str:
+    """The command line that runs ``artifact`` (a path relative to the report's ``folder``, when given), with the
+    FaceBoxes artifact ``detector`` (a path relative to the same folder) when given."""
+    def where(path: str) -> str:
+        return shlex.quote(os.path.normpath(os.path.join(folder, path)) if folder is not None else path)
+
+    line = f"edge3dfa run {image} --artifact {where(artifact)}"
+    return line + f" --detector {where(detector)}" if detector else line
 
 
 def _worst_bin(row: dict[str, Any]) -> dict[str, Any]:

@@ -49,11 +49,19 @@ report.json, schema ``edge3dfa.report/2`` (numbers are plain JSON numbers; null 
       crash_log       the traceback log of an unexpected exception, null otherwise
       gates           [{gate, value, limit, passed (true|false|null: not checked), vs (reference|fp32|null),
                        note}]
+    detectors         the FaceBoxes artifacts export wrote beside the regressor's (edge3dfa.validation.detectors),
+                      one per format: key, model, format, precision, status (ok|error), reason, artifact, manifest,
+                      size_bytes, parity (the manifest's), seconds (conversion + parity), crash_log, summary
+                      {photos, faces [[torch, artifact] per photo], faces_differ, min_box_iou, box_max_px,
+                      landmark_mean_px, landmark_max_px, landmark_max_crop_px}, gates, verdict, passed; a detector
+                      that is not PASSED makes the report's verdict FAILED or NOT VERIFIED. Each ``recommended``
+                      entry's ``detector`` is the PASSED detector of its format, which its command names.
 
 The report opens with the verdict and the recommendation table (what to ship per format and the command that
-runs it), then the plots (edge3dfa.validation.plots: latency vs NME with the Pareto front first), the gates as a
-table, and the per-target tables, whose first column is the verdict so that it is never cut off on a narrow
-screen. Plots are embedded in the HTML as base64 PNG and written beside report.md for it to link.
+runs it, naming the detector of the same format), then the detector artifacts export wrote, then the plots
+(edge3dfa.validation.plots: latency vs NME with the Pareto front first), the gates as a table, and the
+per-target tables, whose first column is the verdict so that it is never cut off on a narrow screen. Plots are
+embedded in the HTML as base64 PNG and written beside report.md for it to link.
 """
 
 from __future__ import annotations
@@ -75,6 +83,7 @@ from edge3dfa.fileio import json_text, write_files
 from edge3dfa.manifest import tool_versions
 from edge3dfa.measure import metrics
 from edge3dfa.measure.timing import cpu_threads
+from edge3dfa.validation import detectors as detector_report
 from edge3dfa.validation import plots
 from edge3dfa.validation.gates import FAILED, NOT_VERIFIED, PASSED, Gates, check, row_verdict, verdict
 from edge3dfa.validation.recommend import BATCH, FASTEST, THREADS, command, recommend
@@ -132,12 +141,13 @@ def build(result: dict[str, Any], data: EvalSet, gates: Gates, not_attempted: li
         row["passed"] = row["verdict"] == PASSED
         targets.append(row)
     bins = metrics.yaw_bins(data.yaw)
-    overall = verdict(targets)
+    detectors = [detector_report.judge(d) for d in result.get("detectors", [])]
+    overall = detector_report.overall(verdict(targets), detectors)
     return _round({
         "schema": SCHEMA,
         "verdict": overall,
-        "verdict_reasons": _reasons(targets),
-        "recommended": recommend(targets, not_attempted),
+        "verdict_reasons": _reasons(targets) + detector_report.reasons(detectors),
+        "recommended": detector_report.with_detectors(recommend(targets, not_attempted), detectors),
         "passed": overall == PASSED,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "edge3dfa_version": __version__,
@@ -154,6 +164,7 @@ def build(result: dict[str, Any], data: EvalSet, gates: Gates, not_attempted: li
         "gates": gates.to_dict(),
         "not_attempted": list(not_attempted or []),
         "targets": targets,
+        "detectors": detectors,
     })
 
 
@@ -193,6 +204,10 @@ def verdict_line(report: dict) -> str:
     tail = ", ".join(f"{n} {v.lower()}" for v, n in counts.items() if n)
     ignored = sum(t["verdict"] is None for t in report["targets"])
     extra = f"; {ignored} not judged (not landmark regressors)" if ignored else ""
+    detectors = report.get("detectors") or []
+    if detectors:
+        passed = sum(d["verdict"] == PASSED for d in detectors)
+        extra += f"; detectors: {passed} of {len(detectors)} passed"
     return f"Verdict: {report['verdict']} ({len(judged)} targets: {tail or 'none'}{extra})"
 
 
@@ -263,7 +278,8 @@ def _ship_table(report: dict, folder: str | os.PathLike | None = None) -> tuple[
         body.append([fmt, e["precision"], _f(e["nme"]) + delta,
                      f"{_f(worst['nme'])} {worst['bin']}" if worst["bin"] else "-",
                      _f(e["latency_ms"]) if e["latency_ms"] is not None else "not measured",
-                     _f(e["size_bytes"] and e["size_bytes"] / 1e6), command(e["artifact"], folder)])
+                     _f(e["size_bytes"] and e["size_bytes"] / 1e6),
+                     command(e["artifact"], folder, detector=e.get("detector"))])
     return head, body
 
 
@@ -403,6 +419,9 @@ def render_markdown(report: dict, images: dict[str, str]) -> str:
     plots_md = [f"![{k}]({v})" for k, v in images.items()]
     parts = [f"**{verdict_line(report)}**", "", "# edge3dfa validation report", "", "## What to ship", "",
              ship, "", _SHIP_NOTE, *[f"- {n}" for n in _ship_notes(report)], ""]
+    det = detector_report.table(report)
+    if det[1]:
+        parts += ["## Detector", "", _md_table(*det), "", detector_report.NOTE, ""]
     if report["verdict_reasons"]:
         parts += ["## Why not PASSED", "", *[f"- {r}" for r in report["verdict_reasons"]], ""]
     if images:
@@ -455,6 +474,14 @@ def _html_ship(report: dict) -> str:
             f"<p class='note'>{html.escape(_SHIP_NOTE)}{notes}</p>")
 
 
+def _html_detectors(report: dict) -> str:
+    head, body = detector_report.table(report)
+    if not body:
+        return ""
+    return (f"<h2>Detector</h2><div class='wide'>{_html_table(head, body, css='text')}</div>"
+            f"<p class='note'>{html.escape(detector_report.NOTE)}</p>")
+
+
 def _html_plots(pngs: dict[str, bytes]) -> str:
     main = "".join(_img(k, v) for k, v in pngs.items() if k not in ("ced_all", "sensitivity"))
     out = f"<div class='plots'>{main}</div>" if main else ""
@@ -478,6 +505,7 @@ def render_html(report: dict, pngs: dict[str, bytes]) -> str:
             f"<title>{report['verdict']}: edge3dfa validation report</title><style>{_CSS}</style></head><body>"
             f"<p class='{cls}'><b>{html.escape(verdict_line(report))}</b></p>"
             f"<h2>What to ship</h2>{_html_ship(report)}"
+            + _html_detectors(report)
             + (f"<h3>Why not PASSED</h3><ul>{reasons}</ul>" if reasons else "")
             + (f"<h2>Plots</h2>{_html_plots(pngs)}" if pngs else "")
             + f"<h2>Setting</h2><ul>{items}</ul>"
@@ -539,6 +567,12 @@ def print_summary(report: dict, file: Any = None, folder: str | os.PathLike | No
     for row in ship_body:
         if row[1] == "-":
             print(f"{row[0]}: {row[-1]}", file=file)
+    det_head, det_body = detector_report.table(report, folder)
+    if det_body:
+        print("\nDetector (FaceBoxes fp32, what `run --detector` takes; parity vs PyTorch on the example photos):",
+              file=file)
+        keep = [1, 3, 4, 6, 8, 9, 10, 0]
+        _print_table([det_head[i] for i in keep], [[r[i] for i in keep] for r in det_body], file)
     commands = [row[-1] for row in ship_body if row[1] != "-"]
     if commands:
         where = "" if folder is not None else " (artifact paths relative to the report's folder)"

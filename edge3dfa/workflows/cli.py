@@ -104,6 +104,12 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def print_parity(arts: list[Any]) -> None:
+    detectors = [a for a in arts if any(k.startswith("photo ") for k in a.manifest.parity)]
+    if detectors:
+        print_detector_parity(detectors)
+    arts = [a for a in arts if a not in detectors]
+    if not arts:
+        return
     print(f"{'artifact':44s} {'size':>9s} {'set':12s} {'param max':>10s} {'param mean':>10s} "
           f"{'lm max px':>10s} {'lm mean px':>10s}")
     for a in arts:
@@ -114,6 +120,22 @@ def print_parity(arts: list[Any]) -> None:
             print(f"{head} {name:12s} {r.get('param_max_abs', float('nan')):10.2e} "
                   f"{r.get('param_mean_abs', float('nan')):10.2e} {r.get('landmark_max_px', float('nan')):10.3f} "
                   f"{r.get('landmark_mean_px', float('nan')):10.3f}")
+
+
+def print_detector_parity(arts: list[Any]) -> None:
+    """A detector's parity (measure.parity.detector_parity) per photo: faces, box agreement, landmark change."""
+    def f(x: Any, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    print(f"{'artifact':44s} {'size':>9s} {'photo':14s} {'faces':>7s} {'min IoU':>9s} {'box px':>8s} "
+          f"{'lm mean px':>10s} {'lm max px':>9s}")
+    for a in arts:
+        rows = [(k.removeprefix("photo "), v) for k, v in a.manifest.parity.items() if k.startswith("photo ")]
+        for i, (name, r) in enumerate(rows):
+            head = f"{str(a.path):44s} {a.manifest.size_bytes / 1e6:8.2f}M" if i == 0 else " " * 54
+            faces = "=".join(map(str, r.get("faces") or [])) or "-"
+            print(f"{head} {name:14s} {faces:>7s} {f(r.get('box_min_iou'), '9.6f')} {f(r.get('box_max_px'), '8.1e')} "
+                  f"{f(r.get('landmark_mean_px'), '10.2e')} {f(r.get('landmark_max_px'), '9.2e')}")
 
 
 def _budget_verdict(over: list[Any], allowed: bool) -> int:

@@ -3,7 +3,8 @@
 The plan is checked whole before any work (exit 2): an unknown or empty ``--to``/``--precision``, a precision no
 planned format offers, a format asked for by name whose extra is not installed, a bad budget or option. Without
 ``--to`` every installed format is planned and the others are listed as not attempted. One failed conversion is
-a failed row of the report (FAILED), never a crash that hides the others.
+a failed row of the report (FAILED), never a crash that hides the others. The FaceBoxes detector is converted
+beside the regressor, to OUT/faceboxes/FORMAT/ (``workflows.detector``), unless ``--no-detector``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def register_export(sub: Any) -> None:
     p.add_argument("--precision", help="precisions (default: each format's default precisions)")
     p.add_argument("--out", default="out", help="output root; artifacts go to OUT/NAME/FORMAT/ (default: out)")
     p.add_argument("--parity-count", type=int, default=64, help="crops per parity set in manifests (default: 64)")
+    p.add_argument("--no-detector", action="store_true",
+                   help="only the regressor: do not convert the FaceBoxes detector (by default it is converted at "
+                        "fp32 to each planned format that takes it, to OUT/faceboxes/FORMAT/, and judged in the "
+                        "report on its parity vs PyTorch on the example photos)")
     add_conversion_options(p)
     add_eval_options(p)
     p.set_defaults(func=cmd_export)
@@ -96,18 +101,10 @@ def plan_export(args: argparse.Namespace) -> tuple[list[tuple[Any, list[str]]], 
 
 def conversion_error(fmt: str, prec: str, err: Exception, src: Any) -> Row:
     """The report row of a conversion that failed: status error, the reason in one line (+ traceback log)."""
-    from edge3dfa.logs import one_line, write_crash_log
     from edge3dfa.validation.harness import artifact_row
+    from edge3dfa.workflows.detector import failure_reason
 
-    crash = None
-    if isinstance(err, Edge3dfaError):
-        reason = f"conversion failed: {one_line(err)}"
-    elif isinstance(err, OSError):  # full disk, no permission: the user's to fix, no traceback needed
-        where = f" {err.filename}" if err.filename else ""
-        reason = f"conversion failed: cannot use{where}: {err.strerror or one_line(err)}"
-    else:
-        crash = write_crash_log(err)
-        reason = f"conversion failed: internal error: {type(err).__name__}: {one_line(err)} (traceback: {crash})"
+    reason, crash = failure_reason(err)
     log(f"{fmt} {prec}: {reason}")
     row = artifact_row(f"{src.name}/{fmt}/{prec}", model=src.name, fmt=fmt, precision=prec, source_sha=src.sha256)
     return row.failed(reason, str(crash) if crash else None)
@@ -133,6 +130,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from edge3dfa.validation.harness import Entry, evaluate
     from edge3dfa.workflows import convert
     from edge3dfa.workflows.cli import budget_of, calibration_of, list_options, parse_options
+    from edge3dfa.workflows.detector import export_detector, plan_detector
 
     started = time.perf_counter()
     check_threads_of(args)
@@ -147,12 +145,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     if budget is not None and "int8" not in calibrated:
         raise Edge3dfaError("--nme-budget applies to int8, which the plan does not include")
     gates, latency = export_gates(args, calibrated), latency_of(args)
+    detector_formats, left_out = plan_detector([f for f, _ in plan], args.no_detector)
+    not_attempted += left_out
     for n in not_attempted:
         log(f"not attempted: {n['what']}: {n['reason']}")
     data = dataset_of(args)  # bad dataset options fail now, not after minutes of conversion
     src = Checkpoint.open(args.checkpoint or args.model, args.arch if args.checkpoint else None)
     if src.is_detector:
-        raise Edge3dfaError("export validates landmark regressors; convert the detector with edge3dfa convert")
+        raise Edge3dfaError("export takes a landmark regressor (--model mb05) and converts the FaceBoxes detector "
+                            "beside it; to convert the detector alone: edge3dfa convert --model faceboxes")
     calib = load_calibration_set(calibration) if calibrated else None
     entries, failed_rows = [], []
     for fmt, precs in plan:
@@ -166,7 +167,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                 continue
             entries += [Entry(a.path, a.manifest, manifest_path(a.path)) for a in arts]
     report_dir = Path(args.report_dir) if args.report_dir else Path(args.out) / src.name
+    detectors = export_detector(detector_formats, src, args.out, report_dir, threads=args.threads, log=log)
     result = evaluate(entries, data, latency=latency, reference=src, threads=args.threads, batch=args.batch,
                       root=report_dir, skip_unavailable=args.skip_unavailable, log=log)
+    result["detectors"] = detectors
     result["targets"] += failed_rows
     return finish(result, data, gates, report_dir, not_attempted, started, "pytorch")
