@@ -89,7 +89,7 @@ class Progress:
         if self.interactive:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, file=self.file, unit="step", dynamic_ncols=True, leave=False,
+            self._bar = tqdm(total=total, file=self.file, unit="step", dynamic_ncols=True, leave=False, desc=self.title,
                              bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]")
         return self
 

@@ -182,8 +182,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if budget is not None and "int8" not in calibrated:
         raise Edge3dfaError("--nme-budget applies to int8, which the plan does not include")
     gates, latency = export_gates(args, calibrated), latency_of(args)
-    for n in not_attempted:
-        log(f"not attempted: {n['what']}: {n['reason']}")
+    for reason in dict.fromkeys(n["reason"] for n in not_attempted):  # one line per reason
+        log(f"not attempted: {', '.join(n['what'] for n in not_attempted if n['reason'] == reason)}: {reason}")
     data = dataset_of(args)  # bad dataset options fail now, not after minutes of conversion
     src = Checkpoint.open(args.checkpoint or args.model, args.arch if args.checkpoint else None)
     if src.is_detector:
