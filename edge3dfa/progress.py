@@ -5,13 +5,16 @@ far along the run is. ``Progress`` counts planned steps -- per artifact ``conver
 ``converters.convert_one``), ``evaluate`` and ``latency`` (in ``validation.harness``) -- and shows, on stderr,
 "artifact i of n", the current step, the elapsed time and an ETA:
 
-- on a terminal, one tqdm bar; the per-batch bars of ``measure.predict`` nest under it (tqdm gives each open
-  bar its own line), and log lines go through ``tqdm.write`` (``echo``) so that they do not tear it;
+- on a terminal, one tqdm bar, redrawn every second so that elapsed time and ETA move during a long step; the
+  per-batch bars of ``measure.predict`` nest under it (tqdm gives each open bar its own line), and log lines go
+  through ``tqdm.write`` (``echo``) so that they do not tear it;
 - elsewhere (CI logs, a pipe), one plain line per step, no carriage returns.
 
-The ETA is the steps left times the mean duration of the finished steps of the same kind (a conversion is
-predicted from conversions, an evaluation from evaluations), or of all finished steps for a kind not seen yet:
-it is rough while the first steps of a kind run, and says "?" before any step has finished.
+The ETA is the planned steps not done, each at the mean duration of the finished steps of its kind (a
+conversion predicted from conversions, an evaluation from evaluations), or of all finished steps for a kind
+not seen yet; on the bar, the current step counts down from its expected time. It says "?" before any step has
+finished and is rough where steps of one kind differ a lot (CoreML's numpy evaluation is many times slower than
+the other runtimes', ``validation.harness.NOT_TIMED``).
 
 The code that runs the steps does not hold the display: ``step``, ``target``, ``skip_rest`` and ``echo`` act on
 the display that is active in this context (``with Progress(...)``) and do nothing (or print) when there is
@@ -23,6 +26,7 @@ a target outside its steps to ``OTHER`` -- so ``timings()`` sums to the wall tim
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -78,6 +82,11 @@ class Progress:
         self._bar: Any = None
         self._token: Any = None
         self._closed: float | None = None
+        self._ticker: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._after_step: float | None = None  # ETA of the steps after the current one
+        self._this_step: float | None = None  # what the current step is expected to take
+        self._step_began = self.started
 
     # ------------------------------------------------------------ context
 
@@ -90,12 +99,24 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, file=self.file, unit="step", dynamic_ncols=True, leave=False, desc=self.title,
-                             bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]")
+                             bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} steps{postfix}")
+            self._ticker = threading.Thread(target=self._tick, name="edge3dfa-progress", daemon=True)
+            self._ticker.start()
         return self
+
+    def _tick(self) -> None:
+        """Redraw the bar every second: its elapsed time and ETA move during a long step, not only between steps."""
+        while not self._stop.wait(1.0):
+            bar = self._bar
+            if bar is not None:
+                bar.set_postfix_str(self._clock_line())
 
     def __exit__(self, *exc: object) -> None:
         self._charge()
         self._closed = self._mark
+        if self._ticker is not None:
+            self._stop.set()
+            self._ticker.join()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -155,19 +176,18 @@ class Progress:
     def steps_done(self) -> int:
         return sum(len(d) for d in self.done.values())
 
+    def expected(self, name: str) -> float | None:
+        """What a step of kind ``name`` is expected to take: the mean of those finished, else of all finished
+        steps (None before any has finished)."""
+        ds = self.durations.get(name) or [d for v in self.durations.values() for d in v]
+        return sum(ds) / len(ds) if ds else None
+
     def eta(self) -> float | None:
-        """Seconds left: see the module docstring (None before any step has finished)."""
-        finished = [d for ds in self.durations.values() for d in ds]
-        if not finished:
+        """Seconds left for the planned steps not done, the current one included (see the module docstring)."""
+        if not self.durations:
             return None
-        overall = sum(finished) / len(finished)
-        left = 0.0
-        for target, steps in self.planned.items():
-            for name in steps:
-                if name not in self.done[target] and not (target == self._target and name == self._step):
-                    ds = self.durations.get(name)
-                    left += sum(ds) / len(ds) if ds else overall
-        return left
+        return sum(self.expected(name) or 0.0 for target, steps in self.planned.items() for name in steps
+                   if name not in self.done[target])
 
     def timings(self) -> dict[str, Any]:
         """Seconds per target and step, the report's ``timings`` (``validation.report``): every second since
@@ -209,14 +229,24 @@ class Progress:
         return self._target
 
     def _announce(self, step: str) -> None:
-        eta = _clock_text(self.eta())
+        eta = self.eta()
+        planned = step in self.planned.get(self._target, ()) and step not in self.done.get(self._target, ())
+        self._this_step = (self.expected(step) or 0.0) if planned else 0.0
+        self._after_step = None if eta is None else eta - self._this_step
+        self._step_began = self.clock()
         if self._bar is not None:
             self._bar.set_description_str(f"{self._who()}: {step}", refresh=False)
-            self._bar.set_postfix_str(f"ETA {eta}")
+            self._bar.set_postfix_str(self._clock_line())
         else:
             total = sum(len(s) for s in self.planned.values())
-            self._print(f"{self.title} [{self.steps_done() + 1}/{total}] {self._who()}: {step}; "
-                        f"{_clock_text(self.elapsed())} elapsed, ETA {eta}")
+            self._print(f"{self.title} [{self.steps_done() + 1}/{total}] {self._who()}: {step}; {self._clock_line()}")
+
+    def _clock_line(self) -> str:
+        """Elapsed time and ETA now: the steps after this one, and what is left of this one's expected time."""
+        left = None
+        if self._after_step is not None:
+            left = self._after_step + max(0.0, (self._this_step or 0.0) - (self.clock() - self._step_began))
+        return f"{_clock_text(self.elapsed())} elapsed, ETA {_clock_text(left)}"
 
     def _print(self, msg: str) -> None:
         print(msg, file=self.file, flush=True)

@@ -56,6 +56,8 @@ def test_off_a_terminal_every_step_is_one_plain_line_naming_artifact_i_of_n():
     steps = [line for line in lines if line.startswith("export [")]
     assert len(steps) == 7  # 3 steps x 2 artifacts + the reference's evaluation
     assert steps[0].startswith("export [1/7] artifact 1 of 2 (onnx fp32): convert; 0:06 elapsed, ETA ?")
+    # 5 + (1 + 10 + 2) + 1 s in; ETA: its convert 10 + parity 2, three evaluations at the mean of all steps so far, 6
+    assert steps[2] == "export [3/7] artifact 2 of 2 (onnx int8): convert; 0:19 elapsed, ETA 0:30"
     assert steps[3].startswith("export [4/7] artifact 2 of 2 (onnx int8): parity")
     assert steps[4].startswith("export [5/7] reference: evaluate")
     assert steps[6].startswith("export [7/7] artifact 2 of 2 (onnx int8): evaluate")
@@ -120,14 +122,21 @@ def test_without_a_display_the_helpers_do_nothing_but_print(capsys):
 
 
 def test_on_a_terminal_one_bar_and_log_lines_above_it():
+    import time
+
     clock, out = Clock(), io.StringIO()
     bar = Progress(["onnx fp32"], steps=("convert",), reference_steps=(), file=out, interactive=True, clock=clock)
     with bar, progress.target("onnx fp32"), progress.step("convert"):
         progress.status("converting ...")  # said by the bar: not printed
         progress.echo("a log line")
         clock.tick(3)
+        for _ in range(100):  # the bar is redrawn every second during a step, its elapsed time moving
+            if "0:03 elapsed" in out.getvalue():
+                break
+            time.sleep(0.05)
     text = out.getvalue()
     assert "artifact 1 of 1 (onnx fp32): convert" in text and "\r" in text  # a redrawn bar
+    assert "0:00 elapsed, ETA ?" in text and "0:03 elapsed, ETA ?" in text
     assert "a log line\n" in text and "converting ..." not in text
     assert not [line for line in re.split("[\r\n]", text) if line.startswith("export [")]  # no plain step lines
 
