@@ -238,3 +238,12 @@ def test_export_in_a_pipe_shows_steps_as_lines_and_reports_where_the_time_went(t
     # not counted: the interpreter's start and imports before the command, writing the report after it
     assert 0.5 * wall < t["total_s"] < wall
     assert "## Time" in (tmp_path / "mb05" / "report.md").read_text()
+
+
+def test_quick_judges_with_the_same_gates_as_the_full_export():
+    """Fewer faces make the judge noisier, not kinder: the limits do not move (README "Verdict and default gates")."""
+    from edge3dfa.workflows.export import export_gates
+
+    for extra in ([], ["--nme-budget", "0.05"], ["--max-delta-nme", "0.3"]):
+        quick, full = _export_args("--quick", *extra), _export_args(*extra)
+        assert export_gates(quick, {"int8"}).to_dict() == export_gates(full, {"int8"}).to_dict(), extra
