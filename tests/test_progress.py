@@ -247,3 +247,47 @@ def test_quick_judges_with_the_same_gates_as_the_full_export():
     for extra in ([], ["--nme-budget", "0.05"], ["--max-delta-nme", "0.3"]):
         quick, full = _export_args("--quick", *extra), _export_args(*extra)
         assert export_gates(quick, {"int8"}).to_dict() == export_gates(full, {"int8"}).to_dict(), extra
+
+
+def test_export_shows_each_step_and_times_it_with_the_heavy_parts_stood_in(tmp_path, monkeypatch, capsys):
+    """``edge3dfa export`` in-process, conversion and evaluation replaced by stand-ins that take known times (no
+    framework runs): its stderr names artifact i of n line by line, and report.json's ``timings`` hold those
+    times and add up to the command's wall time, less what comes after the report is built (writing it)."""
+    import json
+    import time
+
+    import edge3dfa.validation.harness as harness
+    import edge3dfa.workflows as workflows
+    from edge3dfa.cli import main
+
+    def convert(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - stands in for workflows.convert
+        with progress.step("convert"):
+            time.sleep(0.3)
+        with progress.step("parity"):
+            time.sleep(0.1)
+        return []
+
+    def evaluate(entries, data, **kwargs):  # noqa: ANN001, ANN003, ANN202 - stands in for harness.evaluate
+        for target in (REFERENCE, "onnx fp32"):
+            with progress.target(target):
+                for step in ("evaluate", "latency"):
+                    with progress.step(step):
+                        time.sleep(0.1)
+        return {"models": {}, "targets": []}
+
+    monkeypatch.setattr(workflows, "convert", convert)
+    monkeypatch.setattr(harness, "evaluate", evaluate)
+    began = time.perf_counter()
+    main(["export", "--to", "onnx", "--precision", "fp32", "--samples", "5", "--out", str(tmp_path)])
+    wall = time.perf_counter() - began
+    err = capsys.readouterr().err
+    assert [line.split(";")[0] for line in err.splitlines() if line.startswith("export [")] == [
+        "export [1/6] artifact 1 of 1 (onnx fp32): convert", "export [2/6] artifact 1 of 1 (onnx fp32): parity",
+        "export [3/6] reference: evaluate", "export [4/6] reference: latency",
+        "export [5/6] artifact 1 of 1 (onnx fp32): evaluate", "export [6/6] artifact 1 of 1 (onnx fp32): latency"]
+    t = json.loads((tmp_path / "mb05" / "report.json").read_text())["timings"]
+    rows = {r["target"]: r for r in t["rows"]}
+    assert rows["onnx fp32"]["convert"] == pytest.approx(0.3, abs=0.1)
+    assert rows["reference"]["latency"] == pytest.approx(0.1, abs=0.1)
+    assert sum(r["total"] for r in t["rows"]) == pytest.approx(t["total_s"], abs=1e-3)
+    assert 0.7 < t["total_s"] < wall < t["total_s"] + 2  # untimed: parsing the command line, writing the report
