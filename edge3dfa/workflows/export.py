@@ -27,7 +27,7 @@ from edge3dfa.progress import STEPS, Progress
 from edge3dfa.validation.cli import add_eval_options, check_threads_of, dataset_of, finish, gates_of, latency_of, log
 from edge3dfa.validation.rows import Row
 
-#: what ``--quick`` sets, where the command line does not (README "A first run")
+#: what ``--quick`` sets, where the command line does not (README "Two commands": make demo)
 QUICK: dict[str, Any] = {"precision": "fp32,int8", "samples": "500", "latency_batch": (1,), "latency_budget": 0.5}
 
 
