@@ -6,7 +6,7 @@ EDGE3DFA_ASSETS ?= $(abspath ../shared/assets)
 export EDGE3DFA_ASSETS
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint bench pi-check clean wheel
+.PHONY: setup demo demo-full test test-fast lint bench pi-check clean wheel
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,11 +22,16 @@ setup: $(VENV)/.installed
 	@printf '%s\n' "$(EDGE3DFA_ASSETS)" > $(VENV)/etc/edge3dfa/.assets.tmp
 	@mv -f $(VENV)/etc/edge3dfa/.assets.tmp $(VENV)/etc/edge3dfa/assets
 
-# landmarks + pose for the example photos, then mb05 to every installed format, validated, with a report
+# landmarks + pose for the example photos, then mb05 to every installed format at fp32 and int8, validated and
+# gated, with a report: the first run (export --quick: README "A first run"); demo-full is the whole export
+DEMO_EXPORT ?= --quick
 demo: setup
 	$(VENV)/bin/edge3dfa run $(EDGE3DFA_ASSETS)/upstream/3ddfa_v2/examples/inputs --out-dir out/demo
-	$(VENV)/bin/edge3dfa export --model mb05 --out out/demo/export
+	$(VENV)/bin/edge3dfa export --model mb05 --out out/demo/export $(DEMO_EXPORT)
 	@echo "report: out/demo/export/mb05/report.html"
+
+demo-full:
+	$(MAKE) demo DEMO_EXPORT=
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -15,7 +15,6 @@ and measurement (``edge3dfa.workflows``); it plugs in through ``write_int8``.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from edge3dfa import progress
 from edge3dfa.converters.base import Format, formats, get_format
 from edge3dfa.datasets.calibration import CalibrationSet
 from edge3dfa.errors import Edge3dfaError
@@ -178,7 +178,7 @@ def convert(model: str | os.PathLike | Checkpoint = "mb05", to: str | Sequence[s
         for prec in p.precisions:
             dest = out / name / f"{p.source.name}_{prec}{fmt.suffix}"
             if verbose:
-                print(f"converting {p.source.name} -> {name} {prec} ...", file=sys.stderr, flush=True)
+                progress.status(f"converting {p.source.name} -> {name} {prec} ...")
             results.append(convert_one(fmt, p.source, prec, dest, p.options[name],
                                        calib if prec in fmt.calibrated else None, reference, sets, threads=threads,
                                        verbose=verbose, write_int8=write_int8, regressor=regressor))
@@ -194,7 +194,7 @@ def _landmark_model(model: str | os.PathLike | Checkpoint | None, threads: int |
         return (model if isinstance(model, Checkpoint) else Checkpoint.open(model)).target(threads)
     except Edge3dfaError as e:
         if verbose:
-            print(f"edge3dfa: warning: the detector's landmark figures are left out: {e}", file=sys.stderr, flush=True)
+            progress.echo(f"edge3dfa: warning: the detector's landmark figures are left out: {e}")
         return None
 
 
@@ -222,22 +222,24 @@ def convert_one(fmt: Format, source: Checkpoint, precision: str, dest: Path, opt
     _prepare(dest.parent, verbose)
     with temp_folder(dest.parent, "convert", dest=dest) as work, write_errors([dest], work):
         tmp = work / dest.name
-        if write_int8 is not None and calibration is not None and not source.is_detector:
-            fields = write_int8(fmt, source, tmp, options, calibration, reference)
-        else:
-            fields = fmt.write(source, tmp, precision, options, calibration)
+        with progress.step("convert"):
+            if write_int8 is not None and calibration is not None and not source.is_detector:
+                fields = write_int8(fmt, source, tmp, options, calibration, reference)
+            else:
+                fields = fmt.write(source, tmp, precision, options, calibration)
         manifest = Manifest(artifact=dest.name, format=fmt.name, precision=precision, model=source.name,
                             arch=source.arch, source=source.describe())
         manifest = replace(manifest, **fields)  # a field the manifest does not have is a bug: TypeError
         if calibration is not None:
             manifest = replace(manifest, calibration=calibration.describe())
         figures: dict[str, Any] = {}
-        if source.is_detector:
-            figures = detector_parity(reference, open_target(tmp, threads=threads, verify=False),
-                                      regressor=regressor)
-        elif manifest.output.get("name", "params") == "params":
-            figures = parity(reference, open_target(tmp, threads=threads, verify=False), sets)
-        manifest = replace(manifest, parity={**figures, **fmt.extra_parity(tmp, reference, sets, threads)})
+        with progress.step("parity"):
+            if source.is_detector:
+                figures = detector_parity(reference, open_target(tmp, threads=threads, verify=False),
+                                          regressor=regressor)
+            elif manifest.output.get("name", "params") == "params":
+                figures = parity(reference, open_target(tmp, threads=threads, verify=False), sets)
+            manifest = replace(manifest, parity={**figures, **fmt.extra_parity(tmp, reference, sets, threads)})
         publish(tmp, dest, manifest)
     return Artifact(dest, manifest)
 
@@ -251,4 +253,4 @@ def _prepare(folder: Path, verbose: bool) -> None:
         raise Edge3dfaError(f"cannot create output folder {folder}: {e.strerror or e}") from e
     for stale in remove_stale(folder):
         if verbose:
-            print(f"removed {stale}, left by an interrupted run", file=sys.stderr, flush=True)
+            progress.echo(f"removed {stale}, left by an interrupted run")

@@ -11,7 +11,6 @@ plan -- formats, precisions, budget -- before converting anything).
 from __future__ import annotations
 
 import argparse
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -111,7 +110,10 @@ def register_validate(sub: Any) -> None:
 # ---------------------------------------------------------------- shared steps
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """A line on stderr (above the progress bar while ``export`` shows one: ``edge3dfa.progress.echo``)."""
+    from edge3dfa.progress import echo
+
+    echo(msg)
 
 
 _LIMIT_OPTIONS = ("max_delta_nme", "max_delta_nme_bin", "max_abs_delta_nme", "max_nme", "max_param_err",

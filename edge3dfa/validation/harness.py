@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edge3dfa import runtime
+from edge3dfa import progress, runtime
 from edge3dfa.assets import sha256_file
 from edge3dfa.datasets import EvalSet
 from edge3dfa.errors import Edge3dfaError
@@ -284,14 +284,24 @@ class _Run:
     def reference(self, ref: Checkpoint, sha: str) -> tuple[Row, np.ndarray, Target]:
         """The PyTorch reference's row, its params and its target."""
         self.log(f"reference: torch {ref.path.name} on {len(self.data)} faces ({self.data.name})")
-        target = ref.target(self.threads)
-        params = predict_all(target, self.data.inputs, self.batch, f"torch {ref.name}")
-        nme = _score(params, self.data)
+        with progress.target(progress.REFERENCE):
+            with progress.step("evaluate"):
+                target = ref.target(self.threads)
+                params = predict_all(target, self.data.inputs, self.batch, f"torch {ref.name}")
+                nme = _score(params, self.data)
+            timed = self._timed(ref.target)
         row = Row(key=f"{ref.name}/torch/reference", role="reference", model=ref.name, format="torch",
                   precision="fp32", runtime="torch", artifact=self.rel(ref.path), manifest=None,
                   size_bytes=ref.path.stat().st_size, source_sha256=sha, nme=metrics.summarize(nme, self.data.yaw),
-                  per_face=nme, latency=measure(ref.target, self.data.inputs, self.latency))
+                  per_face=nme, latency=timed)
         return row, params, target
+
+    def _timed(self, open_at: Callable[[int], Target]) -> list[dict]:
+        if not self.latency.enabled:
+            progress.skip_rest("latency")
+            return []
+        with progress.step("latency"):
+            return measure(open_at, self.data.inputs, self.latency)
 
     def one(self, e: Entry, sha: str, ref_params: np.ndarray | None, ref_summary: dict | None) -> Scored:
         """One artifact's row and params; whatever goes wrong becomes the row's status and reason."""
@@ -301,11 +311,18 @@ class _Run:
                   size_bytes=int(m.size_bytes), source_sha256=sha,
                   quantization=m.quantization,  # the --nme-budget search record, shown by the report
                   manifest_verified=e.verify)  # False: used with --no-verify, so at best NOT VERIFIED
-        self.log(f"evaluating {self.rel(e.path)} ({m.format} {m.precision})")
+        if progress.active() is None:  # else the progress line says it
+            self.log(f"evaluating {self.rel(e.path)} ({m.format} {m.precision})")
+        with progress.target(f"{m.format} {m.precision}"):
+            return self._one(e, row, ref_params, ref_summary)
+
+    def _one(self, e: Entry, row: Row, ref_params: np.ndarray | None, ref_summary: dict | None) -> Scored:
         try:
-            target = open_target(e.path, threads=self.threads, verify=e.verify)
-            row = replace(row, runtime=target.runtime)
-            return self._score(e, target, row, ref_params, ref_summary)
+            with progress.step("evaluate"):
+                target = open_target(e.path, threads=self.threads, verify=e.verify)
+                row = replace(row, runtime=target.runtime)
+                row, params = self._score(e, target, row, ref_params, ref_summary)
+            return self._latency(e, target, row), params
         except Edge3dfaError as err:
             if self.skip_unavailable and runtime_missing(err):
                 row = replace(row, status="skipped", reason=f"skipped (--skip-unavailable): {one_line(err)}")
@@ -319,6 +336,7 @@ class _Run:
             row = row.failed(f"internal error: {type(err).__name__}: {one_line(err)} (traceback: {crash})",
                              str(crash))
         self.log(f"  {row.status}: {row.reason}")
+        progress.skip_rest()
         return row, None
 
     def _score(self, e: Entry, target: Target, row: Row, ref_params: np.ndarray | None,
@@ -337,9 +355,13 @@ class _Run:
         row = replace(row, nme=summary, per_face=nme,
                       delta_vs_reference=metrics.delta(summary, ref_summary) if ref_summary else None,
                       parity=compare_params(ref_params, params) if ref_params is not None else None)
-        if target.runtime in NOT_TIMED:
-            row = replace(row, latency_note=NOT_TIMED[target.runtime])
-        else:
-            row = replace(row, latency=measure(lambda n: open_target(e.path, threads=n, verify=e.verify),
-                                               self.data.inputs, self.latency))
         return row, params
+
+    def _latency(self, e: Entry, target: Target, row: Row) -> Row:
+        """The row with its latency, or the note saying why it has none."""
+        if target.runtime in NOT_TIMED or not self.latency.enabled:
+            progress.skip_rest("latency")
+            return replace(row, latency_note=NOT_TIMED.get(target.runtime))
+        with progress.step("latency"):
+            return replace(row, latency=measure(lambda n: open_target(e.path, threads=n, verify=e.verify),
+                                                self.data.inputs, self.latency))

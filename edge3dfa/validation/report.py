@@ -56,6 +56,13 @@ report.json, schema ``edge3dfa.report/2`` (numbers are plain JSON numbers; null 
                       landmark_mean_px, landmark_max_px, landmark_max_crop_px}, gates, verdict, passed; a detector
                       that is not PASSED makes the report's verdict FAILED or NOT VERIFIED. Each ``recommended``
                       entry's ``detector`` is the PASSED detector of its format, which its command names.
+    timings           where the command's time went (``export``; null where not recorded): {total_s, steps
+                      [column names: convert, parity, evaluate, latency, other], rows [{target, convert, parity,
+                      evaluate, latency, other, total}], note}: wall seconds from the command's start until its
+                      report is built (edge3dfa.progress.Progress.timings); each second is in exactly one cell,
+                      so the rows' totals add up to total_s. target "overhead" is the time outside every target
+                      (plan, data loading), "reference" the PyTorch reference; other = in a target outside its
+                      steps; null = the step did not run
 
 The report opens with the verdict and the recommendation table (what to ship per format and the command that
 runs it, naming the detector of the same format), then the detector artifacts export wrote, then the plots
@@ -165,6 +172,7 @@ def build(result: dict[str, Any], data: EvalSet, gates: Gates, not_attempted: li
         "not_attempted": list(not_attempted or []),
         "targets": targets,
         "detectors": detectors,
+        "timings": result.get("timings"),
     })
 
 
@@ -364,6 +372,22 @@ def _sensitivity_table(report: dict, top: int = 10) -> tuple[list[str], list[lis
     return head, body
 
 
+def _timings_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Seconds per target and step (``timings``), and a last row of the totals."""
+    t = report.get("timings")
+    if not t:
+        return [], []
+    cols = [*t["steps"], "total"]
+    body = [[r["target"], *[_f(r.get(c), ".1f") for c in cols]] for r in t["rows"]]
+    sums = [sum(r.get(c) or 0.0 for r in t["rows"]) for c in t["steps"]]
+    body.append(["all", *[_f(x, ".1f") for x in sums], _f(t["total_s"], ".1f")])
+    return ["target", *[f"{c} s" for c in cols]], body
+
+
+_TIME_NOTE = ("Wall seconds of this run, from the command's start until the report was built; overhead: outside "
+              "every target (plan, data loading); other: in a target, between its steps; -: the step did not run.")
+
+
 def _md_table(head: list[str], body: list[list[str]]) -> str:
     esc = [[c.replace("|", "\\|") for c in row] for row in [head, *body]]
     lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(head)]
@@ -437,6 +461,9 @@ def render_markdown(report: dict, images: dict[str, str]) -> str:
         parts += ["## Int8 within an NME budget", "", BUDGET_TEXT, "", _md_table(*budget), ""]
     if sens[1]:
         parts += ["### Most sensitive layers", "", _md_table(*sens), ""]
+    timings = _timings_table(report)
+    if timings[1]:
+        parts += ["## Time", "", _TIME_NOTE, "", _md_table(*timings), ""]
     parts += ["## Protocol", "", *[f"- **{k}**: {v}" for k, v in report["protocol"].items()], "",
               f"Machine-readable: report.json (schema {report['schema']}).", ""]
     return "\n".join(parts)
@@ -499,6 +526,7 @@ def render_html(report: dict, pngs: dict[str, bytes]) -> str:
     items = "".join(f"<li>{html.escape(s)}</li>" for s in _summary_lines(report))
     lat = _latency_table(report)
     budget, sens = _budget_table(report), _sensitivity_table(report)
+    timings = _timings_table(report)
     proto = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in report["protocol"].items())
     gates = _html_table(*_gates_table(report), css="text")
     return (f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
@@ -515,6 +543,8 @@ def render_html(report: dict, pngs: dict[str, bytes]) -> str:
             + (f"<h2>Int8 within an NME budget</h2><p>{html.escape(BUDGET_TEXT)}</p>"
                f"<div class='wide'>{_html_table(*budget)}</div>" if budget[1] else "")
             + (f"<h3>Most sensitive layers</h3>{_html_table(*sens)}" if sens[1] else "")
+            + (f"<h2>Time</h2><p class='note'>{html.escape(_TIME_NOTE)}</p>{_html_table(*timings)}"
+               if timings[1] else "")
             + f"<h2>Protocol</h2><ul>{proto}</ul><p>Created {html.escape(report['created'])}, edge3dfa "
             f"{html.escape(report['edge3dfa_version'])}; machine-readable: report.json ({report['schema']}).</p>"
             "</body></html>\n")

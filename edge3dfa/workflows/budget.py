@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import platform
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from edge3dfa import runtime
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.fileio import temp_folder
 from edge3dfa.options import Options, option
+from edge3dfa.progress import echo
 
 if TYPE_CHECKING:
     from edge3dfa.converters.base import Format, Int8Builder
@@ -174,7 +174,7 @@ def write_within_budget(fmt: Format, source: Checkpoint, dest: Path, options: Op
     ranks the layers of the chosen candidate even when no layer needs to stay float."""
     from edge3dfa.datasets.heldout import load_heldout
 
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    log = log or echo  # stderr, above export's progress bar when it shows one
     t0 = time.perf_counter()
     data = heldout if heldout is not None else load_heldout()
     _check_disjoint(calibration, data)

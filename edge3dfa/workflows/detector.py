@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from edge3dfa import progress
 from edge3dfa.converters import Format
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.models.checkpoint import Checkpoint
@@ -57,6 +58,11 @@ def failure_reason(err: Exception) -> tuple[str, Path | None]:
     return f"conversion failed: internal error: {type(err).__name__}: {one_line(err)} (traceback: {crash})", crash
 
 
+def detector_label(fmt: Format) -> str:
+    """The detector's name in export's progress display and timings, e.g. "faceboxes onnx fp32"."""
+    return f"{DETECTOR} {fmt.name} {PRECISION}"
+
+
 def export_detector(formats: Sequence[Format], regressor: Checkpoint, out: str | os.PathLike,
                     report_dir: str | os.PathLike, threads: int | None = None,
                     log: Callable[[str], None] = print) -> list[DetectorRow]:
@@ -71,8 +77,12 @@ def export_detector(formats: Sequence[Format], regressor: Checkpoint, out: str |
         key = f"{DETECTOR}/{fmt.name}/{PRECISION}"
         started = time.perf_counter()
         try:
-            [art] = convert(DETECTOR, to=fmt.name, precision=PRECISION, out_dir=out, threads=threads,
-                            landmarks_with=regressor)
+            with progress.target(detector_label(fmt)):  # convert + parity; no evaluate/latency of its own
+                try:
+                    [art] = convert(DETECTOR, to=fmt.name, precision=PRECISION, out_dir=out, threads=threads,
+                                    landmarks_with=regressor)
+                finally:
+                    progress.skip_rest()
         except Exception as e:  # noqa: BLE001 - a failed detector is a FAILED row, never a crash that hides the rest
             reason, crash = failure_reason(e)
             log(f"{DETECTOR} {fmt.name} {PRECISION}: {reason}")

@@ -5,6 +5,12 @@ planned format offers, a format asked for by name whose extra is not installed, 
 ``--to`` every installed format is planned and the others are listed as not attempted. One failed conversion is
 a failed row of the report (FAILED), never a crash that hides the others. The FaceBoxes detector is converted
 beside the regressor, to OUT/faceboxes/FORMAT/ (``workflows.detector``), unless ``--no-detector``.
+
+``--quick`` is the first run (``make demo``): fp32 and int8 of every installed format, fewer faces and latency
+settings, the same gates. It proves what the full export proves -- every installed format converts, runs and
+stays within the gates at fp32 and int8, with a verdict -- and leaves out what a newcomer does not need first:
+the other precisions, half of the judge's faces (the slowest evaluation is CoreML's numpy program, per face),
+batch 8 timings. Any option of ``QUICK`` given on the command line wins over it.
 """
 
 from __future__ import annotations
@@ -16,9 +22,28 @@ from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
 from typing import Any
 
+from edge3dfa import progress
 from edge3dfa.errors import Edge3dfaError
+from edge3dfa.progress import STEPS, Progress
 from edge3dfa.validation.cli import add_eval_options, check_threads_of, dataset_of, finish, gates_of, latency_of, log
 from edge3dfa.validation.rows import Row
+
+#: what ``--quick`` sets, where the command line does not (README "Two commands": make demo)
+QUICK: dict[str, Any] = {"precision": "fp32,int8", "samples": "500", "latency_batch": (1,), "latency_budget": 0.5}
+
+
+def _text(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    """Fill the options of ``QUICK`` the user did not give: with ``--quick`` its values, else the full defaults;
+    ``args.quick_set`` names those ``--quick`` set (the plan lists what it left out)."""
+    quick, full = getattr(args, "quick", False), getattr(args, "full_defaults", {})
+    args.quick_set = [k for k in QUICK if quick and getattr(args, k, None) is None]
+    for key in QUICK:
+        if getattr(args, key, None) is None:
+            setattr(args, key, QUICK[key] if quick else full.get(key))
 
 
 def register_export(sub: Any) -> None:
@@ -36,9 +61,14 @@ def register_export(sub: Any) -> None:
                    help="only the regressor: do not convert the FaceBoxes detector (by default it is converted at "
                         "fp32 to each planned format that takes it, to OUT/faceboxes/FORMAT/, and judged in the "
                         "report on its parity vs PyTorch on the example photos)")
+    p.add_argument("--quick", action="store_true",
+                   help="a first run (make demo): " + ", ".join(f"--{k.replace('_', '-')} {_text(v)}"
+                                                                for k, v in QUICK.items())
+                        + "; the same gates (options given explicitly win)")
     add_conversion_options(p)
     add_eval_options(p)
-    p.set_defaults(func=cmd_export)
+    # None = not given: --quick or the full defaults fill it in (apply_quick)
+    p.set_defaults(func=cmd_export, full_defaults={k: p.get_default(k) for k in QUICK}, **dict.fromkeys(QUICK))
 
 
 def missing_packages(extra: str) -> list[str]:
@@ -67,6 +97,7 @@ def plan_export(args: argparse.Namespace) -> tuple[list[tuple[Any, list[str]]], 
     for option in ("parity_count",):
         if getattr(args, option) < 1:
             raise Edge3dfaError(f"--{option.replace('_', '-')} must be >= 1")
+    quick_precisions = "precision" in getattr(args, "quick_set", ())
     known = formats()
     unknown = [f for f in asked or [] if f not in known]
     if unknown:
@@ -87,10 +118,13 @@ def plan_export(args: argparse.Namespace) -> tuple[list[tuple[Any, list[str]]], 
         not_attempted += [{"what": f"{name} {p}", "reason": f"{name} offers {', '.join(offered)}"} for p in left]
         not_attempted += [{"what": f"{name} {p}", "reason": f"opt-in: ask for it with --precision {p}"}
                           for p in offered if not wanted_precisions and p not in default]
+        if quick_precisions:
+            not_attempted += [{"what": f"{name} {p}", "reason": "left out by --quick (make demo); export without "
+                               "--quick builds it (make demo-full)"} for p in default if p not in wanted]
         if wanted:
             plan.append((fmt, wanted))
     for p in wanted_precisions or []:
-        if not any(p in precs for _, precs in plan):
+        if not quick_precisions and not any(p in precs for _, precs in plan):  # --quick asks for what is offered
             where = "; ".join(f"{f.name} offers {', '.join(f.precisions)}" for f, _ in plan) or "no format planned"
             raise Edge3dfaError(f"--precision {p}: no planned format offers it ({where})")
     if not plan:
@@ -130,9 +164,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from edge3dfa.validation.harness import Entry, evaluate
     from edge3dfa.workflows import convert
     from edge3dfa.workflows.cli import budget_of, calibration_of, list_options, parse_options
-    from edge3dfa.workflows.detector import export_detector, plan_detector
+    from edge3dfa.workflows.detector import detector_label, export_detector, plan_detector
 
     started = time.perf_counter()
+    apply_quick(args)
     check_threads_of(args)
     plan, not_attempted = plan_export(args)  # a plan that cannot be met fails now, having built nothing
     if args.list_options:
@@ -147,8 +182,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     gates, latency = export_gates(args, calibrated), latency_of(args)
     detector_formats, left_out = plan_detector([f for f, _ in plan], args.no_detector)
     not_attempted += left_out
-    for n in not_attempted:
-        log(f"not attempted: {n['what']}: {n['reason']}")
+    for reason in dict.fromkeys(n["reason"] for n in not_attempted):  # one line per reason
+        log(f"not attempted: {', '.join(n['what'] for n in not_attempted if n['reason'] == reason)}: {reason}")
     data = dataset_of(args)  # bad dataset options fail now, not after minutes of conversion
     src = Checkpoint.open(args.checkpoint or args.model, args.arch if args.checkpoint else None)
     if src.is_detector:
@@ -156,20 +191,29 @@ def cmd_export(args: argparse.Namespace) -> int:
                             "beside it; to convert the detector alone: edge3dfa convert --model faceboxes")
     calib = load_calibration_set(calibration) if calibrated else None
     entries, failed_rows = [], []
-    for fmt, precs in plan:
-        for prec in precs:
-            try:
-                arts = convert(src, to=fmt.name, precision=prec, out_dir=args.out, options=options[fmt.name],
-                               calibration=calib, budget=budget if prec in fmt.calibrated else None,
-                               parity_count=args.parity_count, threads=args.threads)
-            except Exception as e:  # noqa: BLE001 - one failed conversion must not hide the others' report
-                failed_rows.append(conversion_error(fmt.name, prec, e, src))
-                continue
-            entries += [Entry(a.path, a.manifest, manifest_path(a.path)) for a in arts]
-    report_dir = Path(args.report_dir) if args.report_dir else Path(args.out) / src.name
-    detectors = export_detector(detector_formats, src, args.out, report_dir, threads=args.threads, log=log)
-    result = evaluate(entries, data, latency=latency, reference=src, threads=args.threads, batch=args.batch,
-                      root=report_dir, skip_unavailable=args.skip_unavailable, log=log)
+    steps = [s for s in STEPS if latency.enabled or s != "latency"]
+    labels = [f"{f.name} {p}" for f, precs in plan for p in precs] + [detector_label(f) for f in detector_formats]
+    bar = Progress(labels, steps=steps,
+                   reference_steps=[s for s in steps if s in ("evaluate", "latency")], started=started)
+    with bar:  # one display over conversion and evaluation: artifact i of n, step, elapsed, ETA (edge3dfa.progress)
+        for fmt, precs in plan:
+            for prec in precs:
+                with progress.target(f"{fmt.name} {prec}"):
+                    try:
+                        arts = convert(src, to=fmt.name, precision=prec, out_dir=args.out,
+                                       options=options[fmt.name], calibration=calib,
+                                       budget=budget if prec in fmt.calibrated else None,
+                                       parity_count=args.parity_count, threads=args.threads)
+                    except Exception as e:  # noqa: BLE001 - one failed conversion must not hide the others' report
+                        failed_rows.append(conversion_error(fmt.name, prec, e, src))
+                        progress.skip_rest()
+                        continue
+                entries += [Entry(a.path, a.manifest, manifest_path(a.path)) for a in arts]
+        report_dir = Path(args.report_dir) if args.report_dir else Path(args.out) / src.name
+        detectors = export_detector(detector_formats, src, args.out, report_dir, threads=args.threads, log=log)
+        result = evaluate(entries, data, latency=latency, reference=src, threads=args.threads, batch=args.batch,
+                          root=report_dir, skip_unavailable=args.skip_unavailable, log=log)
     result["detectors"] = detectors
     result["targets"] += failed_rows
+    result["timings"] = bar.timings()
     return finish(result, data, gates, report_dir, not_attempted, started, "pytorch")
