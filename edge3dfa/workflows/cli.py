@@ -35,7 +35,9 @@ def add_conversion_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-count", default="256", help="calibration crops to use (default: 256)")
     p.add_argument("--nme-budget", metavar="DELTA",
                    help="int8: the fastest artifact (int8 variant or mixed precision) whose NME on held-out AFLW "
-                        "crops stays within DELTA of fp32 (balanced; 2x DELTA per yaw bin), e.g. 0.05")
+                        "crops stays within DELTA of fp32 (balanced; 2x DELTA per yaw bin), e.g. 0.05; 'within' means "
+                        "the upper end of the paired bootstrap 95%% interval (a DELTA below what the held-out crops "
+                        "resolve is warned about)")
     p.add_argument("--sensitivity", action="store_true",
                    help="with --nme-budget: also rank every layer by the NME it costs (table and plot in the report)")
     p.add_argument("--option", action="append", default=[], metavar="[FORMAT.]KEY=VALUE",
