@@ -126,8 +126,11 @@ def test_budget_below_what_the_judge_resolves_is_warned_about():
     d = _delta(0.01, bins, half=0.012, bin_half=0.03)
     assert Budget(0.05).unresolvable(d) is None
     text = Budget(0.005, bin_nme=0.05).unresolvable(d)
-    assert "balanced +0.005 < +0.012" in text and "--nme-budget 0.015" in text and "per bin" not in text
-    assert "per bin +0.01 < +0.030" in Budget(0.005).unresolvable(d)  # the default bin budget, 2 x 0.005
+    assert "balanced +0.005 < +0.012" in text and "--nme-budget 0.015 with bin_nme 0.03" in text
+    assert "per bin" not in text
+    text = Budget(0.005).unresolvable(d)  # the default bin budget, 2 x 0.005, is below 0.03 too:
+    assert "per bin +0.01 < +0.030" in text and "--nme-budget 0.015" in text  # 2 x 0.015 covers the bins
+    assert "--nme-budget 0.025" in Budget(0.005).unresolvable(_delta(0.01, bins, half=0.012, bin_half=0.045))
 
 
 class _FakeBuilder(Int8Builder):

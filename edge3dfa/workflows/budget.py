@@ -30,8 +30,10 @@ Steps:
 The budget: balanced NME (mean of the three yaw-bin means) at most ``nme`` above fp32, and no bin more than
 ``bin_nme`` above (default 2x ``nme``), each on the upper end of its interval (``RULE``). A budget below what
 the held-out faces can resolve (the interval's half-width on the first candidate, ``bootstrap.smallest_budget``)
-is warned about, with the smallest budget they can resolve, in the log and in the manifest's notes. The record
-of the search goes into the manifest (``quantization``; ``quantization.judge`` states the rule and the interval).
+is refused as a target: the candidates are built and scored, the layer search is skipped (it could only follow
+the held-out faces' noise), and the log and the manifest's notes say so with the smallest budget the faces
+resolve (``met`` is then false unless a candidate's upper end is within it anyway). The record of the search
+goes into the manifest (``quantization``; ``quantization.judge`` states the rule and the interval).
 
 The budget applies to each format's calibrated 8-bit precision (``converters.CALIBRATED``): ONNX and TFLite
 ``int8`` (CoreML's too: int8 weights and activations); the format offers an ``Int8Builder``.
@@ -109,9 +111,14 @@ class Budget(Options):
         return (f"WARNING: the budget is below what {delta['ci'].get('faces', 'these')} held-out faces can resolve "
                 f"({'; '.join(too)}: the half-width of the {bootstrap.LEVEL:.0%} interval of a candidate's ΔNME): "
                 "even an int8 model as good as fp32 would not be shown within it; the smallest budget they "
-                f"resolve is --nme-budget {_ceil(small['balanced'])}"
-                + (f" with bin_nme {_ceil(small['bin'])}" if small["bin"] and small["bin"] > 2 * _ceil(
-                    small["balanced"]) else ""))
+                f"resolve is {self.smallest(small)}")
+
+    def smallest(self, small: dict[str, float | None]) -> str:
+        """The smallest budget the judge resolves, as the user would give it (``bootstrap.smallest_budget``)."""
+        bal, per_bin = small["balanced"] or 0.0, small["bin"] or 0.0
+        if self.bin_nme is None:  # the per-bin budget follows: 2 x nme
+            return f"--nme-budget {_ceil(max(bal, per_bin / 2))}"
+        return f"--nme-budget {_ceil(bal)} with bin_nme {_ceil(per_bin)}"
 
 
 def _ceil(x: float | None, step: float = 0.005) -> float:
@@ -293,10 +300,14 @@ def _candidates(fmt: Format, source: Checkpoint, options: Options, calibration: 
 def _choose(fmt: Format, builders: dict[str, Int8Builder], candidates: list[Candidate], judge: _Judge, work: Path,
             record: dict[str, Any], log: Callable[[str], None]) -> Candidate:
     """The fastest candidate within budget, unless keeping a few layers of the fastest one float beats it (the
-    layer search's tables go into ``record``)."""
+    layer search's tables go into ``record``). Below what the held-out crops resolve (``record["judge"]
+    ["warning"]``) there is no layer search: it could only follow the noise of the held-out faces."""
     ok = [c for c in candidates if c.within_budget]
     fastest = min(candidates, key=lambda c: c.speed)  # untimed: the first candidate
     chosen = min(ok, key=lambda c: c.speed) if ok else None
+    if record["judge"]["warning"]:
+        log("  no layer search: the budget is below what the held-out crops resolve (see the warning)")
+        return chosen or fastest
     if chosen is not fastest:  # keeping a few layers of the fastest float may beat a slower candidate
         mixed, record["sensitivity"], record["greedy"] = _mixed(fmt, builders[fastest.name], fastest, judge, work,
                                                                 log)
@@ -312,7 +323,8 @@ def _fields(chosen: Candidate, record: dict[str, Any], fp32_ms: float | None,
     fields["quantization"] = record
     untimed = record["latency_note"]
     verdict = ("within budget (upper end of the 95% interval)" if chosen.within_budget else
-               "BUDGET NOT MET (best found)")
+               "BUDGET NOT MET (below what the held-out crops resolve: no layer search)" if record["judge"]["warning"]
+               else "BUDGET NOT MET (best found)")
     speed = (f"latency not measured ({untimed})" if untimed else
              f"{chosen.latency_ms:.2f} ms vs fp32 {fp32_ms:.2f} ms (batch 1, 1 thread, 10th percentile, "
              f"{record['machine']})")
