@@ -1,7 +1,7 @@
 """Which judge ranks int8 artifacts the way AFLW2000-3D does: held-out ground-truth ΔNME, or departure from fp32?
 
 Builds several int8 artifacts of one model and format that differ slightly (one calibration, different layers kept
-float), then scores each three ways:
+float; and all int8 calibrated on fewer crops, ``--calib-counts``), then scores each under several judges:
 
 - ``old``: balanced ΔNME vs fp32 on the held-out AFLW crops' ground truth (what --nme-budget judges on; every
   crop calibration leaves, 256 with the default 256 calibration crops);
@@ -104,8 +104,9 @@ def score(params: dict[str, np.ndarray], ref: dict[str, np.ndarray], held, mirro
             "departure": balanced_departure((dep + dep_flip) / 2, held.yaw),
             "departure_no_flip": balanced_departure(dep, held.yaw),
             "truth": bootstrap.paired_delta(aflw_nme, ref["aflw_nme"], aflw.yaw),
+            "param_departure": balanced_departure(np.abs(params["held"] - ref["held"]).mean(axis=1), held.yaw),
             "aflw_departure": balanced_departure(departure(ref["aflw"], params["aflw"]), aflw.yaw),
-            "aflw_nme": aflw_nme}
+            "aflw_nme": aflw_nme, "held_nme": held_nme}
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -113,9 +114,10 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def pairs(rows: dict[str, dict], judge: str, gap: float, yaw: np.ndarray) -> dict:
+def pairs(rows: dict[str, dict], judge: str, gap: float, yaw: np.ndarray, held_yaw: np.ndarray) -> dict:
     """Over pairs whose AFLW2000-3D ΔNME differ by >= gap and whose paired difference interval excludes 0: how
-    often ``judge`` (lower is better) picks the one with the lower AFLW2000-3D ΔNME."""
+    often ``judge`` (lower is better) picks the one with the lower AFLW2000-3D ΔNME; each pair listed with the
+    held-out paired difference and its interval (does the held-out judge resolve it?)."""
     agree, total, listed = 0, 0, []
     for (na, a), (nb, b) in itertools.combinations(rows.items(), 2):
         diff = a["truth"]["balanced"] - b["truth"]["balanced"]
@@ -125,7 +127,9 @@ def pairs(rows: dict[str, dict], judge: str, gap: float, yaw: np.ndarray) -> dic
         pick_a = a[judge]["balanced"] < b[judge]["balanced"]
         ok = pick_a == (diff < 0)
         agree, total = agree + ok, total + 1
-        listed.append({"a": na, "b": nb, "aflw_diff": diff, "aflw_diff_ci": ci, "agrees": bool(ok)})
+        held = bootstrap.paired_delta(a["held_nme"], b["held_nme"], held_yaw)
+        listed.append({"a": na, "b": nb, "aflw_diff": diff, "aflw_diff_ci": ci, "agrees": bool(ok),
+                       "heldout_diff": held})
     return {"agree": agree, "pairs": total, "listed": listed}
 
 
@@ -141,6 +145,8 @@ def main() -> None:
     ap.add_argument("--format", default="tflite", choices=("tflite", "onnx"))
     ap.add_argument("--variants", type=int, default=8, help="int8 artifacts to build (>= 2)")
     ap.add_argument("--aflw", default="all", help="AFLW2000-3D crops for the truth: a count (evenly spaced) or all")
+    ap.add_argument("--calib-counts", default="64,128",
+                    help="also all-int8 artifacts calibrated on the first N of the 256 calibration crops (comma list)")
     ap.add_argument("--gap", type=float, default=0.01, help="AFLW2000-3D ΔNME difference a pair must have")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
@@ -166,9 +172,15 @@ def main() -> None:
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         builder = fmt.int8_builder(src, fmt.Options(), calibration, Path(tmp))
-        for i, (name, keep) in enumerate(variants(list(builder.layers), args.variants).items()):
+        builds = [(name, builder, keep) for name, keep in variants(list(builder.layers), args.variants).items()]
+        for n in [int(c) for c in args.calib_counts.split(",") if c]:  # fewer crops: still none held out
+            sub = Path(tmp) / f"calib{n}"
+            sub.mkdir()
+            builds.append((f"all int8, calibrated on {n}", fmt.int8_builder(src, fmt.Options(), calibration.split(n)[0],
+                                                                             sub), []))
+        for i, (name, b, keep) in enumerate(builds):
             path = Path(tmp) / f"v{i}{fmt.suffix}"
-            builder.export(path, keep)
+            b.export(path, keep)
             target = open_target(path, threads=1)
             rows[name] = score({k: predict_all(target, x) for k, x in inputs.items()}, ref, held, mirror, aflw)
             r = rows[name]
@@ -189,22 +201,30 @@ def report(rows: dict[str, dict], args: argparse.Namespace, yaw: np.ndarray, hel
               f"[{n['ci'][0]:.4f}, {n['ci'][1]:.4f}] | {n1['balanced']:.4f} | {bootstrap.text(r['truth'])} | "
               f"{a['balanced']:.4f} |")
     summary = {}
-    for judge in ("old", "gt_mirror", "mirror_only", "departure", "departure_no_flip", "aflw_departure"):
+    for judge in ("old", "gt_mirror", "mirror_only", "departure", "departure_no_flip", "param_departure",
+                  "aflw_departure"):
         rho = spearman([r[judge]["balanced"] for r in rows.values()], truth)
-        p = pairs(rows, judge, args.gap, yaw)
+        p = pairs(rows, judge, args.gap, yaw, held.yaw)
         summary[judge] = {"spearman_vs_aflw2000": rho, **{k: p[k] for k in ("agree", "pairs")}}
         print(f"{judge:15s} Spearman vs AFLW2000-3D ΔNME {rho:+.2f}; picks the better of {p['agree']}/{p['pairs']} "
               f"pairs that differ by >= {args.gap:g} on AFLW2000-3D (paired difference resolved)")
-    for p in pairs(rows, "old", args.gap, yaw)["listed"]:
+    listed = pairs(rows, "old", args.gap, yaw, held.yaw)["listed"]
+    resolved = sum(not (p["heldout_diff"]["ci"]["balanced"][0] <= 0 <= p["heldout_diff"]["ci"]["balanced"][1])
+                   for p in listed)
+    print(f"the held-out crops resolve {resolved} of these {len(listed)} pairs (paired held-out difference interval "
+          "excludes 0):")
+    summary["heldout_resolves"] = {"resolved": resolved, "pairs": len(listed)}
+    for p in listed:
         verdicts = []
         for judge in ("old", "gt_mirror", "departure"):
             pick_a = rows[p["a"]][judge]["balanced"] < rows[p["b"]][judge]["balanced"]
             verdicts.append(f"{judge} {'right' if pick_a == (p['aflw_diff'] < 0) else 'WRONG'}")
         print(f"  {p['a']} vs {p['b']}: AFLW2000-3D diff {p['aflw_diff']:+.4f} [{p['aflw_diff_ci'][0]:+.4f}, "
-              f"{p['aflw_diff_ci'][1]:+.4f}]; " + ", ".join(verdicts))
+              f"{p['aflw_diff_ci'][1]:+.4f}], held-out {bootstrap.text(p['heldout_diff'], nd=4)}; "
+              + ", ".join(verdicts))
     print(f"machine: {machine()}; {seconds:.0f} s")
     if args.out:
-        keep = {n: {k: v for k, v in r.items() if k != "aflw_nme"} for n, r in rows.items()}
+        keep = {n: {k: v for k, v in r.items() if k not in ("aflw_nme", "held_nme")} for n, r in rows.items()}
         write_json(Path(args.out), {"args": vars(args), "rows": keep, "summary": summary, "machine": machine(),
                                     "seconds": seconds})
         print(f"wrote {args.out}")

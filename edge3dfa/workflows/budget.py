@@ -10,9 +10,10 @@ a claim the held-out faces back, not a point estimate that another draw of faces
 
 Candidates are still ranked by their held-out ground-truth ΔNME (point estimate). Two quieter judges were
 measured against AFLW2000-3D and rejected (``benchmarks/judge_ranking.py``, README "Int8 within an NME
-budget"): the departure from fp32's own landmarks (``measure.parity.departure``) ranked mb05 TFLite variants
-*against* AFLW2000-3D (keeping the last layers float halves it and costs NME), and mirrored crops with mirrored
-ground truth agreed less often than the crops alone. The departure is recorded per candidate, not used.
+budget"): the departure from fp32's own landmarks (``measure.parity.departure``) ranked mb05 ONNX and TFLite
+variants *against* AFLW2000-3D (keeping the last conv float cuts it by a fifth and costs NME), and mirrored
+crops with mirrored ground truth did not agree more often than the crops alone. The departure is recorded per
+candidate, not used.
 
 Steps:
 
@@ -22,9 +23,9 @@ Steps:
    kernels). The fastest within budget (upper end, above) wins. A format whose artifacts cannot be timed here says why
    (``latency_unmeasured()``, e.g. CoreML off macOS, run by the numpy MIL evaluator): then there is no latency,
    and the fewest float layers win;
-3. if none is, layer sensitivity on the fastest candidate: the departure (and held-out NME) when each layer
-   *alone* stays float (plus the SQNR of each layer's output where the format offers it), then greedily keep
-   the most-helping layers float until the budget holds;
+3. if none is, layer sensitivity on the fastest candidate: the held-out NME when each layer *alone* stays
+   float (plus the SQNR of each layer's output where the format offers it), then greedily keep the
+   most-helping layers float until the budget holds;
 4. failing that, the result is the best the search found, marked ``met: false``.
 
 The budget: balanced NME (mean of the three yaw-bin means) at most ``nme`` above fp32, and no bin more than
@@ -139,7 +140,7 @@ class Score:
     heldout: dict[str, Any]  # metrics.summarize
     delta: dict[str, Any]  # bootstrap.paired_delta vs fp32: metrics.delta + "ci"
     within_budget: bool
-    departure: dict[str, Any] | None = None  # metrics.summarize of parity.departure vs fp32 (+ "ci"): recorded only
+    departure: dict[str, Any] | None = None  # {balanced, ci}: parity.departure vs fp32, recorded, not used
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -120,9 +120,14 @@ def print_parity(arts: list[Any]) -> None:
 
 def _budget_verdict(over: list[Any], allowed: bool) -> int:
     """Exit 1 when an --nme-budget search did not meet its budget, unless the user allowed it."""
+    from edge3dfa.measure import bootstrap
+
     for a in over:
         q = a.manifest.quantization
+        small = ((q.get("judge") or {}).get("warning") or "").rpartition("the smallest budget they resolve is ")[2]
         print(f"edge3dfa: {'warning' if allowed else 'error'}: {a.path} does not meet --nme-budget "
-              f"{q['budget']['nme']:g}: held-out NME {q['delta']['balanced']:+.3f} vs fp32 (best found; written "
-              f"with quantization.met false){'' if allowed else '; --allow-over-budget accepts it'}", file=sys.stderr)
+              f"{q['budget']['nme']:g}: held-out NME {bootstrap.text(q['delta'])} vs fp32 (the upper end of the 95% "
+              f"interval must be within the budget; best found, written with quantization.met false"
+              f"{'; the held-out crops resolve ' + small if small else ''})"
+              f"{'' if allowed else '; --allow-over-budget accepts it'}", file=sys.stderr)
     return 1 if over and not allowed else 0
