@@ -57,3 +57,17 @@ def test_report_shows_every_delta_with_its_interval_and_gates_the_point():
     md = render_markdown(rep, {})
     assert bootstrap.text(target["delta_vs_reference"]) in md and "[+0." in md
     assert "point estimate" in md  # the gates note says what the gates compare
+
+
+def test_departure_is_the_nme_against_the_reference_landmarks():
+    """parity.departure, by hand: mean 2-D distance of the 68 landmarks over sqrt(w*h) of the reference's box, %."""
+    from edge3dfa.measure.parity import crop_landmarks, departure
+
+    rng = np.random.default_rng(9)
+    ref = rng.normal(0, 0.3, (5, 62)).astype(np.float32)
+    cand = ref + rng.normal(0, 0.02, ref.shape).astype(np.float32)
+    a, b = crop_landmarks(ref), crop_landmarks(cand)  # [5,2,68] crop px
+    size = np.sqrt(np.ptp(a[:, 0], axis=1) * np.ptp(a[:, 1], axis=1))
+    expected = np.sqrt(((a - b) ** 2).sum(axis=1)).mean(axis=1) / size * 100
+    assert departure(ref, cand) == pytest.approx(expected, rel=1e-6)
+    assert np.all(departure(ref, ref) == 0) and np.all(expected > 0)
