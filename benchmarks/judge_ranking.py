@@ -205,9 +205,12 @@ def report(rows: dict[str, dict], args: argparse.Namespace, yaw: np.ndarray, hel
                   "aflw_departure"):
         rho = spearman([r[judge]["balanced"] for r in rows.values()], truth)
         p = pairs(rows, judge, args.gap, yaw, held.yaw)
-        summary[judge] = {"spearman_vs_aflw2000": rho, **{k: p[k] for k in ("agree", "pairs")}}
-        print(f"{judge:15s} Spearman vs AFLW2000-3D ΔNME {rho:+.2f}; picks the better of {p['agree']}/{p['pairs']} "
-              f"pairs that differ by >= {args.gap:g} on AFLW2000-3D (paired difference resolved)")
+        near = [q for q in p["listed"] if abs(q["aflw_diff"]) < 2 * args.gap]
+        summary[judge] = {"spearman_vs_aflw2000": rho, **{k: p[k] for k in ("agree", "pairs")},
+                          "near": [sum(q["agrees"] for q in near), len(near)]}
+        print(f"{judge:17s} Spearman vs AFLW2000-3D ΔNME {rho:+.2f}; picks the better of {p['agree']}/{p['pairs']} "
+              f"pairs that differ by >= {args.gap:g} on AFLW2000-3D (paired difference resolved), "
+              f"{sum(q['agrees'] for q in near)}/{len(near)} of those within {2 * args.gap:g}")
     listed = pairs(rows, "old", args.gap, yaw, held.yaw)["listed"]
     resolved = sum(not (p["heldout_diff"]["ci"]["balanced"][0] <= 0 <= p["heldout_diff"]["ci"]["balanced"][1])
                    for p in listed)
