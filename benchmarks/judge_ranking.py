@@ -10,16 +10,21 @@ float; and all int8 calibrated on fewer crops, ``--calib-counts``), then scores 
   the crops', and must be about the same);
 - ``departure`` / ``departure_no_flip``: balanced departure from fp32 (per face, NME of the int8 landmarks
   against the fp32 model's own, ``measure.parity.departure``), crop and mirror averaged / crops only; no ground
-  truth, so nothing of AFLW's annotation noise; ``aflw_departure``: the same on AFLW2000-3D;
+  truth, so nothing of AFLW's annotation noise; ``param_departure``: mean |params - fp32 params| per face;
+  ``aflw_departure``: the departure on AFLW2000-3D itself;
 - **truth**: balanced ΔNME vs fp32 on the AFLW2000-3D crops (never seen by any judge).
 
 It prints every figure with its paired bootstrap 95 % interval (``measure.bootstrap``), each judge's Spearman
 rank correlation with the truth, and, over every pair of artifacts whose AFLW2000-3D ΔNME differ by at least
 ``--gap`` (and whose paired AFLW2000-3D difference is resolved: its interval excludes 0), how often each judge picks
-the better one. Then the machine. Usage (small setting first; the numbers in the report come from the largest)::
+the better one (and among those closer than 2 x gap), whether the held-out crops resolve each pair, then the
+machine. The figures in README "How sure the judge is" come from (2-core AMD EPYC, 1.5-3.5 minutes each)::
 
-    python benchmarks/judge_ranking.py --model mb05 --format tflite --variants 4 --aflw 500
-    python benchmarks/judge_ranking.py --model mb05 --format tflite --variants 12 --aflw all --out /tmp/judge.json
+    python benchmarks/judge_ranking.py --model mb05 --format tflite --variants 16 --calib-counts 32,64,128 --aflw all
+    python benchmarks/judge_ranking.py --model mb05 --format onnx --variants 16 --calib-counts 32,64,128 --aflw all
+    python benchmarks/judge_ranking.py --model mbv3 --format tflite --variants 12 --calib-counts 32,64,128 --aflw all
+
+A quick look: ``--variants 4 --calib-counts 64 --aflw 200`` (under a minute).
 """
 
 from __future__ import annotations
