@@ -82,6 +82,9 @@ def test_heldout_is_every_pool_crop_calibration_leaves():
     assert len(held) == CALIBRATION_POOL - 64 and not set(held.files) & set(cal.files)
     assert set(held.files) | set(cal.files) == pool and len(held.inputs) == len(held.gt) == len(held.yaw)
     assert len(heldout_for(replace(cal, folder="/elsewhere"))) == CALIBRATION_POOL  # calibrated on other images
+    same = Path(cal.folder)
+    respelt = replace(cal, folder=str(same.parent / ".." / same.parent.name / same.name))  # the same folder
+    assert len(heldout_for(respelt)) == CALIBRATION_POOL - 64
     assert len(heldout_for(cal.data)) == HELDOUT  # bare crops: where from is unknown, the default last 256
 
 

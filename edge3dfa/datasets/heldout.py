@@ -14,6 +14,7 @@ ground truth) were measured there as a way to get more, and did not keep the ran
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -59,5 +60,5 @@ def heldout_for(calibration: object) -> EvalSet:
     folder. Plain arrays do not say where they come from: then the default last ``HELDOUT``."""
     if not hasattr(calibration, "files"):
         return load_heldout()
-    same = str(calibration.folder) == str(assets.fetch("calibration_crops"))
+    same = Path(calibration.folder).resolve() == Path(assets.fetch("calibration_crops")).resolve()  # however spelt
     return load_heldout(None, calibration.files if same else ())

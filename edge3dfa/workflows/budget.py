@@ -223,7 +223,8 @@ def _check_disjoint(calibration: Any, data: Any) -> None:
     from edge3dfa.datasets.heldout import CALIBRATION_POOL
 
     shared = set(getattr(calibration, "files", ())) & set(data.files)
-    if shared and str(getattr(calibration, "folder", "")) == str(data.source):
+    folder = getattr(calibration, "folder", None)
+    if shared and folder is not None and Path(folder).resolve() == Path(data.source).resolve():  # however spelt
         raise Edge3dfaError(f"{len(shared)} calibration crops are also held-out crops (e.g. {sorted(shared)[0]}): "
                             f"with --nme-budget calibrate on at most the first {CALIBRATION_POOL - len(data)} crops")
 
