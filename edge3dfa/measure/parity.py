@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge3dfa import runtime
+from edge3dfa.measure import metrics
 from edge3dfa.measure.predict import predict_all
 from edge3dfa.target import Target
 
@@ -24,6 +25,16 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     px = np.linalg.norm(crop_landmarks(ref) - crop_landmarks(cand), axis=1)  # [N,68]
     return {"param_max_abs": float(d.max()), "param_mean_abs": float(d.mean()),
             "landmark_max_px": float(px.max()), "landmark_mean_px": float(px.mean()), "n": int(len(ref))}
+
+
+def departure(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Per face, how far ``candidate``'s 68 landmarks are from ``reference``'s (params [N,62] of the same crops): the
+    NME (%) of the candidate with the reference's landmarks as ground truth (box of the reference's 68 points).
+
+    What quantization changes, face by face, without the ground truth's own scatter, and without labels. It is
+    not what NME pays, though: ``benchmarks/judge_ranking.py`` found int8 variants of mb05 with less departure and
+    more AFLW2000-3D ΔNME, so the budget search records it and does not rank by it."""
+    return metrics.nme(crop_landmarks(candidate), crop_landmarks(reference))
 
 
 def parity(reference: Target, candidate: Target, sets: dict[str, np.ndarray]) -> dict[str, dict]:

@@ -23,7 +23,7 @@ from edge3dfa.datasets import EvalSet
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.logs import one_line, write_crash_log
 from edge3dfa.manifest import SCHEMA, SCHEMA_NAME, Manifest, manifest_path
-from edge3dfa.measure import metrics
+from edge3dfa.measure import bootstrap, metrics
 from edge3dfa.measure.parity import compare as compare_params
 from edge3dfa.measure.predict import BATCH, predict_all
 from edge3dfa.measure.timing import LatencyConfig, measure
@@ -197,16 +197,16 @@ def evaluate(entries: list[Entry], data: EvalSet, *, latency: LatencyConfig | No
     models: dict[str, Any] = {}
     rows: list[Row] = []
     for sha, (ref, group) in groups.items():
-        ref_target = ref_params = ref_summary = None
+        ref_target = ref_params = ref_faces = None
         if ref is not None:
             head, ref_params, ref_target = run.reference(ref, sha)
-            ref_summary = head.nme
+            ref_faces = head.per_face
             rows.append(head)
         models[sha] = _model_info(ref_target, ref, group[0].manifest if group else None)
-        scored = [run.one(e, sha, ref_params, ref_summary)
+        scored = [run.one(e, sha, ref_params, ref_faces)
                   for e in sorted(group, key=lambda e: (e.manifest.format, _precision_rank(e.manifest.precision),
                                                         str(e.path)))]
-        rows += [row for row, _ in _compare_with_fp32(scored)]
+        rows += [row for row, _ in _compare_with_fp32(scored, data.yaw)]
     rows += [_not_applicable(e, rel) for e in others]
     return {"models": models, "targets": rows}
 
@@ -244,15 +244,16 @@ def _not_applicable(e: Entry, rel: Callable[[Path], str]) -> Row:
 Scored = tuple[Row, np.ndarray | None]
 
 
-def _compare_with_fp32(scored: list[Scored]) -> list[Scored]:
-    """ΔNME and parity of every scored row against the same format's fp32 row (the base without a reference)."""
+def _compare_with_fp32(scored: list[Scored], yaw: np.ndarray) -> list[Scored]:
+    """ΔNME (with its paired bootstrap interval) and parity of every scored row against the same format's fp32 row
+    (the base without a reference)."""
     out = []
     for row, params in scored:
         fp32 = next(((r, p) for r, p in scored if r.format == row.format and r.precision == "fp32"
                      and r.status == "ok" and p is not None), None)
         if row.status == "ok" and params is not None and fp32 is not None and row.precision != "fp32":
             # an fp32 row is the base of its format, never compared with another fp32
-            row = replace(row, delta_vs_fp32=metrics.delta(row.nme, fp32[0].nme),
+            row = replace(row, delta_vs_fp32=bootstrap.paired_delta(row.per_face, fp32[0].per_face, yaw),
                           parity_vs_fp32=compare_params(fp32[1], params))
         out.append((row, params))
     return out
@@ -303,7 +304,7 @@ class _Run:
         with progress.step("latency"):
             return measure(open_at, self.data.inputs, self.latency)
 
-    def one(self, e: Entry, sha: str, ref_params: np.ndarray | None, ref_summary: dict | None) -> Scored:
+    def one(self, e: Entry, sha: str, ref_params: np.ndarray | None, ref_faces: np.ndarray | None) -> Scored:
         """One artifact's row and params; whatever goes wrong becomes the row's status and reason."""
         m = e.manifest
         row = Row(key=f"{m.model}/{m.format}/{e.path.name}", role="artifact", model=m.model, format=m.format,
@@ -314,14 +315,14 @@ class _Run:
         if progress.active() is None:  # else the progress line says it
             self.log(f"evaluating {self.rel(e.path)} ({m.format} {m.precision})")
         with progress.target(f"{m.format} {m.precision}"):
-            return self._one(e, row, ref_params, ref_summary)
+            return self._one(e, row, ref_params, ref_faces)
 
-    def _one(self, e: Entry, row: Row, ref_params: np.ndarray | None, ref_summary: dict | None) -> Scored:
+    def _one(self, e: Entry, row: Row, ref_params: np.ndarray | None, ref_faces: np.ndarray | None) -> Scored:
         try:
             with progress.step("evaluate"):
                 target = open_target(e.path, threads=self.threads, verify=e.verify)
                 row = replace(row, runtime=target.runtime)
-                row, params = self._score(e, target, row, ref_params, ref_summary)
+                row, params = self._score(e, target, row, ref_params, ref_faces)
             return self._latency(e, target, row), params
         except Edge3dfaError as err:
             if self.skip_unavailable and runtime_missing(err):
@@ -340,7 +341,7 @@ class _Run:
         return row, None
 
     def _score(self, e: Entry, target: Target, row: Row, ref_params: np.ndarray | None,
-               ref_summary: dict | None) -> Scored:
+               ref_faces: np.ndarray | None) -> Scored:
         params = predict_all(target, self.data.inputs, self.batch, f"{e.manifest.format} {e.manifest.precision}")
         bad = int((~np.isfinite(params).all(axis=1)).sum())
         if bad:
@@ -353,7 +354,8 @@ class _Run:
                                 "overflow (not finite)")
         summary = metrics.summarize(nme, self.data.yaw)
         row = replace(row, nme=summary, per_face=nme,
-                      delta_vs_reference=metrics.delta(summary, ref_summary) if ref_summary else None,
+                      delta_vs_reference=(bootstrap.paired_delta(nme, ref_faces, self.data.yaw)  # same faces
+                                          if ref_faces is not None else None),
                       parity=compare_params(ref_params, params) if ref_params is not None else None)
         return row, params
 

@@ -37,15 +37,21 @@ report.json, schema ``edge3dfa.report/2`` (numbers are plain JSON numbers; null 
                       auc7 and failure10 are fractions)
       ced             [fraction of faces with NME <= each of ced_thresholds]
       per_face        [NME percent per face, same order as dataset.files]
-      delta_vs_reference  {balanced, mean, bins {label}}: NME points minus the reference's, same faces
-                      (null when validated with --reference none)
+      delta_vs_reference  {balanced, mean, bins {label}, ci}: NME points minus the reference's, same faces
+                      (null when validated with --reference none); ci {level, resamples, seed, method,
+                      balanced [low, high], mean [low, high], bins {label: [low, high]}}: its paired bootstrap
+                      interval (edge3dfa.measure.bootstrap: faces resampled within each yaw bin, the same
+                      resample for both; null where a bin is empty). Gates compare the point estimate; the
+                      interval says how far the same model could land on another draw of faces
       delta_vs_fp32       the same against this format's fp32 artifact (null if none)
       parity          {param_max_abs, param_mean_abs, landmark_max_px, landmark_mean_px, n}: vs the reference's
                       params on the same crops (landmarks in 120x120 crop pixels); null without reference
       parity_vs_fp32  the same against this format's fp32 artifact (null if none)
       latency         [{threads, batch, median_ms, p10_ms, p90_ms, min_ms, per_image_ms, runs}]; latency_note
                       says why it is empty when the runtime is only a simulation (e.g. CoreML evaluated in numpy)
-      quantization    the manifest's record of an --nme-budget search (workflows.budget), null otherwise
+      quantization    the manifest's record of an --nme-budget search (workflows.budget), null otherwise; its
+                      delta carries the held-out interval the same way, and judge {rule, interval,
+                      heldout_faces, smallest_budget, warning} says how "within budget" was decided
       crash_log       the traceback log of an unexpected exception, null otherwise
       gates           [{gate, value, limit, passed (true|false|null: not checked), vs (reference|fp32|null),
                        note}]
@@ -88,7 +94,7 @@ from edge3dfa.datasets import EvalSet
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.fileio import json_text, write_files
 from edge3dfa.manifest import tool_versions
-from edge3dfa.measure import metrics
+from edge3dfa.measure import bootstrap, metrics
 from edge3dfa.measure.timing import cpu_threads
 from edge3dfa.validation import detectors as detector_report
 from edge3dfa.validation import plots
@@ -106,7 +112,9 @@ PROTOCOL = {
 PLOTS = ("latency_nme", "ced", "ced_all", "bins", "size_nme", "sensitivity")
 BUDGET_TEXT = ("Made by convert --nme-budget: choices were judged on held-out AFLW calibration crops (21 points, "
                "never calibrated on), never on AFLW2000-3D; the AFLW2000-3D column is the evaluation figure of this "
-               "report. Search latency: batch 1, one thread, on the converting machine.")
+               "report. Search latency: batch 1, one thread, on the converting machine. Every Δ comes with its "
+               "paired bootstrap 95% interval [low, high]; 'met' means the held-out interval's upper end is within "
+               "the budget (balanced and every yaw bin).")
 
 
 _label = plots.label
@@ -257,7 +265,7 @@ def _accuracy_table(report: dict) -> tuple[list[str], list[list[str]]]:
         body.append([_status(r), _label(r), r["runtime"], _f(r["size_bytes"] and r["size_bytes"] / 1e6),
                      *[_f(n["bins"][b]["mean"]) for b in metrics.BIN_LABELS], _f(n["balanced"]), _f(n["mean"]),
                      _f(n["auc7"], ".3f"), _f(fail if fail is None else fail * 100, ".1f") + "%",
-                     _f(d and d["balanced"], "+.3f"), _f(d32 and d32["balanced"], "+.3f"),
+                     bootstrap.text(d), bootstrap.text(d32),
                      _f(p.get("param_max_abs"), ".2e"), _f(p.get("landmark_max_px"), ".3f")])
     return head, body
 
@@ -320,7 +328,9 @@ def _gates_note(report: dict) -> str:
     if not report["gates"]:
         return "No gates (--no-gates): nothing was judged, so the verdict is NOT VERIFIED."
     return (f"Relative limits (Δ) compare each artifact with its base, {base}; the reference rows get the absolute "
-            "limits only. A precision or format row adds its limits to those above it or replaces them.")
+            "limits only. A precision or format row adds its limits to those above it or replaces them. Gates "
+            "compare each Δ's point estimate (the default limits already sit about three standard errors above "
+            "the goal); the accuracy table gives each Δ with its paired bootstrap 95% interval [low, high].")
 
 
 def _latency_table(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -352,12 +362,13 @@ def _budget_table(report: dict) -> tuple[list[str], list[list[str]]]:
     for r in rows:
         q, d32 = r["quantization"], r["delta_vs_fp32"]
         layers = q["float_layers"]
+        faces = (q.get("judge") or {}).get("heldout_faces")
         body.append([_label(r), f"+{q['budget']['nme']:g} / +{q['budget']['bin_nme']:g}",
-                     "yes" if q["met"] else "NO", q["chosen"],
+                     ("yes" if q["met"] else "NO") + (f" ({faces} faces)" if faces else ""), q["chosen"],
                      f"{len(layers)}: {', '.join(layers)}" if layers else "0",
-                     _f(q["delta"]["balanced"], "+.3f"),
-                     *[_f(q["delta"]["bins"][b], "+.3f") for b in metrics.BIN_LABELS],
-                     _f(d32 and d32["balanced"], "+.3f"), _f(r["size_bytes"] / 1e6),
+                     bootstrap.text(q["delta"]),
+                     *[bootstrap.text(q["delta"], label=b) for b in metrics.BIN_LABELS],
+                     bootstrap.text(d32), _f(r["size_bytes"] / 1e6),
                      f"{_f(q['latency_ms'])} ({_f(q['fp32_latency_ms'])})", _f(q.get("seconds"), ".0f")])
     return head, body
 

@@ -35,7 +35,9 @@ def add_conversion_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-count", default="256", help="calibration crops to use (default: 256)")
     p.add_argument("--nme-budget", metavar="DELTA",
                    help="int8: the fastest artifact (int8 variant or mixed precision) whose NME on held-out AFLW "
-                        "crops stays within DELTA of fp32 (balanced; 2x DELTA per yaw bin), e.g. 0.05")
+                        "crops stays within DELTA of fp32 (balanced; 2x DELTA per yaw bin), e.g. 0.05; 'within' means "
+                        "the upper end of the paired bootstrap 95%% interval (a DELTA below what the held-out crops "
+                        "resolve is warned about)")
     p.add_argument("--sensitivity", action="store_true",
                    help="with --nme-budget: also rank every layer by the NME it costs (table and plot in the report)")
     p.add_argument("--option", action="append", default=[], metavar="[FORMAT.]KEY=VALUE",
@@ -140,9 +142,14 @@ def print_detector_parity(arts: list[Any]) -> None:
 
 def _budget_verdict(over: list[Any], allowed: bool) -> int:
     """Exit 1 when an --nme-budget search did not meet its budget, unless the user allowed it."""
+    from edge3dfa.measure import bootstrap
+
     for a in over:
         q = a.manifest.quantization
+        small = ((q.get("judge") or {}).get("warning") or "").rpartition("the smallest budget they resolve is ")[2]
         print(f"edge3dfa: {'warning' if allowed else 'error'}: {a.path} does not meet --nme-budget "
-              f"{q['budget']['nme']:g}: held-out NME {q['delta']['balanced']:+.3f} vs fp32 (best found; written "
-              f"with quantization.met false){'' if allowed else '; --allow-over-budget accepts it'}", file=sys.stderr)
+              f"{q['budget']['nme']:g}: held-out NME {bootstrap.text(q['delta'])} vs fp32 (the upper end of the 95% "
+              f"interval must be within the budget; best found, written with quantization.met false"
+              f"{'; the held-out crops resolve ' + small if small else ''})"
+              f"{'' if allowed else '; --allow-over-budget accepts it'}", file=sys.stderr)
     return 1 if over and not allowed else 0
