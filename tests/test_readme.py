@@ -159,29 +159,77 @@ BLOCKS, ORPHANS = parse(README.read_text(encoding="utf-8"))
 CASES = cases(BLOCKS)
 
 
-def test_readme_markers():
-    """Every marker is a known kind with a reason, stands before a bash/python block and, when it names a
-    command, names one of that block's; every such block of the README is parsed (none escapes by its fence)."""
-    assert not ORPHANS, f"markers before no bash/python block: {[f'README.md:{m.line}' for m in ORPHANS]}"
-    for b in BLOCKS:
-        assert b.body, f"README.md:{b.line}: an empty block"
+def problems(text: str) -> list[str]:
+    """What is wrong with the markers and fences of a README text (empty: nothing)."""
+    blocks, orphans = parse(text)
+    found = cases(blocks)
+    out = [f"line {m.line}: a marker before no bash/python block" for m in orphans]
+    out += [f"line {n}: not a marker: {t.strip()}" for n, t in enumerate(text.splitlines(), 1)
+            if "readme-test" in t and not MARKER.match(t)]
+    for b in blocks:
+        out += [] if b.body else [f"line {b.line}: an empty block"]
         for m in b.markers:
-            assert m.kind in KINDS and m.reason, f"README.md:{m.line}: a marker needs a kind {KINDS} and a reason"
-            if m.prefix is not None:
-                assert any(c.marker == m for c in CASES), f"README.md:{m.line}: `{m.prefix}` names no command"
-    # an independent count of the opening fences with a runnable language
-    text = README.read_text(encoding="utf-8").splitlines()
+            if m.kind not in KINDS or not m.reason:
+                out.append(f"line {m.line}: a marker needs a kind {KINDS} and a reason")
+            if m.prefix is not None and not any(c.marker == m for c in found):
+                out.append(f"line {m.line}: `{m.prefix}` names no command of the block")
+    # an independent count of the opening fences with a runnable language: none escapes the parser
     openings, inside = 0, None
-    for line in text:
+    for line in text.splitlines():
         s = line.strip()
-        if inside is None and (s.startswith("```") or s.startswith("~~~")):
+        if inside is None and s.startswith(("```", "~~~")):
             inside = s[:3]
-            word = s.strip("`~ ").split(" ")[0].lower()
-            openings += word in SHELLS | PYTHONS
+            openings += s.strip("`~ ").split(" ")[0].lower() in SHELLS | PYTHONS
         elif inside is not None and s.startswith(inside) and not s.strip("`~"):
             inside = None
-    assert openings == len(BLOCKS) > 0
-    assert len(CASES) >= len(BLOCKS)
+    if openings != len(blocks):
+        out.append(f"{openings} bash/python fences, {len(blocks)} parsed")
+    return out
+
+
+def test_readme_markers():
+    """Every marker of README.md is a known kind with a reason, stands before a bash/python block and, when it
+    names a command, names one of that block's; every such block is parsed (none escapes by its fence)."""
+    assert BLOCKS and not problems(README.read_text(encoding="utf-8"))
+
+
+def test_readme_parser_on_a_made_up_readme():
+    text = "\n".join([
+        "<!-- readme-test: skip `tool run --camera`: needs a camera -->",  # 1
+        "```Bash",
+        "tool run a.jpg   # -> a.json",
+        "                 #    + a_overlay.png (drawn)",
+        "tool run --camera 0 \\",  # 5
+        "    --max-frames 2",
+        "```",
+        "- a list item:",
+        "",
+        "   ```python",  # 10
+        "   for i in range(2):",
+        "       print(i)",
+        "   ```",
+        "<!-- readme-test: slow: reason -->",
+        "```text",  # 15
+        "not run",
+        "```",
+        "<!-- readme-test: skip `nothing`: names no command -->",
+        "<!-- readme-test: later: no such kind -->",
+        "~~~console",  # 20
+        "$ tool models",
+        "a table",
+        "~~~",
+        "<!-- readme-test skip: no colon -->",
+    ])
+    blocks, _ = parse(text)
+    got = [(c.line, c.code, PROMISED.findall(c.comment), c.marker and c.marker.kind) for c in cases(blocks)]
+    assert got == [(3, "tool run a.jpg", ["a.json", "a_overlay.png"], None),
+                   (5, "tool run --camera 0 \\\n--max-frames 2", [], "skip"),
+                   (10, "for i in range(2):\n    print(i)", [], None),
+                   (21, "tool models", [], "later")]
+    assert problems(text) == ["line 14: a marker before no bash/python block",
+                              "line 24: not a marker: <!-- readme-test skip: no colon -->",
+                              "line 18: `nothing` names no command of the block",
+                              "line 19: a marker needs a kind ('skip', 'slow') and a reason"]
 
 
 def make_clip(photo: Path, dest: Path, frames: int = 12, fps: int = 12) -> None:
