@@ -6,7 +6,7 @@ EDGE3DFA_ASSETS ?= $(abspath ../shared/assets)
 export EDGE3DFA_ASSETS
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-full test test-fast lint bench pi-check clean wheel
+.PHONY: setup demo demo-full test test-fast readme-check lint bench pi-check clean wheel
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,6 +39,10 @@ test: setup
 # the edit loop: everything but the tests marked slow (conversions with a real framework, full-dataset runs)
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# every command of README.md as typed, the ones marked slow too (tests/test_readme.py; make test runs the others)
+readme-check: setup
+	EDGE3DFA_README_ALL=1 $(PY) -m pytest tests/test_readme.py -ra $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
