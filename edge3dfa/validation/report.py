@@ -488,6 +488,7 @@ table.ship th:last-child{text-align:left}tr.fail td{background:#fde2e2}tr.unveri
 .pass{color:#080}.failed{color:#b00}.unverified{color:#a60}.wide{overflow-x:auto}
 .plots img{width:49%;min-width:380px;vertical-align:top}.plots img.hero{width:auto;max-width:100%}
 code{font-size:12px;white-space:nowrap}p.note{font-size:12px;color:#555}details{margin:0.4em 0}
+table.ship td:last-child code,table.det td:last-child{white-space:normal;overflow-wrap:anywhere}
 summary{cursor:pointer;color:#246}"""
 
 
@@ -516,7 +517,9 @@ def _html_detectors(report: dict) -> str:
     head, body = detector_report.table(report)
     if not body:
         return ""
-    return (f"<h2>Detector</h2><div class='wide'>{_html_table(head, body, css='text')}</div>"
+    keep = [i for i, h in enumerate(head) if h not in ("box max px", "landmark max px")]  # to read at 900 px
+    head, body = [head[i] for i in keep], [[row[i] for i in keep] for row in body]
+    return (f"<h2>Detector</h2><div class='wide'>{_html_table(head, body, css='text det')}</div>"
             f"<p class='note'>{html.escape(detector_report.NOTE)}</p>")
 
 
