@@ -241,6 +241,14 @@ def test_export_in_a_pipe_shows_steps_as_lines_and_reports_where_the_time_went(t
     assert 0.5 * wall < t["total_s"] < wall
     assert "## Time" in (tmp_path / "mb05" / "report.md").read_text()
 
+    # validate shows the same display over the folder export wrote: the reference, then the artifact
+    done = run_cli("validate", tmp_path / "mb05", "--samples", "20", "--latency-runs", "0", "--report-dir",
+                   tmp_path / "validated", env=TOY_ENV)
+    assert done.returncode == 0, done.stderr
+    steps = [line.split(";")[0] for line in done.stderr.splitlines() if line.startswith("validate [")]
+    assert steps == ["validate [1/2] reference: evaluate", f"validate [2/2] {toy}: evaluate"]
+    assert json.loads((tmp_path / "validated" / "report.json").read_text())["timings"]["total_s"] > 0
+
 
 def test_quick_judges_with_the_same_gates_as_the_full_export():
     """Fewer faces make the judge noisier, not kinder: the limits do not move (README "Verdict and default gates")."""

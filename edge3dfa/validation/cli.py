@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edge3dfa.errors import Edge3dfaError
+from edge3dfa.progress import Progress
 from edge3dfa.validation.gates import (
     CEILING_FAILURE_RATE,
     CEILING_NME,
@@ -186,7 +187,7 @@ def finish(result: dict, data: Any, gates: Any, out_dir: Path, not_attempted: li
 # ---------------------------------------------------------------- commands
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from edge3dfa.validation.harness import NO_REFERENCE, discover, evaluate
+    from edge3dfa.validation.harness import NO_REFERENCE, discover, evaluate, is_regressor
 
     started = time.perf_counter()
     check_threads_of(args)
@@ -199,7 +200,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     log(f"validating {len(entries)} artifact(s) in {folder}")
     data = dataset_of(args)
     out_dir = Path(args.report_dir) if args.report_dir else folder
-    result = evaluate(entries, data, latency=latency, reference=args.reference, threads=args.threads,
-                      batch=args.batch, root=out_dir, skip_unavailable=args.skip_unavailable, log=log)
     alone = (args.reference or "").lower() == NO_REFERENCE
+    steps = [s for s in ("evaluate", "latency") if latency.enabled or s != "latency"]
+    scored = [e for e in entries if is_regressor(e.manifest)]  # detectors are listed, not scored
+    bar = Progress([f"{e.manifest.format} {e.manifest.precision}" for e in scored], steps=steps,
+                   reference_steps=() if alone else steps, title="validate", started=started)
+    with bar:  # artifact i of n, step, elapsed, ETA, as in export (edge3dfa.progress)
+        result = evaluate(entries, data, latency=latency, reference=args.reference, threads=args.threads,
+                          batch=args.batch, root=out_dir, skip_unavailable=args.skip_unavailable, log=log)
+    result["timings"] = bar.timings()
     return finish(result, data, gates, out_dir, [], started, "none" if alone else "pytorch")

@@ -219,7 +219,7 @@ def _groups(entries: list[Entry], reference: str | os.PathLike | Checkpoint | No
     groups: dict[str, tuple[Checkpoint | None, list[Entry]]] = {}
     if isinstance(reference, Checkpoint):  # reported even when nothing was converted
         groups[reference.sha256] = (reference, [])
-    others = [e for e in entries if not _is_regressor(e.manifest)]
+    others = [e for e in entries if not is_regressor(e.manifest)]
     for e in entries:
         if e in others:
             continue
@@ -259,7 +259,7 @@ def _compare_with_fp32(scored: list[Scored], yaw: np.ndarray) -> list[Scored]:
     return out
 
 
-def _is_regressor(m: Manifest) -> bool:
+def is_regressor(m: Manifest) -> bool:
     from edge3dfa.models import task_of
 
     return task_of(m.arch) == "regressor" and m.output.get("name", "params") == "params"
