@@ -49,9 +49,11 @@ EXECUTORCH_FLOAT_CHOICES = {"all int8": (), "first conv int8": ("last",), "param
                             "default": ("first", "last")}
 EXECUTORCH_CHOICES = {"minmax": ({"observer": "minmax"}, 256), "per-tensor": ({"per_channel": False}, 256),
                       "calib 64": ({}, 64)}
+_PERCENTILE = {"calib_method": "percentile"}
 TFLITE_CHOICES = {"default": ({}, 256), "minmax": ({"calib_method": "minmax"}, 256),
-                  "mse": ({"calib_method": "mse"}, 256), "percentile 99.99": ({"percentile": 99.99}, 256),
-                  "percentile 99.9999": ({"percentile": 99.9999}, 256), "calib 32": ({}, 32),
+                  "percentile 99.99": ({**_PERCENTILE, "percentile": 99.99}, 256),
+                  "percentile 99.999": ({**_PERCENTILE, "percentile": 99.999}, 256),
+                  "percentile 99.9999": ({**_PERCENTILE, "percentile": 99.9999}, 256), "calib 32": ({}, 32),
                   "calib 64": ({}, 64), "calib 128": ({}, 128), "params layer int8": ({"params_layer": "int8"}, 256)}
 
 

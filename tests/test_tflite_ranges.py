@@ -1,5 +1,5 @@
 """TFLite int8 activation ranges (``calib_method``): the range arithmetic against numpy on raw samples, and the
-percentile ranges against global min/max on a real model, judged on crops calibration never saw.
+default (MSE) ranges against global min/max on a real model, judged on crops calibration never saw.
 
 The expected values come from numpy on the samples themselves (np.percentile, a simulated uint8 quantizer),
 not from the histograms the code under test works on.
@@ -70,13 +70,14 @@ def test_bad_percentile():
             TFLiteOptions.parse({"percentile": bad})
     with pytest.raises(Edge3dfaError, match="calib_method"):
         TFLiteOptions.parse({"calib_method": "entropy"})
-    assert TFLiteOptions.parse({}).calib_method == "percentile"
+    assert TFLiteOptions.parse({}).calib_method == "mse"
 
 
 @pytest.mark.slow
-def test_percentile_ranges_bring_int8_closer_to_fp32(tmp_path):
-    """mb05, calibrated on 64 pool crops: percentile ranges give a smaller landmark error against PyTorch than
-    global min/max on 64 AFLW2000-3D crops (never calibrated on); the manifest says which ranges were used."""
+def test_clipped_ranges_bring_int8_closer_to_fp32(tmp_path):
+    """mb05, calibrated on 64 pool crops: the default (MSE) and percentile ranges each give a smaller landmark
+    error against PyTorch than global min/max on 64 AFLW2000-3D crops (never calibrated on); the manifest says
+    which ranges were used."""
     pytest.importorskip("litert_torch")
     from conftest import eval_crops, landmark_error
 
@@ -93,13 +94,16 @@ def test_percentile_ranges_bring_int8_closer_to_fp32(tmp_path):
     minmax = fmt.Options.parse({"calib_method": "minmax"})
     builder = fmt.int8_builder(src, minmax, calib, tmp_path)  # one conversion, two sets of ranges
     assert builder.export(tmp_path / "minmax.tflite")["options"]["calib_method"] == "minmax"
-    builder.options = fmt.Options.parse({})
-    builder.qsvs = clip_ranges(builder.content, builder.qsvs, calib, builder.options)
-    fields = builder.export(tmp_path / "percentile.tflite")
-    assert (fields["options"]["calib_method"], fields["options"]["percentile"]) == ("percentile", 99.999)
+    raw = builder.qsvs
+    for name, values in {"mse": {}, "percentile": {"calib_method": "percentile"}}.items():
+        builder.options = fmt.Options.parse(values)
+        builder.qsvs = clip_ranges(builder.content, raw, calib, builder.options)
+        fields = builder.export(tmp_path / f"{name}.tflite")
+        assert fields["options"]["calib_method"] == name
+        assert fields["options"].get("percentile") == (99.999 if name == "percentile" else None)
 
     crops = eval_crops(0, 64)
     ref = TorchTarget("mb05", threads=2).predict(crops)
     err = {name: landmark_error(ref, open_target(tmp_path / f"{name}.tflite", threads=2).predict(crops)).mean()
-           for name in ("minmax", "percentile")}
-    assert err["percentile"] < err["minmax"], err
+           for name in ("minmax", "mse", "percentile")}
+    assert err["mse"] < err["minmax"] and err["percentile"] < err["minmax"], err

@@ -45,9 +45,9 @@ class TFLiteOptions(Options):
     hard_swish: Literal["float", "int8"] | None = option(None, "int8: HARD_SWISH precision (default: as io)")
     input_size: str | None = option(None, "detector only: fixed input HxW (default 480x640)")
     fc_per_channel: bool = option(False, "dyn-int8: per-channel FULLY_CONNECTED weights")
-    calib_method: Literal["percentile", "minmax", "mse"] = option(
-        "percentile", "int8 activation ranges: a percentile of the calibration values, their min/max, or the "
-                      "clip of least quantization error")
+    calib_method: Literal["mse", "percentile", "minmax"] = option(
+        "mse", "int8 activation ranges: the clip of least quantization error on the calibration values, a "
+               "percentile of them, or their min/max")
     percentile: float = option(99.999, "int8, calib_method=percentile: the percentile kept")
 
     def check(self) -> None:

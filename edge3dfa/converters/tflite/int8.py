@@ -2,13 +2,15 @@
 
 * Activation ranges start from the global min/max over the calibration set: ai-edge-quantizer's default moving
   average (0.95) lets the last samples set the ranges and clipped outliers (mb05 max param error 2.0 -> 0.2).
-  By default each range is then narrowed to a percentile of the calibration values (``calib_method``; as
-  ONNX's default): a handful of extreme values otherwise spend most of a tensor's 256 levels, and the
-  percentile ranges brought int8 closer to fp32 on the held-out crops for mb05 and MobileNet-V3
-  (``benchmarks/int8_choices.py``, README "Calibration choices"). ai-edge-quantizer has no such
-  calibration (its MSE / OCTAV algorithms choose weight ranges only), so ``clip_ranges`` computes them from
-  histograms of the float graph's tensors and hands them over as its min/max statistics. The model's input
-  keeps its min/max: it is the normalised image, whose range is known.
+  By default each range is then narrowed to the clip of least expected squared quantization error over the
+  calibration values (``calib_method="mse"``; ``percentile`` and ``minmax`` are offered): a few extreme values
+  otherwise spend most of a tensor's 256 levels. Chosen on the held-out crops, where it was the one choice that
+  beat global min/max by more than the paired 95 % interval for both mb05 and MobileNet-V3
+  (``benchmarks/tflite_ranges.py``; README "Calibration choices"). ai-edge-quantizer has no such calibration
+  (its MSE / OCTAV algorithms choose weight ranges only), so ``clip_ranges`` computes the ranges from histograms
+  of the float graph's tensors and hands them over as its min/max statistics. The model's input keeps its
+  min/max (the normalised image, whose range is known), and so does the params layer's output when it is int8
+  (``io=int8``, ``params_layer=int8``): clipping would cut the extreme poses' parameters, not noise.
 * The params layer (the last FULLY_CONNECTED and what follows it) stays float unless ``params_layer="int8"``:
   an int8 params tensor alone costs ~0.6 px on 120x120 crops (README, "Per precision").
 * HARD_SWISH stays float unless ``hard_swish="int8"``: XNNPACK has no int8 hard-swish here, and the reference
@@ -24,7 +26,8 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -160,16 +163,20 @@ def calibrate(content: bytes, q: Any, crops: np.ndarray) -> Any:
 RANGE_BINS = 4096
 
 
-def tensor_histograms(content: bytes, qsvs: dict[str, Any], crops: np.ndarray) -> dict[str, np.ndarray]:
-    """Counts of every calibrated tensor's values but the graph input's, on NCHW ``crops``, in ``RANGE_BINS``
-    bins over its min..max in ``qsvs``: one more pass of the float graph, every intermediate tensor kept."""
+def tensor_histograms(content: bytes, qsvs: dict[str, Any], crops: np.ndarray,
+                      skip: Collection[str] = ()) -> dict[str, np.ndarray]:
+    """Counts of every calibrated tensor's values but the graph input's and ``skip``'s, on NCHW ``crops``, in
+    ``RANGE_BINS`` bins over its min..max in ``qsvs``: one more pass of the float graph, every tensor kept."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interp = Interpreter(model_content=content, experimental_preserve_all_tensors=True)
+    with warnings.catch_warnings():  # LiteRT warns that keeping every tensor is for debugging: it is the point here
+        warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
+        interp = Interpreter(model_content=content, experimental_preserve_all_tensors=True)
     interp.allocate_tensors()
     inp = interp.get_input_details()[0]["index"]
     index = {t["name"]: t["index"] for t in interp.get_tensor_details() if t["index"] != inp}
-    bounds = {n: (float(np.min(q["min"])), float(np.max(q["max"]))) for n, q in qsvs.items() if n in index}
+    bounds = {n: (float(np.min(q["min"])), float(np.max(q["max"]))) for n, q in qsvs.items()
+              if n in index and n not in skip}
     bounds = {n: b for n, b in bounds.items() if b[1] > b[0]}
     counts = {n: np.zeros(RANGE_BINS, np.int64) for n in bounds}
     for x in crops:
@@ -209,10 +216,10 @@ def mse_range(lo: float, hi: float, counts: np.ndarray) -> tuple[float, float]:
 
 def clip_ranges(content: bytes, qsvs: dict[str, Any], crops: np.ndarray, options: TFLiteOptions) -> dict[str, Any]:
     """``qsvs`` (global min/max) with each activation range narrowed as ``options.calib_method`` says (the input
-    keeps its own); minmax returns them as they are."""
+    and the params layer's tensors keep their own); minmax returns them as they are."""
     if options.calib_method == "minmax":
         return qsvs
-    counts = tensor_histograms(content, qsvs, crops)
+    counts = tensor_histograms(content, qsvs, crops, set(params_layer_tensors(content)))
     out = dict(qsvs)
     for name, c in counts.items():
         lo, hi = float(np.min(qsvs[name]["min"])), float(np.max(qsvs[name]["max"]))
