@@ -45,8 +45,14 @@ class TFLiteOptions(Options):
     hard_swish: Literal["float", "int8"] | None = option(None, "int8: HARD_SWISH precision (default: as io)")
     input_size: str | None = option(None, "detector only: fixed input HxW (default 480x640)")
     fc_per_channel: bool = option(False, "dyn-int8: per-channel FULLY_CONNECTED weights")
+    calib_method: Literal["mse", "percentile", "minmax"] = option(
+        "mse", "int8 activation ranges: the clip of least quantization error on the calibration values, a "
+               "percentile of them, or their min/max")
+    percentile: float = option(99.999, "int8, calib_method=percentile: the percentile kept")
 
     def check(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise Edge3dfaError(f"tflite option percentile={self.percentile}: must be in (50, 100]")
         if self.io == "int8" and self.params_layer == "float":
             raise Edge3dfaError("io=int8 needs params_layer=int8: a float params layer would give a float output")
         if self.input_size is not None:
@@ -83,7 +89,9 @@ class TFLiteFormat(Format):
     precisions = ("fp32", "fp16", "dyn-int8", "int8")
     default_precisions = precisions
     Options = TFLiteOptions
-    int8_candidates = {"int8": {}}  # one configuration; mixed precision (the budget search) does the rest
+    #: one configuration; mixed precision (the budget search) does the rest. The activation ranges
+    #: (``calib_method``) are not candidates: they change no op, so no speed, and the search picks by speed
+    int8_candidates = {"int8": {}}
 
     def check(self, precision: str, detector: bool, options: TFLiteOptions) -> None:
         super().check(precision, detector, options)

@@ -168,7 +168,9 @@ def io_descriptions(content: bytes, detector: bool, hw: tuple[int, int]) -> tupl
 def used_options(options: TFLiteOptions, precision: str, detector: bool) -> dict[str, Any]:
     """The options that shaped the artifact, for the manifest (those of other precisions left out)."""
     return {"io": options.io, "layout": "NHWC",
-            **({"params_layer": options.params_layer_precision, "hard_swish": options.hard_swish_precision}
+            **({"params_layer": options.params_layer_precision, "hard_swish": options.hard_swish_precision,
+                "calib_method": options.calib_method,
+                **({"percentile": options.percentile} if options.calib_method == "percentile" else {})}
                if precision == "int8" else {}),
             **({"input_size": list(options.detector_size)} if detector else {}),
             **({"fc_per_channel": options.fc_per_channel} if precision == "dyn-int8" else {}),
