@@ -92,6 +92,9 @@ def test_int8_options_are_checked(mb05, tmp_path):
     with pytest.raises(Edge3dfaError, match="calib_method='entropy' is not one of minmax, percentile"):
         convert(mb05, to="coreml", precision="int8", out_dir=tmp_path, calibration={"count": 4}, verbose=False,
                 options={"calib_method": "entropy"})
+    with pytest.raises(Edge3dfaError, match="activations='affine' is not one of asymmetric, symmetric"):
+        convert(mb05, to="coreml", precision="int8", out_dir=tmp_path, calibration={"count": 4}, verbose=False,
+                options={"activations": "affine"})
     with pytest.raises(Edge3dfaError, match="float_output must be true or false"):
         convert(mb05, to="coreml", precision="int8", out_dir=tmp_path, calibration={"count": 4}, verbose=False,
                 options={"float_output": "maybe"})
