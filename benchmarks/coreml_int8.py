@@ -39,6 +39,7 @@ CALIBRATIONS = {"percentile 99.999": {}, "percentile 99.99": {"percentile": 99.9
 CHOICES = {"default": ("percentile 99.999", {}), "percentile 99.99": ("percentile 99.99", {}),
            "minmax": ("minmax", {}), "first conv float too": ("percentile 99.999", {"float_input": True}),
            "params layer int8": ("percentile 99.999", {"float_output": False}),
+           "symmetric activations (the former default)": ("percentile 99.999", {"activations": "symmetric"}),
            "former default (minmax, every layer int8)": ("minmax", {"float_output": False})}
 
 

@@ -92,6 +92,9 @@ def test_int8_options_are_checked(mb05, tmp_path):
     with pytest.raises(Edge3dfaError, match="calib_method='entropy' is not one of minmax, percentile"):
         convert(mb05, to="coreml", precision="int8", out_dir=tmp_path, calibration={"count": 4}, verbose=False,
                 options={"calib_method": "entropy"})
+    with pytest.raises(Edge3dfaError, match="activations='affine' is not one of asymmetric, symmetric"):
+        convert(mb05, to="coreml", precision="int8", out_dir=tmp_path, calibration={"count": 4}, verbose=False,
+                options={"activations": "affine"})
     with pytest.raises(Edge3dfaError, match="float_output must be true or false"):
         convert(mb05, to="coreml", precision="int8", out_dir=tmp_path, calibration={"count": 4}, verbose=False,
                 options={"float_output": "maybe"})
@@ -168,3 +171,43 @@ def test_export_with_a_budget_searches_int8_and_gates_it(tmp_path):
     assert q["budget"]["nme"] == 0.5 and q["met"]
     if not coreml_runtime_available():
         assert q["latency_ms"] is None  # and the report with its budget table was written all the same (code 0)
+
+
+@pytest.mark.slow
+def test_asymmetric_activations_quantize_post_activation_tensors_finer():
+    """int8 activations with a zero point spend all 256 codes on a post-ReLU tensor (min 0), where a symmetric
+    scale (zero point 0) uses 128: the rounding error there halves (step rmax/255 vs rmax/127), and the output
+    moves less from the float program's (same program, same evaluator: the reference)."""
+    from edge3dfa.converters.coreml.export import convert_program, resolve
+    from edge3dfa.converters.coreml.int8 import _quantize_activations, activation_ranges
+    from edge3dfa.models.mobilenet_v3 import Hswish
+    from edge3dfa.targets.mil_eval import MILEvaluator, program_of
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, 2, 1), Hswish(),
+        torch.nn.Conv2d(8, 8, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(8, 62)).eval()
+    mlmodel = convert_program(model, False, resolve("int8", get_format("coreml").Options.parse({})))
+    x = np.random.default_rng(0).standard_normal((8, 1, 3, 120, 120)).astype(np.float32)
+    ranges = activation_ranges(mlmodel, x[:, 0], "minmax")
+    ref = MILEvaluator(program_of(mlmodel))
+    name = next(iter(ref.input_vars))
+    want = np.stack([ref({name: s})[ref.output_names[0]] for s in x])
+    relu_err, out_err = {}, {}
+    for mode in ("symmetric", "asymmetric"):
+        prog = program_of(_quantize_activations(mlmodel, ranges, (), mode))
+        pairs = {q.outputs[0].child_ops[0].outputs[0].name: q.inputs["input"].name  # dequantized <- relu output
+                 for q in prog.functions["main"].operations
+                 if q.op_type == "quantize" and q.inputs["input"].op.op_type == "relu"}
+        assert len(set(pairs.values())) == 2, pairs  # both ReLU outputs are quantized
+        seen: dict[str, np.ndarray] = {}
+        got = MILEvaluator(prog)
+        out = np.stack([got({name: s})[got.output_names[0]] for s in x])
+        got({name: x[0]}, observer=seen.__setitem__)
+        relu_err[mode] = sum(float(np.abs(seen[d] - seen[r]).max()) / ranges[r]["rmax"] for d, r in pairs.items())
+        out_err[mode] = float(np.sqrt(((out - want) ** 2).mean()))
+    # worst rounding error over the tensor's max, summed over the two ReLU outputs: half a step each, 1/127 vs 1/255
+    assert relu_err["symmetric"] == pytest.approx(2 * 0.5 / 127, rel=0.05)
+    assert relu_err["asymmetric"] == pytest.approx(2 * 0.5 / 255, rel=0.05)
+    assert out_err["asymmetric"] < out_err["symmetric"], out_err

@@ -52,6 +52,9 @@ class CoreMLOptions(Options):
               "iOS18 gives w8 per-block scales)")
     float_output: bool = option(True, "int8: keep the params layer float")
     float_input: bool = option(False, "int8: keep the first conv float")
+    activations: Literal["asymmetric", "symmetric"] = option(
+        "asymmetric", "int8 activation scale: with a zero point (the calibrated min..max on 256 codes, as ONNX and "
+                      "TFLite int8) or without (max |x| on 255 codes)")
     calib_method: Literal["minmax", "percentile"] = option("percentile", "int8 activation ranges")
     percentile: float = option(99.999, "int8, calib_method=percentile: percentile of |x| kept")
     float_layers: tuple[str, ...] = option((), "int8: layers kept float, comma separated")

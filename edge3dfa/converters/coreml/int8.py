@@ -7,7 +7,10 @@ float (``float_output``, as ONNX and TFLite keep it): its 8-bit output tensor wa
 the first conv is int8 (``float_input=false``; ONNX keeps it float for onnxruntime's x86 kernels, but here
 keeping it float helped mb05 and hurt MobileNet-V3 by about as much, so it is left to the search); ranges are
 min / max clipped to the 99.999th percentile of |x| (plain min / max and the 99.99th percentile did worse on the
-held-out AFLW crops, on which every default was chosen). ``--nme-budget`` searches more float layers
+held-out AFLW crops, on which every default was chosen); activations are asymmetric (``activations``: a zero point
+per tensor, as ONNX and TFLite int8 have): coremltools' default, symmetric, spends half of the 256 codes on
+negative values that a ReLU or hard-swish output (>= -0.375) never takes, which cost the MobileNet-V3-large
+fixture most of its int8 error (README "CoreML int8"). ``--nme-budget`` searches more float layers
 (``workflows.budget``).
 """
 
@@ -99,7 +102,7 @@ def activation_ranges(mlmodel: Any, samples: np.ndarray, method: str = "percenti
     (coremltools' own calibration runs CoreML predict, macOS only): ``minmax`` the extremes over all crops;
     ``percentile`` clips them to the ``percentile``-th percentile of |x| over every value of every crop, read from a
     histogram of |x| (``RANGE_BINS`` bins up to the tensor's max |x|, the upper edge of the bin holding it)
-    filled in a second pass. (Activations are quantized symmetrically: only max |x| sets the scale.)"""
+    filled in a second pass; both ends are clipped at that |x| (a symmetric scale reads only the larger)."""
     evaluator = MILEvaluator(program_of(mlmodel), name="calibration")
     outputs = set(evaluator.output_names)
     lo: dict[str, float] = {}
@@ -138,9 +141,16 @@ def _evaluator_calibration(stats_fn: Any) -> Iterator[None]:
         yield
 
 
-def _quantize_activations(mlmodel: Any, ranges: dict[str, dict[str, float]], keep: Iterable[str] = ()) -> Any:
+#: CoreMLOptions.activations -> coremltools' OpLinearQuantizerConfig mode
+ACTIVATION_MODES = {"asymmetric": "linear", "symmetric": "linear_symmetric"}
+
+
+def _quantize_activations(mlmodel: Any, ranges: dict[str, dict[str, float]], keep: Iterable[str] = (),
+                          activations: str = "asymmetric") -> Any:
     """int8 step 1: quantize/dequantize pairs placed by coremltools with the measured ``ranges``; ops named in
-    ``keep`` get none (coremltools puts the pairs on the inputs and outputs of conv, linear, pools and add)."""
+    ``keep`` get none (coremltools puts the pairs on the inputs and outputs of conv, linear, pools and add).
+    ``activations`` (``ACTIVATION_MODES``): ``asymmetric`` maps each tensor's rmin..rmax onto the 256 int8 codes
+    (a zero point per tensor), ``symmetric`` maps -max|x|..max|x| onto 255 (zero point 0)."""
     import coremltools.optimize as cto
     from coremltools.optimize.coreml.experimental._model_debugger import ModelDebugger
     from coremltools.optimize.coreml.experimental._post_training_quantization import (
@@ -154,7 +164,7 @@ def _quantize_activations(mlmodel: Any, ranges: dict[str, dict[str, float]], kee
 
     name = mlmodel.get_spec().description.input[0].name
     config = cto.coreml.OptimizationConfig(global_config=cto.coreml.OpLinearQuantizerConfig(
-        mode="linear_symmetric", dtype="int8"), op_name_configs=dict.fromkeys(keep))
+        mode=ACTIVATION_MODES[activations], dtype="int8"), op_name_configs=dict.fromkeys(keep))
     try:  # the ranges are given, so coremltools' calibration sample is only checked for its input name
         with _evaluator_calibration(stats_fn), quiet_coremltools():
             return cto.coreml.linear_quantize_activations(mlmodel, config, [{name: np.zeros((1, 3, 120, 120))}])
@@ -258,7 +268,7 @@ class Int8Builder(BaseInt8Builder):
         o = self.options
         how = ("min/max" if o.calib_method == "minmax"
                else f"min/max clipped to the {o.percentile:g}th percentile of |x|")
-        activations = {"dtype": "int8", "mode": "linear_symmetric", "granularity": "per_tensor",
+        activations = {"dtype": "int8", "mode": ACTIVATION_MODES[o.activations], "granularity": "per_tensor",
                        "calibration": f"{how} over {self.samples} crops, numpy MIL evaluator",
                        "calib_method": o.calib_method, "float_output": o.float_output, "float_input": o.float_input,
                        "float_layers": float_layers}
@@ -284,7 +294,7 @@ class Int8Builder(BaseInt8Builder):
         t0 = time.perf_counter()
         float_layers = [k for k in self.units if k in {*self.always_float, *keep_float}]  # program order
         ops = [n for k in float_layers for n in self.units[k]]
-        mlmodel = _quantize_activations(self.mlmodel, self.ranges, ops)
+        mlmodel = _quantize_activations(self.mlmodel, self.ranges, ops, self.options.activations)
         if ops:
             mlmodel = _float_readers(mlmodel, ops)
         ios18 = at_least(self.options.deployment_target, "iOS18")
