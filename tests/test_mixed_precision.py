@@ -81,11 +81,29 @@ def test_heldout_is_every_pool_crop_calibration_leaves():
     pool = {p.name for p in calibration_files(None, CALIBRATION_POOL)[1]}
     assert len(held) == CALIBRATION_POOL - 64 and not set(held.files) & set(cal.files)
     assert set(held.files) | set(cal.files) == pool and len(held.inputs) == len(held.gt) == len(held.yaw)
-    assert len(heldout_for(replace(cal, folder="/elsewhere"))) == CALIBRATION_POOL  # calibrated on other images
+    other = replace(cal, folder="/elsewhere", data=cal.data + 0.5)  # other images
+    assert len(heldout_for(other)) == CALIBRATION_POOL  # calibrated on other images
     same = Path(cal.folder)
     respelt = replace(cal, folder=str(same.parent / ".." / same.parent.name / same.name))  # the same folder
     assert len(heldout_for(respelt)) == CALIBRATION_POOL - 64
     assert len(heldout_for(cal.data)) == HELDOUT  # bare crops: where from is unknown, the default last 256
+
+
+def test_heldout_leaves_out_a_copy_of_the_pool(tmp_path):
+    """Calibrating on a copy of the pool in another folder (files renamed too) must not be judged on the crops it
+    calibrated on: the held-out set is told apart by pixels, not by folder or file name."""
+    import shutil
+
+    from edge3dfa.datasets.calibration import calibration_files, load_calibration
+    from edge3dfa.datasets.heldout import CALIBRATION_POOL, heldout_for
+
+    for i, path in enumerate(calibration_files(None, 32)[1]):
+        shutil.copy(path, tmp_path / f"copy{i:03d}{path.suffix}")
+    cal = load_calibration(tmp_path, count=32)
+    held = heldout_for(cal)
+    assert len(held) == CALIBRATION_POOL - 32
+    shown = {x.tobytes() for x in cal.data}
+    assert not any(x.tobytes() in shown for x in held.inputs)
 
 
 def test_mb05_heldout_nme_is_plausible():
