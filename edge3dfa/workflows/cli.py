@@ -79,6 +79,20 @@ def calibration_of(args: argparse.Namespace) -> Any:
     return Calibration.parse({"folder": args.calib_dir, "count": args.calib_count})
 
 
+def check_out(out: str) -> None:
+    """Refuse an ``--out`` the converters cannot use: a path that is not UTF-8 (bytes a locale cannot decode, e.g.
+    ``$'out_\\xff'``) reaches the frameworks as text they cannot encode (ONNX's checker failed with an internal
+    error after the planning); said now, before any work."""
+    from edge3dfa.errors import Edge3dfaError
+    from edge3dfa.logs import printable
+
+    try:
+        out.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Edge3dfaError(f"--out {printable(out)} is not a UTF-8 path, which the converters' frameworks take: "
+                            "choose a folder whose name is UTF-8") from None
+
+
 def list_options(names: list[str]) -> int:
     from edge3dfa.converters import get_format
 
@@ -97,6 +111,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
     if args.list_options:
         return list_options(plan_list(args.to, "format"))
+    check_out(args.out)
     options, calibration, budget = parse_options(args.option), calibration_of(args), budget_of(args)
     source = Checkpoint.open(args.checkpoint or args.model, args.arch if args.checkpoint else None)
     arts = convert(source, to=args.to, precision=args.precision, out_dir=args.out, options=options,
