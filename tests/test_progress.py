@@ -326,3 +326,37 @@ def test_a_closed_stderr_is_written_to_devnull_not_an_internal_error():
                           preexec_fn=lambda: os.close(2))
     assert done.returncode == 0, done.stdout
     assert done.stdout.splitlines()[-1] == f"fd2 {os.devnull}", done.stdout
+
+
+@pytest.mark.parametrize("columns, term, bar", [(0, "xterm", False), (120, "dumb", False), (120, "xterm", True)])
+def test_a_terminal_a_bar_cannot_be_drawn_on_gets_plain_lines(columns, term, bar):
+    """stderr a tty, but of zero columns (a fresh pty: ``script``, some ``docker exec -t``), where tqdm draws
+    nothing, so the display showed no step at all; or ``TERM=dumb``, which cannot move the cursor for the nested
+    bars. Both get the plain lines."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    script = ("from edge3dfa import progress\n"
+              "with progress.Progress(['onnx fp32'], steps=('convert',), reference_steps=()):\n"
+              "    with progress.target('onnx fp32'), progress.step('convert'):\n"
+              "        pass\n")
+    done = subprocess.run([sys.executable, "-c", script], stderr=slave, timeout=60,
+                          env={**os.environ, "TERM": term})
+    os.close(slave)
+    text = b""
+    try:
+        while chunk := os.read(master, 65536):
+            text += chunk
+    except OSError:  # the pty's other end is closed: all read
+        pass
+    os.close(master)
+    assert done.returncode == 0
+    lines = "export [1/1] artifact 1 of 1 (onnx fp32): convert" in text.decode()
+    assert lines != bar and (b"\r" + b"artifact 1 of 1 (onnx fp32): convert |" in text) == bar, text
