@@ -196,3 +196,15 @@ def test_a_non_utf8_out_is_a_user_error_before_any_work(tmp_path, command):
         f"edge3dfa: error: --out {tmp_path}/o_\\xff is not a UTF-8 path, which the converters' frameworks take: "
         "choose a folder whose name is UTF-8"], r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_that_cannot_be_created_is_a_user_error_before_any_work(tmp_path):
+    """A folder name over 255 bytes: every conversion failed, then the report (exit 2 after the evaluation); now
+    exit 2 at once, and nothing is created."""
+    t0 = time.perf_counter()
+    r = _cli("", "export", "--to", "onnx", "--precision", "fp32", "--out", str(tmp_path / ("e" * 300) / "o"))
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "a name over" in r.stderr, r.stderr
+    assert time.perf_counter() - t0 < 30 and list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("")
+    r = _cli("", "convert", "--to", "onnx", "--out", str(tmp_path / "file" / "o"))
+    assert r.returncode == 2 and "is not a folder" in r.stderr, r.stderr
