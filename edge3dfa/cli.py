@@ -303,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every outcome is one of the exit codes in ``EXIT_CODES``, never a traceback."""
     handle_termination()
+    _closed_std_streams_to_devnull()
     _tolerant_std_streams()
     try:
         args = build_parser().parse_args(argv)
@@ -391,6 +392,26 @@ def _flushed(code: int) -> int:
                 _say(f"error: cannot write the output: {getattr(e, 'strerror', None) or e}")
                 code = code or USER_ERROR
     return code
+
+
+def _closed_std_streams_to_devnull() -> None:
+    """A command started with a standard stream closed (``2>&-``) writes it to /dev/null: progress bars and log
+    lines then go nowhere instead of ending in an internal error, and the closed descriptor is taken by
+    /dev/null, not by the next file the command opens (where a C library's warnings on fd 2 would land)."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is not None:
+            continue
+        mode = "r" if fd == 0 else "w"
+        try:
+            os.fstat(fd)  # open but not Python's stream: leave that descriptor alone
+            stream = open(os.devnull, mode)  # noqa: SIM115 - the process's stream, open until it exits
+        except OSError:  # closed: /dev/null takes the descriptor
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            stream = open(fd, mode, closefd=False)  # noqa: SIM115
+        setattr(sys, name, stream)
 
 
 def _tolerant_std_streams() -> None:

@@ -8,7 +8,8 @@ far along the run is. ``Progress`` counts planned steps -- per artifact ``conver
 - on a terminal, one tqdm bar, redrawn every second so that elapsed time and ETA move during a long step; the
   per-batch bars of ``measure.predict`` nest under it (tqdm gives each open bar its own line), and log lines go
   through ``tqdm.write`` (``echo``) so that they do not tear it;
-- elsewhere (CI logs, a pipe), one plain line per step, no carriage returns.
+- elsewhere (CI logs, a pipe, ``TERM=dumb``, a terminal of zero columns), one plain line per step, no carriage
+  returns.
 
 The ETA is the planned steps not done, each at the mean duration of the finished steps of its kind (a
 conversion predicted from conversions, an evaluation from evaluations), or of all finished steps for a kind
@@ -25,6 +26,7 @@ a target outside its steps to ``OTHER`` -- so ``timings()`` sums to the wall tim
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -253,10 +255,16 @@ class Progress:
 
 
 def _isatty(file: TextIO) -> bool:
+    """A terminal a bar can be drawn on: a tty with columns (tqdm draws nothing on a pty of size 0x0, as under
+    ``script`` or some ``docker exec -t``: the display showed no step at all) and not ``TERM=dumb`` (no cursor
+    movement for the nested per-batch bars). Anywhere else, plain lines."""
     try:
-        return file.isatty()
-    except (AttributeError, ValueError):
+        if not file.isatty():
+            return False
+        columns = os.get_terminal_size(file.fileno()).columns
+    except (AttributeError, ValueError, OSError):
         return False
+    return columns > 0 and os.environ.get("TERM", "") != "dumb"
 
 
 def active() -> Progress | None:

@@ -36,11 +36,20 @@ def test_resampled_bin_means_have_the_exact_bootstrap_moments():
 
 def test_two_faces_hand_computed():
     """One bin of two values 0 and 1: the resample mean is 0, 0.5 or 1 with probability 1/4, 1/2, 1/4, so the 95%
-    interval is [0, 1]; a bin of one value has a zero-width interval at it."""
-    iv = bootstrap.interval(np.array([0.0, 1.0, 3.0, 5.0]), np.array([0.0, 5.0, 40.0, 80.0]), resamples=2000)
-    assert iv["bins"]["[0,30]"] == [0.0, 1.0]
-    assert iv["bins"]["(30,60]"] == [3.0, 3.0] and iv["bins"]["(60,90]"] == [5.0, 5.0]
-    assert iv["balanced"] == [pytest.approx(8 / 3), pytest.approx(3.0)]
+    interval is [0, 1]; the other two bins likewise, so the balanced interval lies within [(0+3+5)/3, (1+4+6)/3]."""
+    iv = bootstrap.interval(np.array([0.0, 1.0, 3.0, 4.0, 5.0, 6.0]), np.array([0.0, 5.0, 40.0, 50.0, 80.0, 85.0]),
+                            resamples=2000)
+    assert iv["bins"] == {"[0,30]": [0.0, 1.0], "(30,60]": [3.0, 4.0], "(60,90]": [5.0, 6.0]}
+    assert 8 / 3 <= iv["balanced"][0] < iv["balanced"][1] <= 11 / 3  # within the extremes of the three bins
+
+
+def test_a_bin_of_one_face_has_no_interval():
+    """One face in a bin has no spread to resample: a zero-width interval there claimed certainty and narrowed the
+    balanced one (export --samples 14, one face at (60,90]: int8 "-0.047 [-0.074, -0.020]", better than fp32
+    at 95 %). No interval for that bin nor the balanced mean; the bins with faces to resample keep theirs."""
+    iv = bootstrap.interval(np.array([0.0, 1.0, 3.0, 4.0, 5.0]), np.array([0.0, 5.0, 40.0, 50.0, 80.0]))
+    assert iv["bins"]["(60,90]"] is None and iv["balanced"] is None
+    assert iv["bins"]["[0,30]"] == [0.0, 1.0] and iv["bins"]["(30,60]"] == [3.0, 4.0] and iv["mean"] is not None
 
 
 def test_interval_covers_the_true_mean_about_95_percent_of_the_time():

@@ -184,3 +184,27 @@ def test_a_signal_while_the_interpreter_shuts_down_is_no_traceback(sig, code):
     p.send_signal(sig)
     _, err = p.communicate(timeout=60)
     assert p.returncode == code and err == "", err
+
+
+@pytest.mark.parametrize("command", ["export", "convert"])
+def test_a_non_utf8_out_is_a_user_error_before_any_work(tmp_path, command):
+    """``--out $'out_\\xff'``: ONNX's checker cannot take the path; every conversion was an internal error (exit 1
+    with crash logs from export, 3 from convert). Now one line, exit 2, nothing written."""
+    out = str(tmp_path) + "/o_\udcff"  # how Python sees the bytes b"o_\xff" from a command line
+    r = _cli("", command, "--to", "onnx", "--precision", "fp32", "--out", out)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"edge3dfa: error: --out {tmp_path}/o_\\xff is not a UTF-8 path, which the converters' frameworks take: "
+        "choose a folder whose name is UTF-8"], r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_that_cannot_be_created_is_a_user_error_before_any_work(tmp_path):
+    """A folder name over 255 bytes: every conversion failed, then the report (exit 2 after the evaluation); now
+    exit 2 at once, and nothing is created."""
+    t0 = time.perf_counter()
+    r = _cli("", "export", "--to", "onnx", "--precision", "fp32", "--out", str(tmp_path / ("e" * 300) / "o"))
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "a name over" in r.stderr, r.stderr
+    assert time.perf_counter() - t0 < 30 and list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("")
+    r = _cli("", "convert", "--to", "onnx", "--out", str(tmp_path / "file" / "o"))
+    assert r.returncode == 2 and "is not a folder" in r.stderr, r.stderr

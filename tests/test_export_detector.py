@@ -41,13 +41,16 @@ def _judged(*photos: dict, status: str = "ok") -> dict:
     ([_photo(), _photo((3, 2))], "ok", "FAILED"),  # another number of faces on one photo
     ([_photo(), _photo(iou=0.9)], "ok", "FAILED"),  # a box moved
     ([_photo(iou=math.nan)], "ok", "FAILED"),  # NaN parity is never a pass
+    ([_photo(), _photo(iou=math.nan)], "ok", "FAILED"),  # nor on a later photo (min() skipped it: PASSED)
+    ([_photo(), _photo(crop_px=math.nan)], "ok", "FAILED"),
     ([_photo(crop_px=math.inf)], "ok", "FAILED"),
     ([_photo(crop_px=2.0)], "ok", "FAILED"),  # landmarks moved more than the lossless limit
     ([_photo(), _photo((0, 0), iou=None, crop_px=None)], "ok", "NOT VERIFIED"),  # no face: nothing compared
     ([_photo(crop_px=None)], "ok", "NOT VERIFIED"),  # no landmark figures (converted without a regressor)
     ([], "ok", "NOT VERIFIED"),  # no photo measured at all
     ([], "error", "FAILED"),  # the conversion failed
-], ids=["same", "faces differ", "low iou", "nan iou", "inf landmarks", "landmarks moved", "no face", "no landmarks",
+], ids=["same", "faces differ", "low iou", "nan iou", "nan iou 2nd photo", "nan landmarks 2nd photo",
+        "inf landmarks", "landmarks moved", "no face", "no landmarks",
         "no photos", "conversion failed"])
 def test_detector_verdict_from_its_parity(photos, status, want):
     d = _judged(*photos, status=status)

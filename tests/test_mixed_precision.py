@@ -10,7 +10,7 @@ import pytest
 
 from edge3dfa.converters.base import Int8Builder
 from edge3dfa.measure import bootstrap, metrics
-from edge3dfa.workflows.budget import Budget, Candidate, Score, _Judge, _mixed
+from edge3dfa.workflows.budget import Budget, Candidate, Score, _choose, _Judge, _mixed
 
 # 3DDFA v1 benchmark_aflw.py, 1-based as published: AFLW point k is the mean of these 68-point indices
 UPSTREAM_68TO21 = [[18], [20], [22], [23], [25], [27], [37], [37, 38, 39, 40, 41, 42], [40], [43],
@@ -81,11 +81,29 @@ def test_heldout_is_every_pool_crop_calibration_leaves():
     pool = {p.name for p in calibration_files(None, CALIBRATION_POOL)[1]}
     assert len(held) == CALIBRATION_POOL - 64 and not set(held.files) & set(cal.files)
     assert set(held.files) | set(cal.files) == pool and len(held.inputs) == len(held.gt) == len(held.yaw)
-    assert len(heldout_for(replace(cal, folder="/elsewhere"))) == CALIBRATION_POOL  # calibrated on other images
+    other = replace(cal, folder="/elsewhere", data=cal.data + 0.5)  # other images
+    assert len(heldout_for(other)) == CALIBRATION_POOL  # calibrated on other images
     same = Path(cal.folder)
     respelt = replace(cal, folder=str(same.parent / ".." / same.parent.name / same.name))  # the same folder
     assert len(heldout_for(respelt)) == CALIBRATION_POOL - 64
     assert len(heldout_for(cal.data)) == HELDOUT  # bare crops: where from is unknown, the default last 256
+
+
+def test_heldout_leaves_out_a_copy_of_the_pool(tmp_path):
+    """Calibrating on a copy of the pool in another folder (files renamed too) must not be judged on the crops it
+    calibrated on: the held-out set is told apart by pixels, not by folder or file name."""
+    import shutil
+
+    from edge3dfa.datasets.calibration import calibration_files, load_calibration
+    from edge3dfa.datasets.heldout import CALIBRATION_POOL, heldout_for
+
+    for i, path in enumerate(calibration_files(None, 32)[1]):
+        shutil.copy(path, tmp_path / f"copy{i:03d}{path.suffix}")
+    cal = load_calibration(tmp_path, count=32)
+    held = heldout_for(cal)
+    assert len(held) == CALIBRATION_POOL - 32
+    shown = {x.tobytes() for x in cal.data}
+    assert not any(x.tobytes() in shown for x in held.inputs)
 
 
 def test_mb05_heldout_nme_is_plausible():
@@ -134,6 +152,22 @@ def test_budget_below_what_the_judge_resolves_is_warned_about():
     text = Budget(0.005).unresolvable(d)  # the default bin budget, 2 x 0.005, is below 0.03 too:
     assert "per bin +0.01 < +0.030" in text and "--nme-budget 0.015" in text  # 2 x 0.015 covers the bins
     assert "--nme-budget 0.025" in Budget(0.005).unresolvable(_delta(0.01, bins, half=0.012, bin_half=0.045))
+
+
+def test_budget_below_resolution_keeps_the_most_accurate_candidate(tmp_path):
+    """No layer search below what the judge resolves, and none within budget: the best found is the candidate
+    with the smallest ΔNME, not the one that happened to time fastest (seen: --nme-budget 0 chose a candidate
+    whose interval lay wholly above the others', faster by timing noise)."""
+    bins = {"[0,30]": 0.0, "(30,60]": 0.0, "(60,90]": 0.0}
+
+    def cand(name: str, balanced: float, ms: float) -> Candidate:
+        d = _delta(balanced, bins, half=0.015)
+        return Candidate(name=name, options={}, fields={}, score=Score({}, d, Budget(0.0).met(d)), latency_ms=ms,
+                         path=tmp_path / name)
+
+    worse, better = cand("fast", 0.058, 0.489), cand("slow", -0.004, 0.491)
+    record = {"judge": {"warning": "below what the held-out faces resolve"}}
+    assert _choose(_FakeFormat(), {}, [worse, better], None, tmp_path, record, lambda s: None) is better
 
 
 class _FakeBuilder(Int8Builder):

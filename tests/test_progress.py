@@ -301,3 +301,62 @@ def test_export_shows_each_step_and_times_it_with_the_heavy_parts_stood_in(tmp_p
     assert rows["reference"]["latency"] == pytest.approx(0.1, abs=0.1)
     assert sum(r["total"] for r in t["rows"]) == pytest.approx(t["total_s"], abs=1e-3)
     assert 0.7 < t["total_s"] < wall < t["total_s"] + 2  # untimed: parsing the command line, writing the report
+
+
+def test_a_closed_stderr_is_written_to_devnull_not_an_internal_error():
+    """``edge3dfa export ... 2>&-``: Python starts with ``sys.stderr`` None, and the first tqdm bar (reading the
+    crops) ended in an internal error, exit 3. The display, a bar and a log line must go nowhere, the command on,
+    and fd 2 must not be left free for the next file opened (a C library's warnings would go into it)."""
+    import os
+    import subprocess
+    import sys
+
+    work = ("def work(args):\n"
+            "    import os\n"
+            "    from edge3dfa import progress\n"
+            "    from edge3dfa.datasets.aflw2000_3d import _progress\n"
+            "    with progress.Progress(['onnx fp32']), progress.target('onnx fp32'), progress.step('convert'):\n"
+            "        list(_progress(range(3), 'reading crops', 3))\n"
+            "        progress.echo('a log line')\n"
+            "    print('fd2', os.path.realpath('/proc/self/fd/2'))\n"
+            "    return 0\n"
+            "cli.cmd_models = work\n")
+    script = f"import sys\nimport edge3dfa.cli as cli\n{work}sys.exit(cli.main(['models']))\n"
+    done = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, timeout=60,
+                          preexec_fn=lambda: os.close(2))
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.splitlines()[-1] == f"fd2 {os.devnull}", done.stdout
+
+
+@pytest.mark.parametrize("columns, term, bar", [(0, "xterm", False), (120, "dumb", False), (120, "xterm", True)])
+def test_a_terminal_a_bar_cannot_be_drawn_on_gets_plain_lines(columns, term, bar):
+    """stderr a tty, but of zero columns (a fresh pty: ``script``, some ``docker exec -t``), where tqdm draws
+    nothing, so the display showed no step at all; or ``TERM=dumb``, which cannot move the cursor for the nested
+    bars. Both get the plain lines."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    script = ("from edge3dfa import progress\n"
+              "with progress.Progress(['onnx fp32'], steps=('convert',), reference_steps=()):\n"
+              "    with progress.target('onnx fp32'), progress.step('convert'):\n"
+              "        pass\n")
+    done = subprocess.run([sys.executable, "-c", script], stderr=slave, timeout=60,
+                          env={**os.environ, "TERM": term})
+    os.close(slave)
+    text = b""
+    try:
+        while chunk := os.read(master, 65536):
+            text += chunk
+    except OSError:  # the pty's other end is closed: all read
+        pass
+    os.close(master)
+    assert done.returncode == 0
+    lines = "export [1/1] artifact 1 of 1 (onnx fp32): convert" in text.decode()
+    assert lines != bar and (b"\r" + b"artifact 1 of 1 (onnx fp32): convert |" in text) == bar, text

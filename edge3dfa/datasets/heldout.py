@@ -26,13 +26,16 @@ CALIBRATION_POOL = 512  # crops in the shared calibration folder
 HELDOUT = 256  # the last crops of it (sorted by name): never used to calibrate by default
 
 
-def load_heldout(count: int | None = HELDOUT, exclude: Sequence[str] = ()) -> EvalSet:
-    """The last ``count`` of the 512 calibration crops not named in ``exclude`` (None: all of them), with AFLW
-    21-point ground truth (-1 = not visible)."""
+def load_heldout(count: int | None = HELDOUT, exclude: Sequence[str] = (),
+                 exclude_pixels: np.ndarray | None = None) -> EvalSet:
+    """The last ``count`` of the 512 calibration crops not named in ``exclude`` and not equal, pixel for pixel, to
+    a crop of ``exclude_pixels`` (network inputs [K,3,120,120]: a copy of the pool, however named) (None: all of
+    them), with AFLW 21-point ground truth (-1 = not visible)."""
     from edge3dfa.datasets.calibration import load_calibration
 
     pool = load_calibration(None, count=CALIBRATION_POOL, check_disjoint=False)  # scored, not calibrated on
-    skip = set(exclude)
+    seen = set() if exclude_pixels is None else {x.tobytes() for x in np.asarray(exclude_pixels, np.float32)}
+    skip = set(exclude) | {f for f, x in zip(pool.files, pool.data) if x.tobytes() in seen}
     keep = [i for i, f in enumerate(pool.files) if f not in skip]
     count = len(keep) if count is None else count
     if not 1 <= count <= len(keep):
@@ -56,9 +59,12 @@ def load_heldout(count: int | None = HELDOUT, exclude: Sequence[str] = ()) -> Ev
 
 
 def heldout_for(calibration: object) -> EvalSet:
-    """Every pool crop that ``calibration`` (a CalibrationSet) does not use: all 512 when it calibrates on another
-    folder. Plain arrays do not say where they come from: then the default last ``HELDOUT``."""
+    """Every pool crop that ``calibration`` (a CalibrationSet) does not use: all 512 when it calibrates on other
+    images. A crop counts as used when calibration reads it from the pool's folder (however spelt) or holds the
+    same pixels (a copy of the pool in another folder, files renamed or not: judging int8 on the crops it was
+    calibrated on would flatter it). Plain arrays do not say where they come from: then the default last
+    ``HELDOUT``."""
     if not hasattr(calibration, "files"):
         return load_heldout()
     same = Path(calibration.folder).resolve() == Path(assets.fetch("calibration_crops")).resolve()  # however spelt
-    return load_heldout(None, calibration.files if same else ())
+    return load_heldout(None, calibration.files if same else (), exclude_pixels=calibration.data)

@@ -27,6 +27,7 @@ from edge3dfa.measure import metrics
 LEVEL = 0.95
 RESAMPLES = 1000
 SEED = 0
+MIN_BIN_FACES = 2  # a yaw bin needs this many faces for an interval (one face: nothing to resample)
 METHOD = ("paired percentile bootstrap: faces resampled within each |yaw| bin (same resample for both models), "
           "balanced = mean of the three bin means")
 
@@ -59,17 +60,20 @@ def interval(values: np.ndarray, yaw: np.ndarray, *, level: float = LEVEL, resam
              seed: int = SEED) -> dict[str, Any]:
     """The bootstrap interval of the balanced mean, the plain mean and each bin's mean of per-face ``values``:
     ``{level, resamples, seed, method, balanced: [lo, hi], mean: [lo, hi], bins: {label: [lo, hi]}}``
-    (None where a bin is empty; balanced then too)."""
+    (None where a bin has fewer than ``MIN_BIN_FACES`` faces; balanced then too)."""
     if not 0 < level < 1 or resamples < 1:
         raise ValueError(f"level must be in (0, 1) and resamples >= 1, got {level}, {resamples}")
     means = bin_means(values, yaw, resamples, seed)
     counts = np.bincount(metrics.yaw_bins(yaw), minlength=len(metrics.BIN_LABELS))
     full = [m for m in means if m is not None]
-    balanced = np.mean(means, axis=0) if len(full) == len(means) else None
+    # a bin of one face has no spread to resample: its zero-width "interval" would claim certainty (and narrow
+    # the balanced one) where there is none, so it has no interval, nor has the balanced mean then
+    spread = [m if n >= MIN_BIN_FACES else None for m, n in zip(means, counts)]
+    balanced = np.mean(means, axis=0) if all(m is not None for m in spread) else None
     plain = sum(m * n for m, n in zip(means, counts) if m is not None) / max(int(counts.sum()), 1)
     return {"level": level, "resamples": resamples, "seed": seed, "method": METHOD,
             "balanced": _interval(balanced, level), "mean": _interval(plain if full else None, level),
-            "bins": {label: _interval(m, level) for label, m in zip(metrics.BIN_LABELS, means)}}
+            "bins": {label: _interval(m, level) for label, m in zip(metrics.BIN_LABELS, spread)}}
 
 
 def paired_delta(a: np.ndarray, b: np.ndarray, yaw: np.ndarray, **kw: Any) -> dict[str, Any]:

@@ -71,7 +71,10 @@ def summary(parity: dict[str, Any] | None) -> dict[str, Any]:
 
     def over(key: str, pick: Any) -> float | None:
         values = [p.get(key) for p in photos]
-        return None if not values or None in values else float(pick(values))
+        if not values or None in values:
+            return None
+        values = [float(v) for v in values]  # min/max skip a NaN after the first value: it must show, not hide
+        return pick(values) if all(map(math.isfinite, values)) else math.nan
 
     faces = [p.get("faces") or [] for p in photos]
     weights = [f[0] if f else 0 for f in faces]

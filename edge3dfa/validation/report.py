@@ -41,7 +41,7 @@ report.json, schema ``edge3dfa.report/2`` (numbers are plain JSON numbers; null 
                       (null when validated with --reference none); ci {level, resamples, seed, method,
                       balanced [low, high], mean [low, high], bins {label: [low, high]}}: its paired bootstrap
                       interval (edge3dfa.measure.bootstrap: faces resampled within each yaw bin, the same
-                      resample for both; null where a bin is empty). Gates compare the point estimate; the
+                      resample for both; null where a bin has under two faces). Gates compare the point estimate; the
                       interval says how far the same model could land on another draw of faces
       delta_vs_fp32       the same against this format's fp32 artifact (null if none)
       parity          {param_max_abs, param_mean_abs, landmark_max_px, landmark_mean_px, n}: vs the reference's

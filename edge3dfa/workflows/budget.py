@@ -309,13 +309,21 @@ def _choose(fmt: Format, builders: dict[str, Int8Builder], candidates: list[Cand
     chosen = min(ok, key=lambda c: c.speed) if ok else None
     if record["judge"]["warning"]:
         log("  no layer search: the budget is below what the held-out crops resolve (see the warning)")
-        return chosen or fastest
+        # none within budget: the best found is the most accurate candidate (as the layer search's best), not
+        # the fastest, which among candidates timed alike would pick by timing noise
+        return chosen or min(candidates, key=lambda c: (_balanced(c), c.speed))
     if chosen is not fastest:  # keeping a few layers of the fastest float may beat a slower candidate
         mixed, record["sensitivity"], record["greedy"] = _mixed(fmt, builders[fastest.name], fastest, judge, work,
                                                                 log)
         if chosen is None or (mixed.within_budget and mixed.speed < chosen.speed):
             chosen = mixed
     return chosen
+
+
+def _balanced(c: Candidate) -> float:
+    """A candidate's held-out balanced ΔNME vs fp32 (infinite when a yaw bin was empty: not comparable)."""
+    value = c.score.delta.get("balanced")
+    return float("inf") if value is None else value
 
 
 def _fields(chosen: Candidate, record: dict[str, Any], fp32_ms: float | None,
@@ -392,7 +400,7 @@ def _mixed(fmt: Format, builder: Int8Builder, base: Candidate, judge: _Judge, wo
         steps.append({"float_layers": len(keep), "added": r["layer"], "delta": cand.score.delta,
                       "within_budget": cand.within_budget, "latency_ms": cand.latency_ms})
         log(f"    + {r['layer']}: NME {bootstrap.text(cand.score.delta)}, {_ms(cand.latency_ms)}")
-        if cand.score.delta["balanced"] < best.score.delta["balanced"] or cand.within_budget:
+        if _balanced(cand) < _balanced(best) or cand.within_budget:
             best = cand
         if cand.within_budget:
             break

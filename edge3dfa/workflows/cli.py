@@ -4,7 +4,9 @@ is registered from ``workflows.export``."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from edge3dfa.workflows.export import register_export
@@ -79,6 +81,30 @@ def calibration_of(args: argparse.Namespace) -> Any:
     return Calibration.parse({"folder": args.calib_dir, "count": args.calib_count})
 
 
+def check_out(out: str) -> None:
+    """Refuse an ``--out`` the converters cannot use, before any work: a path that is not UTF-8 (bytes a locale
+    cannot decode, e.g. ``$'out_\\xff'``) reaches the frameworks as text they cannot encode (ONNX's checker failed
+    with an internal error), and a folder that cannot be created (a name over 255 bytes, a read-only disk) failed
+    every conversion, then the report, minutes later (``OSError``: exit 2)."""
+    from edge3dfa.errors import Edge3dfaError
+    from edge3dfa.logs import printable
+
+    try:
+        out.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Edge3dfaError(f"--out {printable(out)} is not a UTF-8 path, which the converters' frameworks take: "
+                            "choose a folder whose name is UTF-8") from None
+    path = Path(os.path.abspath(out))
+    base = next(p for p in (path, *path.parents) if os.path.exists(p))  # created later: a plan error writes nothing
+    name_max = os.pathconf(base, "PC_NAME_MAX") if base.is_dir() else 255
+    too_long = [q for q in path.relative_to(base).parts if len(os.fsencode(q)) > name_max]
+    if not base.is_dir() or too_long or (base != path and not os.access(base, os.W_OK)):  # to create in
+        why = (f"{printable(base)} is not a folder" if not base.is_dir() else
+               f"a name over {name_max} bytes ({printable(too_long[0])[:40]}...)" if too_long else
+               f"{printable(base)} is not writable")
+        raise Edge3dfaError(f"--out {printable(out)}: cannot create or write it: {why}")
+
+
 def list_options(names: list[str]) -> int:
     from edge3dfa.converters import get_format
 
@@ -97,6 +123,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
     if args.list_options:
         return list_options(plan_list(args.to, "format"))
+    check_out(args.out)
     options, calibration, budget = parse_options(args.option), calibration_of(args), budget_of(args)
     source = Checkpoint.open(args.checkpoint or args.model, args.arch if args.checkpoint else None)
     arts = convert(source, to=args.to, precision=args.precision, out_dir=args.out, options=options,

@@ -163,7 +163,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from edge3dfa.models.checkpoint import Checkpoint
     from edge3dfa.validation.harness import Entry, evaluate
     from edge3dfa.workflows import convert
-    from edge3dfa.workflows.cli import budget_of, calibration_of, list_options, parse_options
+    from edge3dfa.workflows.cli import budget_of, calibration_of, check_out, list_options, parse_options
     from edge3dfa.workflows.detector import detector_label, export_detector, plan_detector
 
     started = time.perf_counter()
@@ -172,6 +172,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     plan, not_attempted = plan_export(args)  # a plan that cannot be met fails now, having built nothing
     if args.list_options:
         return list_options([f.name for f, _ in plan])
+    check_out(args.out)
     options = split_options(parse_options(args.option), [f.name for f, _ in plan])
     for fmt, _ in plan:
         fmt.Options.parse(options[fmt.name])  # a typo fails now
