@@ -415,7 +415,7 @@ def test_wide_float_outputs_that_overflow_float32_are_rejected(tmp_path):
 @pytest.mark.parametrize("to, precision, option, needle", [
     ("tflite", "dyn-int8", "fc_per_channel=flase", "tflite option fc_per_channel must be true or false, got 'flase'"),
     ("tflite", "fp32", "fc_per_chanel=true", "unknown tflite option(s) fc_per_chanel; known:"),
-    ("coreml", "fp32", "exclude=/conv1", "unknown coreml option(s) exclude; known: calib_method, compute"),
+    ("coreml", "fp32", "exclude=/conv1", "unknown coreml option(s) exclude; known: activations, calib_method, compute"),
     ("coreml", "fp32", "input=img", "coreml option input='img' is not one of tensor, image"),
     ("onnx,tflite", "fp32", "tflite.params_layer=landmarks", "tflite option params_layer='landmarks' is not one of"),
     ("coreml", "w8", "deployment_target=ios15", "deployment_target='ios15' is not one of iOS16, iOS17, iOS18"),

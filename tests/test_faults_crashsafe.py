@@ -724,7 +724,9 @@ def test_validate_passes_on_the_reconverted_folder(killed_then_reconverted, tmp_
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     _no_traceback(r.stderr)
-    assert "mb05_int8.onnx (onnx int8)" in r.stderr and "mb05_fp32.tflite (tflite fp32)" in r.stderr
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())["targets"]
+    scored = {os.path.basename(t["artifact"]): t["status"] for t in rows if t["role"] == "artifact"}
+    assert scored == {"mb05_fp32.onnx": "ok", "mb05_int8.onnx": "ok", "mb05_fp32.tflite": "ok"}, scored
     assert sorted(p.name for p in (tmp_path / "report").iterdir() if p.suffix != ".png") == \
         ["report.html", "report.json", "report.md"]
     assert _dot_entries(tmp_path / "report") == []
