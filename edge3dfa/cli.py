@@ -310,7 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version or a usage error, already printed by argparse
         return _flushed(e.code if isinstance(e.code, int) else USER_ERROR)
     third_party = None if args.verbose else ThirdPartyLog().install()
-    code = _run(args, argv)
+    try:
+        code = _run(args, argv)
+    finally:
+        if third_party is not None:
+            third_party.uninstall()
     if third_party is not None and (line := third_party.summary()):
         _say(line)
     return _flushed(code)

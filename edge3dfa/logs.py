@@ -12,6 +12,8 @@ import platform
 import sys
 import tempfile
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -75,8 +77,10 @@ class ThirdPartyLog:
         import logging
         import warnings
 
+        global _INSTALLED
         for key, value in self.ENVIRONMENT.items():
             os.environ.setdefault(key, value)
+        _INSTALLED = self
         warnings.showwarning = self._show_warning
         handler = logging.StreamHandler(self)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -103,9 +107,55 @@ class ThirdPartyLog:
         if self._file is not None:
             self._file.flush()
 
+    def uninstall(self) -> None:
+        """Native output is no longer routed here (the command is over; tests run several in one process)."""
+        global _INSTALLED
+        if _INSTALLED is self:
+            _INSTALLED = None
+
     def summary(self) -> str | None:
         """One line naming the file, when anything went there."""
         self.flush()
         if not self.lines:
             return None
         return f"{self.lines} third-party warning(s) in {printable(self.path)} (--verbose shows them)"
+
+
+_INSTALLED: ThirdPartyLog | None = None
+
+
+@contextmanager
+def native_output() -> Iterator[None]:
+    """What C/C++ code writes to file descriptor 2 inside goes to the installed ``ThirdPartyLog``'s file.
+
+    TensorFlow's absl and oneDNN banners (on importing it) and LiteRT's "Created TensorFlow Lite XNNPACK
+    delegate" (on the first interpreter) bypass Python and ignore ``TF_CPP_MIN_LOG_LEVEL``, so ``make demo``
+    still printed them. Wrap only the calls that print them (an import, an interpreter's creation): Python's own
+    stderr writes inside go to the file too. Nothing changes with ``--verbose`` (no log installed) or when the
+    file cannot be opened.
+    """
+    log = _INSTALLED
+    try:
+        if log is None:
+            raise OSError("no third-party log")
+        log.path.parent.mkdir(parents=True, exist_ok=True)
+        target = os.open(log.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    log.flush()
+    before, lines = os.fstat(target).st_size, log.lines
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(target, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        log.flush()  # the Python warnings written inside are counted once
+        with open(log.path, "rb") as f:
+            f.seek(before)
+            log.lines = max(log.lines, lines + f.read().count(b"\n"))
+        os.close(target)

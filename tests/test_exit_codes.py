@@ -126,11 +126,38 @@ def test_third_party_warnings_go_to_a_log_named_at_the_end(tmp_path, monkeypatch
         logging.getLogger("somelib").warning("optional kernels not loaded")
         summary = log.summary()
     finally:
+        log.uninstall()
         logging.getLogger().handlers[:] = root_handlers
     assert capsys.readouterr().err == ""
     text = log.path.read_text()
     assert "FutureWarning" in text and "treespec is deprecated" in text and "optional kernels not loaded" in text
     assert log.path.parent == tmp_path / "logs" and str(log.path) in summary and summary.startswith("2 ")
+
+
+def test_native_stderr_of_the_frameworks_goes_to_the_log_and_edge3dfa_lines_stay(tmp_path):
+    """TensorFlow's absl/oneDNN and LiteRT's XNNPACK banners are written by C++ straight to file descriptor 2
+    (no Python warning to catch): inside ``native_output`` they reach the log file, and are counted in the summary;
+    Python's stderr before and after is untouched; with no log installed (``--verbose``) nothing is routed."""
+    script = (
+        "import os, sys\n"
+        "from edge3dfa.logs import ThirdPartyLog, native_output\n"
+        "with native_output():\n"
+        "    os.write(2, b'shown: no log installed\\n')\n"
+        "log = ThirdPartyLog().install()\n"
+        "print('before', file=sys.stderr, flush=True)\n"
+        "with native_output():\n"
+        "    os.write(2, b'I0000 native banner\\n')\n"
+        "    os.write(2, b'INFO: Created delegate\\n')\n"
+        "print('after', file=sys.stderr, flush=True)\n"
+        "print(log.summary(), file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "EDGE3DFA_CACHE": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[:3] == ["shown: no log installed", "before", "after"], lines
+    assert lines[3].startswith("2 third-party warning(s) in "), lines
+    text = next((tmp_path / "logs").glob("*.log")).read_text()
+    assert text.splitlines() == ["I0000 native banner", "INFO: Created delegate"]
 
 
 def test_verbose_is_accepted_before_and_after_the_command(tmp_path):

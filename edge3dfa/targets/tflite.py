@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from edge3dfa.errors import Edge3dfaError
-from edge3dfa.logs import one_line
+from edge3dfa.logs import native_output, one_line
 from edge3dfa.target import Target
 
 _IDENTIFIER = b"TFL3"
@@ -144,8 +144,9 @@ class TFLiteTarget(Target):
                 raise Edge3dfaError(f"{self.path.name}: truncated or corrupt TFLite file: {problem}")
         self.num_threads = int(threads) if threads else (os.cpu_count() or 1)
         try:
-            self.interpreter = interpreter_class(model_path=str(self.path), num_threads=self.num_threads)
-            self.interpreter.allocate_tensors()
+            with native_output():  # LiteRT's XNNPACK banner on the first interpreter
+                self.interpreter = interpreter_class(model_path=str(self.path), num_threads=self.num_threads)
+                self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             why = ("it needs a newer runtime (see min_runtime in its manifest; pip install ai-edge-litert)"
                    if "find op" in str(e) else "truncated or corrupt file?")

@@ -23,7 +23,7 @@ import numpy as np
 
 from edge3dfa.converters.tflite.opversions import inspect_ops, runtime_notes
 from edge3dfa.errors import Edge3dfaError
-from edge3dfa.logs import one_line
+from edge3dfa.logs import native_output, one_line
 from edge3dfa.manifest import CANONICAL_INPUT, CANONICAL_OUTPUT, tool_versions
 
 if TYPE_CHECKING:
@@ -93,9 +93,10 @@ def channels_last_module(model: Any) -> Any:
 
 def float_flatbuffer(model: Any, input_hw: tuple[int, int]) -> bytes:
     """torch model (NCHW) -> fp32 TFLite flatbuffer with a [1,H,W,3] input."""
-    import litert_torch
     import torch
 
+    with native_output():  # TensorFlow's absl / oneDNN banners on import
+        import litert_torch
     litert_torch.config.show_progress = False
     sample = (torch.zeros(1, *input_hw, 3),)
     try:
@@ -146,7 +147,8 @@ def io_descriptions(content: bytes, detector: bool, hw: tuple[int, int]) -> tupl
     """The manifest's ``input`` and ``output`` for this flatbuffer (dtypes and int8 scales read from it)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interp = Interpreter(model_content=content)
+    with native_output():  # LiteRT's XNNPACK banner on the first interpreter
+        interp = Interpreter(model_content=content)
     i, outs = interp.get_input_details()[0], interp.get_output_details()
     if detector:
         inp = {"name": "input", "shape": ["N", *hw, 3], "layout": "NHWC", "channel_order": "BGR",

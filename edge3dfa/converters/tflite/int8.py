@@ -38,6 +38,7 @@ from edge3dfa.converters.tflite.export import CROP_SIZE, float_flatbuffer, quiet
 from edge3dfa.converters.tflite.opversions import inspect_ops
 from edge3dfa.datasets.calibration import CalibrationSet, crops_of
 from edge3dfa.errors import Edge3dfaError
+from edge3dfa.logs import native_output
 
 if TYPE_CHECKING:
     from edge3dfa.converters.tflite import TFLiteOptions
@@ -49,7 +50,8 @@ _WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 def _interpreter(content: bytes) -> Any:
     from ai_edge_litert.interpreter import Interpreter
 
-    return Interpreter(model_content=content)
+    with native_output():  # LiteRT's XNNPACK banner on the first interpreter
+        return Interpreter(model_content=content)
 
 
 def _graph_ops(interp: Any) -> list[dict[str, Any]]:
@@ -171,7 +173,8 @@ def tensor_histograms(content: bytes, qsvs: dict[str, Any], crops: np.ndarray,
 
     with warnings.catch_warnings():  # LiteRT warns that keeping every tensor is for debugging: it is the point here
         warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
-        interp = Interpreter(model_content=content, experimental_preserve_all_tensors=True)
+        with native_output():
+            interp = Interpreter(model_content=content, experimental_preserve_all_tensors=True)
     interp.allocate_tensors()
     inp = interp.get_input_details()[0]["index"]
     index = {t["name"]: t["index"] for t in interp.get_tensor_details() if t["index"] != inp}
