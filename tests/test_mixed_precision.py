@@ -375,3 +375,14 @@ def test_budget_arguments_are_checked(tmp_path):
         with pytest.raises(Edge3dfaError, match="nme-budget"):
             convert("mb05", to="onnx", precision=precision, out_dir=tmp_path, budget=budget, verbose=False)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "lots"])
+def test_a_bad_budget_is_said_once(value):
+    """One plain sentence: the reason is not wrapped in a copy of itself (``--nme-budget -1`` once read
+    "--nme-budget must be ...: --nme-budget must be ..., got -1.0")."""
+    from edge3dfa.errors import Edge3dfaError
+
+    with pytest.raises(Edge3dfaError) as e:
+        Budget.parse({"nme": value})
+    assert str(e.value).count("--nme-budget") == 1, str(e.value)

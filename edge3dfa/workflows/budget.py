@@ -83,6 +83,8 @@ class Budget(Options):
         try:
             return super().parse(values)
         except Edge3dfaError as e:
+            if str(e).startswith("--nme-budget"):  # check()'s own message says it already
+                raise
             raise Edge3dfaError(f"--nme-budget must be a finite number >= 0 (NME points, e.g. 0.05): {e}") from None
 
     def check(self) -> None:
