@@ -231,7 +231,7 @@ EXIT_CODES = """exit codes:
   1    a gate failed or a budget was not met (verdict FAILED or NOT VERIFIED)
   2    user error: bad input, option, missing or corrupt file, full disk, no permission
   3    internal error: one line plus the path of a log with the traceback (--debug prints it)
-  130  interrupted (Ctrl-C); 143 terminated (SIGTERM)"""
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM); 141 its output pipe was closed (e.g. | head)"""
 
 
 class _Parser(argparse.ArgumentParser):

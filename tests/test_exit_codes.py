@@ -235,3 +235,15 @@ def test_an_out_that_cannot_be_created_is_a_user_error_before_any_work(tmp_path)
     (tmp_path / "file").write_text("")
     r = _cli("", "convert", "--to", "onnx", "--out", str(tmp_path / "file" / "o"))
     assert r.returncode == 2 and "is not a folder" in r.stderr, r.stderr
+
+
+def test_a_closed_output_pipe_is_exit_141_as_help_says():
+    """``edge3dfa models | head -1``: the reader goes away, the command stops quietly with the code --help lists."""
+    from edge3dfa.cli import EXIT_CODES
+
+    p = subprocess.Popen([sys.executable, "-m", "edge3dfa.cli", "models"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=os.environ.copy())
+    p.stdout.close()  # before anything is written
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141, err
+    assert "Traceback" not in err and "141" in EXIT_CODES.split("130", 1)[1]
