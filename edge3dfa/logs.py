@@ -69,7 +69,7 @@ class ThirdPartyLog:
     ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "2", "GLOG_minloglevel": "2", "GRPC_VERBOSITY": "ERROR"}
 
     def __init__(self) -> None:
-        self.path = log_dir() / f"edge3dfa-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        self.path: Path | None = log_dir() / f"edge3dfa-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
         self.lines = 0
         self._file: Any = None
 
@@ -96,8 +96,11 @@ class ThirdPartyLog:
             return
         try:
             if self._file is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(self.path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+                fd = self.open_for_native()
+                if fd is None:  # no writable folder: the lines are dropped, and the summary says so
+                    self._file, self.path = open(os.devnull, "w"), None  # noqa: SIM115
+                else:
+                    self._file = open(fd, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
             self._file.write(text if text.endswith("\n") else text + "\n")
             self.lines += 1
         except OSError:
@@ -106,6 +109,22 @@ class ThirdPartyLog:
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
+
+    def open_for_native(self) -> int | None:
+        """A descriptor appending to this log, in the cache's log folder or else the temp folder (as crash logs);
+        None when neither can be written (``path`` is then None)."""
+        if self.path is None:
+            return None
+        for folder in (self.path.parent, Path(tempfile.gettempdir())):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(folder / self.path.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            except OSError:
+                continue
+            self.path = folder / self.path.name
+            return fd
+        self.path = None
+        return None
 
     def uninstall(self) -> None:
         """Native output is no longer routed here (the command is over; tests run several in one process)."""
@@ -118,6 +137,9 @@ class ThirdPartyLog:
         self.flush()
         if not self.lines:
             return None
+        if self.path is None:
+            return (f"{self.lines} third-party warning(s) dropped: no writable log folder ({printable(log_dir())} "
+                    f"or {printable(tempfile.gettempdir())}); --verbose shows them")
         return f"{self.lines} third-party warning(s) in {printable(self.path)} (--verbose shows them)"
 
 
@@ -135,12 +157,8 @@ def native_output() -> Iterator[None]:
     file cannot be opened.
     """
     log = _INSTALLED
-    try:
-        if log is None:
-            raise OSError("no third-party log")
-        log.path.parent.mkdir(parents=True, exist_ok=True)
-        target = os.open(log.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    except OSError:
+    target = log.open_for_native() if log is not None else None
+    if target is None:
         yield
         return
     log.flush()

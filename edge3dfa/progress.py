@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any, TextIO
 
@@ -272,26 +272,16 @@ def active() -> Progress | None:
     return _ACTIVE.get()
 
 
-@contextmanager
-def step(name: str) -> Iterator[None]:
+def step(name: str) -> AbstractContextManager[None]:
     """``Progress.step`` of the active display; nothing without one."""
     p = _ACTIVE.get()
-    if p is None:
-        yield
-        return
-    with p.step(name):
-        yield
+    return nullcontext() if p is None else p.step(name)
 
 
-@contextmanager
-def target(label: str) -> Iterator[None]:
+def target(label: str) -> AbstractContextManager[None]:
     """``Progress.target`` of the active display; nothing without one."""
     p = _ACTIVE.get()
-    if p is None:
-        yield
-        return
-    with p.target(label):
-        yield
+    return nullcontext() if p is None else p.target(label)
 
 
 def skip_rest(*names: str) -> None:

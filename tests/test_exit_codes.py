@@ -247,3 +247,27 @@ def test_a_closed_output_pipe_is_exit_141_as_help_says():
     err = p.stderr.read().decode()
     assert p.wait(timeout=300) == 141, err
     assert "Traceback" not in err and "141" in EXIT_CODES.split("130", 1)[1]
+
+
+def test_third_party_log_falls_back_to_the_temp_folder_and_never_names_a_missing_file(tmp_path, monkeypatch):
+    """A cache that cannot be written (here: a file where the folder should be): the lines go to the temp folder,
+    as crash logs do, and the summary names the file that holds them; with no writable folder at all it says they
+    were dropped, never a path that does not exist."""
+    import tempfile
+
+    from edge3dfa.logs import ThirdPartyLog
+
+    (tmp_path / "cache").write_text("a file, not a folder")
+    monkeypatch.setenv("EDGE3DFA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    log = ThirdPartyLog()
+    log.write("somelib: a warning")
+    log.flush()
+    assert log.path.parent == tmp_path / "tmp" and log.path.read_text() == "somelib: a warning\n"
+    assert str(log.path) in log.summary()
+
+    (tmp_path / "tmp2").write_text("not a folder either")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp2"))
+    dropped = ThirdPartyLog()
+    dropped.write("somelib: a warning")
+    assert dropped.path is None and dropped.summary().startswith("1 third-party warning(s) dropped")

@@ -42,17 +42,12 @@ OPSET = 17
 
 @dataclass(frozen=True)
 class OnnxOptions(Options):
-    """ONNX export and int8 options. The int8 defaults were chosen by measurement (500 AFLW2000-3D crops, 256
-    calibration crops, mean landmark px vs PyTorch, mb05 / mbv3 fixture; ``benchmarks/int8_choices.py``):
-
-    - calib_method: percentile 0.265 / 0.343, minmax 0.340 / 0.389, entropy 1.08-1.2 / 1.5 (and 10-30x slower);
-    - reduce_range costs 0.1-0.2 px; s8 (asymmetric) activations = u8 here (AVX-512 VNNI: int8 kernels =
-      fake-quant), and s8 was measured far better than u8 on an AVX2 CPU without VNNI (earlier run), so s8;
-      symmetric s8 0.45 / 0.54; per-tensor weights 0.85 / 0.36;
-    - float_output: quantizing the params layer too 0.94 / 0.84;
-    - float_input keeps the first conv (and its activation) float: its input is the full-range image, whose u8 x s8
-      products saturate onnxruntime's AVX2 kernels on x86 without VNNI (mb05: 1.04 px -> 0.26 px there, =
-      fake-quant), for ~3 % of the MACs; found by the --nme-budget sensitivity search, which ranked it first by far.
+    """ONNX export and int8 options. The int8 defaults were chosen by measurement (mean landmark px vs PyTorch on
+    AFLW2000-3D crops, mb05 and the mbv3 fixture: ``benchmarks/int8_choices.py``, figures in README "Int8 within an
+    NME budget"): percentile calibration (minmax and entropy were worse, entropy also much slower); s8 asymmetric
+    activations, per-channel weights, no reduce_range; the params layer float (``float_output``);
+    ``float_input`` keeps the first conv float, whose full-range input saturates onnxruntime's u8 x s8 kernels on
+    x86 without VNNI (found first by the --nme-budget sensitivity search).
     """
 
     label = "onnx option"
@@ -107,8 +102,8 @@ class OnnxFormat(Format):
     #: what --nme-budget tries (with the defaults' float layers); the fastest within budget wins, else the fastest
     #: gets layers kept float. Measured on x86 without VNNI (AVX2): u8 x s8 kernels saturate where inputs are dense
     #: (reduce_range, 7-bit weights, avoids it at some accuracy; u8 x u8 is exact but slow); MobileNet-V3's
-    #: elementwise ops (hard-swish, SE, residual) only get fused int8 kernels with u8 activations: 1.0 ms vs 5.6 ms
-    #: for s8 (mbv3 fixture, batch 1, one thread), at +0.10 NME from saturation that float layers can buy back.
+    #: elementwise ops (hard-swish, SE, residual) only get fused int8 kernels with u8 activations (several times
+    #: faster than s8 there, at a saturation cost that float layers can buy back; README "Int8 within an NME budget").
     int8_candidates: ClassVar[dict[str, dict[str, Any]]] = {
         "s8": {}, "u8s8": {"activations": "u8"}, "reduce_range": {"reduce_range": True},
         "u8u8": {"weights": "u8", "activations": "u8"}}

@@ -120,7 +120,7 @@ def static_fields(options: OnnxOptions, excluded: list[str]) -> tuple[dict[str, 
              "with optimisations off (Q/DQ as float ops), so the difference is kernel error"]
     if options.weights == "s8" and not options.reduce_range and not options.float_input:
         notes.append("x86 CPUs without VNNI (AVX2 only) saturate u8 x s8 products in onnxruntime's fast kernels "
-                     "(measured here: mb05 1.04 px vs 0.26 px fake-quant): for such CPUs reconvert with "
+                     "(README \"Int8 within an NME budget\"): for such CPUs reconvert with "
                      "--option weights=u8 --option activations=u8 (exact, but slower) or reduce_range=true, or "
                      "let --nme-budget choose by measurement")
     return used, tuple(notes)
