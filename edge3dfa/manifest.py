@@ -65,6 +65,7 @@ class Manifest:
     output: dict[str, Any] = field(default_factory=lambda: dict(CANONICAL_OUTPUT))
     parity: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None  # --nme-budget search: candidates, sensitivity, float layers
+    bundle: dict[str, Any] | None = None  # a phone bundle's contract (edge3dfa.bundle); None: a params artifact
     min_runtime: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     tools: dict[str, str] = field(default_factory=dict)

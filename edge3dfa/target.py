@@ -54,6 +54,9 @@ class Target(ABC):
         self.input_shape: tuple[int | None, ...] = (3, 120, 120)
         #: the verified manifest beside the artifact (set by ``open_target``); None: none, or not checked
         self.manifest: Manifest | None = None
+        #: the bundle contract (``edge3dfa.bundle``) when the artifact is a phone bundle (uint8 image in, named
+        #: outputs), read from the file by the runtime or from the manifest; None: a params (or detector) artifact
+        self.bundle: dict[str, Any] | None = None
 
     def input_contract(self) -> dict[str, Any]:
         """The input as the artifact stores it: shape in its own layout (None = any size), layout, dtype, kind."""
@@ -70,7 +73,9 @@ class Target(ABC):
 
     @abstractmethod
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
-        """Raw outputs for a validated float32 NCHW batch."""
+        """Raw outputs for a validated float32 NCHW batch; for a bundle, for the uint8 image of its contract
+        (``bundle.to_image_uint8``: NHWC, or NCHW where the contract's layout is "image"), outputs in the
+        contract's order (``bundle.OUTPUTS`` or ``bundle.DETECTOR_OUTPUTS``)."""
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         """All raw outputs (e.g. FaceBoxes' loc and conf) for a float32 NCHW batch."""
@@ -86,9 +91,39 @@ class Target(ABC):
         if bad.any():  # checked first: NaN in, NaN out would otherwise be blamed on the artifact
             raise Edge3dfaError(f"{self.name}: the input holds NaN/Inf in {int(bad.sum())} of {len(x)} samples "
                                 "(bad input, not a fault of the model)")
-        outs = self._run(np.ascontiguousarray(x))
+        outs = self._run(self._bundle_input(x) if self.bundle else np.ascontiguousarray(x))
         self._check_finite(outs, len(x))
         return outs
+
+    def _bundle_input(self, x: np.ndarray) -> np.ndarray:
+        """The canonical float input as the uint8 image this bundle's contract takes (exactly, or an error)."""
+        from edge3dfa import bundle
+
+        spec = self.bundle["input"]
+        channels, layout = spec.get("channel_order", "BGR").lower(), spec.get("layout", "NHWC")
+        if self.bundle.get("kind") == "detector":
+            return bundle.blob_to_image_uint8(x, channels, "NHWC" if layout == "NHWC" else "NCHW")
+        return bundle.to_image_uint8(x, channels, "NHWC" if layout == "NHWC" else "NCHW")
+
+    def predict_bundle(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """float32 [N,3,120,120] crops -> a regressor bundle's outputs by name (``bundle.OUTPUTS``), checked."""
+        from edge3dfa import bundle
+
+        if not self.bundle or self.bundle.get("kind") != "regressor":
+            raise Edge3dfaError(f"{self.name} is not a landmark bundle (it outputs "
+                                f"{'detections' if self.bundle else 'params'}); convert with --bundle")
+        outs = self.run(x)
+        if len(outs) != len(bundle.OUTPUTS):
+            raise Edge3dfaError(f"{self.name}: returned {len(outs)} outputs, a bundle returns "
+                                f"{', '.join(bundle.OUTPUTS)}")
+        got = {}
+        for key, value, shape in zip(bundle.OUTPUTS, outs, ((bundle.N_LANDMARKS, 3), (3,), (N_PARAMS,))):
+            a = np.asarray(value, np.float32)
+            if a.size != len(x) * int(np.prod(shape)):
+                raise Edge3dfaError(f"{self.name}: output {key} has shape {list(a.shape)}, the contract says "
+                                    f"[{len(x)},{','.join(map(str, shape))}]")
+            got[key] = a.reshape(len(x), *shape)
+        return got
 
     def _check_finite(self, outs: list[np.ndarray], n: int) -> None:
         """NaN/Inf in any float output is a broken artifact (or a runtime fault), never a result."""
@@ -105,7 +140,11 @@ class Target(ABC):
                                 "is corrupt or numerically broken (re-convert it)")
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """float32 [N,3,120,120] crops -> float32 [N,62] normalised params."""
+        """float32 [N,3,120,120] crops -> float32 [N,62] normalised params (a bundle's params normalised back)."""
+        if self.bundle and self.bundle.get("kind") == "regressor":
+            from edge3dfa import bundle
+
+            return bundle.normalised_params(self.predict_bundle(x)["params"])
         raw = self.run(x)[0]
         with np.errstate(over="ignore"):  # a wider float output may overflow float32: reported just below
             out = np.asarray(raw, dtype=np.float32).reshape(len(x), -1)
@@ -163,6 +202,8 @@ def open_target(path_or_name: str | os.PathLike, threads: int | None = None, *, 
     if manifest is not None:
         check_contract(target, manifest, manifest_path(p))
         target.manifest = manifest
+        if target.bundle is None and manifest.bundle:
+            target.bundle = manifest.bundle
     return target
 
 
@@ -249,6 +290,9 @@ def check_contract(target: Target, m: Manifest, mpath: str | os.PathLike) -> Non
         if key in want and have.get(key) is not None and want[key] != have[key]:
             raise Edge3dfaError(f"{where}: field 'input.{key}' is {want[key]!r}, but the artifact's input is "
                                 f"{have[key]!r}")
+    if target.bundle is not None and target.bundle != m.bundle:
+        raise Edge3dfaError(f"{where}: field 'bundle' is not the contract stored in the file" if m.bundle else
+                            f"{where}: the file is a bundle, but the manifest has no 'bundle' field")
 
 
 def extras() -> dict[str, list[str]]:

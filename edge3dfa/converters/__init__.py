@@ -109,8 +109,9 @@ def split_options(options: Mapping[str, Any] | None, names: Sequence[str]) -> di
 
 
 def plan(model: str | os.PathLike | Checkpoint, to: str | Sequence[str], precision: str | Sequence[str],
-         options: Mapping[str, Any] | None = None, calibration: Any = None) -> Plan:
-    """Everything ``convert`` needs to know before it starts, checked; a user error raises here."""
+         options: Mapping[str, Any] | None = None, calibration: Any = None, bundle: Any = None) -> Plan:
+    """Everything ``convert`` needs to know before it starts, checked; a user error raises here.
+    ``bundle``: None (params artifacts), True, a dict or ``bundle.BundleOptions`` (phone bundles)."""
     names, precisions = plan_list(to, "format"), plan_list(precision, "precision")
     fmts = {n: get_format(n) for n in names}
     for fmt in fmts.values():
@@ -125,11 +126,31 @@ def plan(model: str | os.PathLike | Checkpoint, to: str | Sequence[str], precisi
 
         spec = _calibration_spec(calibration)
         calibration_files(spec.folder, spec.count)  # a bad folder or count fails now, not after loading the model
+    bundle_options = _bundle_options(bundle)
     source = model if isinstance(model, Checkpoint) else Checkpoint.open(model)
     for n, fmt in fmts.items():
         for p in precisions:
             fmt.check(p, source.is_detector, parsed[n])
+            if bundle_options is not None:
+                fmt.check_bundle(p, source.is_detector, parsed[n])
+    if bundle_options is not None:
+        source = source.bundled(bundle_options)
     return Plan(source, fmts, tuple(precisions), parsed)
+
+
+def _bundle_options(bundle: Any) -> Any:
+    from edge3dfa.bundle import BundleOptions
+
+    if bundle is None or bundle is False:
+        return None
+    if isinstance(bundle, BundleOptions):
+        return bundle
+    return BundleOptions.parse({} if bundle is True else bundle)
+
+
+def artifact_name(source: Checkpoint, precision: str, suffix: str) -> str:
+    """NAME_PRECISION.SUFFIX; a phone bundle NAME_PRECISION_bundle.SUFFIX (beside the params artifact)."""
+    return f"{source.name}_{precision}{'_bundle' if source.bundle is not None else ''}{suffix}"
 
 
 def _calibration_spec(calibration: Any) -> Calibration:
@@ -152,7 +173,8 @@ def load_calibration_set(calibration: Any) -> CalibrationSet:
 
 def convert(model: str | os.PathLike | Checkpoint = "mb05", to: str | Sequence[str] = "onnx",
             precision: str | Sequence[str] = "fp32", out_dir: str | os.PathLike = "out", *,
-            options: Mapping[str, Any] | None = None, calibration: Any = None, parity_count: int = PARITY_COUNT,
+            options: Mapping[str, Any] | None = None, calibration: Any = None, bundle: Any = None,
+            parity_count: int = PARITY_COUNT,
             threads: int | None = None, verbose: bool = True, write_int8: Int8Writer | None = None,
             landmarks_with: str | os.PathLike | Checkpoint | None = DETECTOR_LANDMARKS_WITH) -> list[Artifact]:
     """Convert ``model`` (zoo name, checkpoint path or ``Checkpoint``) to every format in ``to`` at every
@@ -161,12 +183,14 @@ def convert(model: str | os.PathLike | Checkpoint = "mb05", to: str | Sequence[s
     ``options``: per format (``{"onnx": {"opset": 18}}`` or ``{"onnx.opset": 18}``; bare keys when one format).
     ``calibration``: a CalibrationSet, a ``Calibration``, a folder, or None (the default disjoint crops); loaded
     only when a calibrated precision is asked for.
+    ``bundle``: None for params artifacts; True, ``{"channels": "rgb"}`` or a ``bundle.BundleOptions`` for phone
+    bundles (``edge3dfa.bundle``), written as OUT/NAME/FORMAT/NAME_PRECISION_bundle.SUFFIX.
     ``landmarks_with``: for a detector, the landmark model (zoo name, checkpoint or ``Checkpoint``) whose landmarks
     on the parity photos measure what the artifact changes downstream (``measure.parity.detector_parity``); None
     leaves that out.
     """
     check_threads(threads, "--threads")
-    p = plan(model, to, precision, options, calibration)
+    p = plan(model, to, precision, options, calibration, bundle)
     calib = load_calibration_set(calibration) if p.calibrated else None
     reference = p.source.target(threads)
     regressor = _landmark_model(landmarks_with, threads, verbose) if p.source.is_detector else None
@@ -176,7 +200,7 @@ def convert(model: str | os.PathLike | Checkpoint = "mb05", to: str | Sequence[s
     results = []
     for name, fmt in p.formats.items():
         for prec in p.precisions:
-            dest = out / name / f"{p.source.name}_{prec}{fmt.suffix}"
+            dest = out / name / artifact_name(p.source, prec, fmt.suffix)
             if verbose:
                 progress.status(f"converting {p.source.name} -> {name} {prec} ...")
             results.append(convert_one(fmt, p.source, prec, dest, p.options[name],
@@ -216,14 +240,15 @@ def convert_one(fmt: Format, source: Checkpoint, precision: str, dest: Path, opt
                 regressor: Target | None = None) -> Artifact:
     """One artifact: written in a temp folder, its parity measured, published with its manifest as a pair.
     ``regressor``: for a detector, the landmark model of ``detector_parity``'s landmark figures."""
-    from edge3dfa.measure.parity import detector_parity, parity
+    from edge3dfa.measure.parity import bundle_parity, detector_parity, parity
     from edge3dfa.target import open_target
 
     _prepare(dest.parent, verbose)
     with temp_folder(dest.parent, "convert", dest=dest) as work, write_errors([dest], work):
         tmp = work / dest.name
         with progress.step("convert"):
-            if write_int8 is not None and calibration is not None and not source.is_detector:
+            if write_int8 is not None and calibration is not None and not source.is_detector \
+                    and source.bundle is None:
                 fields = write_int8(fmt, source, tmp, options, calibration, reference)
             else:
                 fields = fmt.write(source, tmp, precision, options, calibration)
@@ -234,7 +259,9 @@ def convert_one(fmt: Format, source: Checkpoint, precision: str, dest: Path, opt
             manifest = replace(manifest, calibration=calibration.describe())
         figures: dict[str, Any] = {}
         with progress.step("parity"):
-            if source.is_detector:
+            if source.bundle is not None and not source.is_detector:
+                figures = bundle_parity(reference, open_target(tmp, threads=threads, verify=False), sets)
+            elif source.is_detector:
                 figures = detector_parity(reference, open_target(tmp, threads=threads, verify=False),
                                           regressor=regressor)
             elif manifest.output.get("name", "params") == "params":

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from edge3dfa.target import Target
 
 #: the manifest fields a format's ``write`` may fill (edge3dfa.manifest.Manifest)
-FIELDS = ("options", "input", "output", "notes", "min_runtime", "tools", "quantization")
+FIELDS = ("options", "input", "output", "notes", "min_runtime", "tools", "quantization", "bundle")
 
 
 class Int8Builder(ABC):
@@ -64,6 +64,9 @@ class Format(ABC):
     #: precisions that need calibration crops; the NME-budget search applies to these
     calibrated: ClassVar[frozenset[str]] = frozenset({"int8"})
     Options: ClassVar[type[Options]] = Options
+    #: whether ``write`` builds phone bundles (``source.bundle`` set: ``Checkpoint.bundle_module`` converted, the
+    #: contract in the file and in the ``bundle`` manifest field, outputs named as ``edge3dfa.bundle`` says)
+    bundles: ClassVar[bool] = False
     #: --nme-budget candidates: option overrides tried in turn (the fastest within budget wins)
     int8_candidates: ClassVar[dict[str, dict[str, Any]]] = {"default": {}}
 
@@ -72,6 +75,11 @@ class Format(ABC):
         if precision not in self.precisions:
             raise Edge3dfaError(f"{self.name} does not offer precision {precision}; it offers "
                                 f"{', '.join(self.precisions)}")
+
+    def check_bundle(self, precision: str, detector: bool, options: Options) -> None:
+        """Refuse a bundle this format cannot build (``bundles`` False, or a precision it does not bundle)."""
+        if not self.bundles:
+            raise Edge3dfaError(f"{self.name} does not build phone bundles (--bundle)")
 
     @abstractmethod
     def write(self, source: Checkpoint, dest: Path, precision: str, options: Options,

@@ -42,6 +42,32 @@ def parity(reference: Target, candidate: Target, sets: dict[str, np.ndarray]) ->
     return {name: compare(predict_all(reference, x), predict_all(candidate, x)) for name, x in sets.items()}
 
 
+def bundle_parity(reference: Target, candidate: Target, sets: dict[str, np.ndarray]) -> dict[str, dict]:
+    """A regressor bundle vs the executable spec (``edge3dfa.bundle.reference`` of the PyTorch params) on each set:
+    ``compare`` of its params (normalised back), and its own landmark output in 3-D crop pixels
+    (``bundle_landmark_mean_px`` / ``_max_px``) and pose (``pose_max_deg``) against the runtime's."""
+    from edge3dfa import bundle
+
+    out = {}
+    for name, x in sets.items():
+        ref = predict_all(reference, x)
+        spec = bundle.reference(ref)
+        got = [candidate.predict_bundle(x[i:i + 64]) for i in range(0, len(x), 64)]
+        lms = np.concatenate([g["landmarks"] for g in got])
+        pose = np.concatenate([g["pose"] for g in got])
+        params = bundle.normalised_params(np.concatenate([g["params"] for g in got]))
+        px = np.linalg.norm(lms.astype(np.float64) - spec["landmarks"], axis=2)
+        out[name] = {**compare(ref, params), "bundle_landmark_mean_px": float(px.mean()),
+                     "bundle_landmark_max_px": float(px.max()),
+                     "pose_max_deg": float(np.abs(_wrap(pose.astype(np.float64) - spec["pose"])).max())}
+    return out
+
+
+def _wrap(deg: np.ndarray) -> np.ndarray:
+    """Angle differences in (-180, 180]: +179.9 and -179.9 are 0.2 apart."""
+    return (deg + 180.0) % 360.0 - 180.0
+
+
 #: photos the detector's parity is measured on (upstream's examples: two faces, and a large single face)
 DETECTOR_PHOTOS = ("trump_hillary", "emma")
 

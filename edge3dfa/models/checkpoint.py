@@ -258,6 +258,8 @@ class Checkpoint:
     widen_factor: float
     spec: Any = None  # the zoo's ModelSpec when opened by name
     _module: Any = field(default=None, repr=False, compare=False)
+    #: ``edge3dfa.bundle.BundleOptions`` when the artifacts to build are phone bundles (``bundled``); None: params
+    bundle: Any = None
 
     @classmethod
     def open(cls, model: str | os.PathLike = "mb05", arch: str | None = None) -> Checkpoint:
@@ -321,6 +323,24 @@ class Checkpoint:
         from edge3dfa.target import runtime_class
 
         return runtime_class(".pth")(self.path, threads=threads, arch=self.arch, model=self.load())
+
+    def bundled(self, options: Any) -> Checkpoint:
+        """The same checkpoint, to be converted as phone bundles with ``options`` (``bundle.BundleOptions``); the
+        module is shared, not reloaded."""
+        import dataclasses
+
+        self.load()
+        return dataclasses.replace(self, bundle=options)
+
+    def bundle_module(self, layout: str = "NHWC", input_size: tuple[int, int] | None = None) -> torch.nn.Module:
+        """The module a format converts for a bundle (``edge3dfa.models.bundle``): image in, named outputs out.
+        ``input_size`` (H, W): a detector's fixed input size."""
+        from edge3dfa.models.bundle import detector_bundle, regressor_bundle
+
+        channels = self.bundle.channels if self.bundle is not None else "bgr"
+        if self.is_detector:
+            return detector_bundle(self.load(), *(input_size or (480, 640)), channels=channels, layout=layout)
+        return regressor_bundle(self.load(), channels=channels, layout=layout)
 
     def describe(self) -> dict[str, Any]:
         """The manifest's ``source``: where the weights came from and which they are."""

@@ -40,6 +40,22 @@ _SINGLE_THREAD_CHUNK = 8
 _QUANTIZED_OPS = (b"QuantizeLinear", b"ConvInteger", b"MatMulInteger", b"QLinear")
 
 
+def _bundle_contract(session: object) -> dict | None:
+    """The bundle contract stored in the file's metadata (``edge3dfa.bundle``), or None for a params model."""
+    import json
+
+    text = session.get_modelmeta().custom_metadata_map.get("edge3dfa.bundle")
+    if text is None:
+        return None
+    try:
+        contract = json.loads(text)
+    except json.JSONDecodeError:
+        contract = None
+    if not isinstance(contract, dict) or not isinstance(contract.get("input"), dict):
+        raise Edge3dfaError("the file's edge3dfa.bundle metadata is not a bundle contract")
+    return contract
+
+
 class OnnxTarget(Target):
     """An .onnx file on onnxruntime's CPU provider (or ``providers`` given)."""
 
@@ -73,6 +89,10 @@ class OnnxTarget(Target):
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf/RuntimeError types
             raise Edge3dfaError(f"{self.path}: not a readable ONNX model ({_ort_error(e)})") from None
         inputs = self.session.get_inputs()
+        self.bundle = _bundle_contract(self.session)
+        if self.bundle is not None:
+            self._open_bundle(inputs)
+            return
         if len(inputs) != 1 or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 4:
             got = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
             raise Edge3dfaError(f"{self.path}: expected one float32 NCHW input, the model takes {got}")
@@ -82,7 +102,21 @@ class OnnxTarget(Target):
         self.input_shape = tuple(dims[1:])
         self.output_names = [o.name for o in self.session.get_outputs()]
 
+    def _open_bundle(self, inputs: list) -> None:
+        """A phone bundle: one uint8 NHWC image input; the canonical float input is converted by ``Target.run``."""
+        if len(inputs) != 1 or inputs[0].type != "tensor(uint8)" or len(inputs[0].shape) != 4:
+            got = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+            raise Edge3dfaError(f"{self.path}: a bundle takes one uint8 NHWC image, the model takes {got}")
+        self.input_name = inputs[0].name
+        dims = [d if isinstance(d, int) and d > 0 else None for d in inputs[0].shape]
+        self.fixed_batch = dims[0]
+        self.native_shape = tuple(dims[1:])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
     def input_contract(self) -> dict:
+        if self.bundle is not None:
+            return {"shape": [self.fixed_batch, *self.native_shape], "layout": "NHWC", "dtype": "uint8",
+                    "kind": "tensor"}
         return {**super().input_contract(), "shape": [self.fixed_batch, *self.input_shape]}
 
     def stored_precision(self) -> str:
@@ -91,7 +125,7 @@ class OnnxTarget(Target):
         return "quantized" if any(op in data for op in _QUANTIZED_OPS) else "float"
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        if self.output_names[0] in ("landmarks", "loc"):
+        if self.bundle is None and self.output_names[0] in ("landmarks", "loc"):
             raise Edge3dfaError(f"{self.name}: outputs {self.output_names[0]!r}, not 62 params (a fused landmark head "
                                 "or a detector); use run(), or convert without head=landmarks for the pipeline")
         return super().predict(x)

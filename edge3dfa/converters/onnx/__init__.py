@@ -99,6 +99,7 @@ class OnnxFormat(Format):
     precisions = PRECISIONS
     default_precisions = PRECISIONS
     Options = OnnxOptions
+    bundles = True
     #: what --nme-budget tries (with the defaults' float layers); the fastest within budget wins, else the fastest
     #: gets layers kept float. Measured on x86 without VNNI (AVX2): u8 x s8 kernels saturate where inputs are dense
     #: (reduce_range, 7-bit weights, avoids it at some accuracy; u8 x u8 is exact but slow); MobileNet-V3's
@@ -133,6 +134,10 @@ class OnnxFormat(Format):
             if precision == "dyn-int8":
                 return write_dynamic(source, dest, options, work)
             return write_float(source, dest, options, work)
+
+    def check_bundle(self, precision: str, detector: bool, options: OnnxOptions) -> None:
+        if detector or precision != "fp32":
+            raise Edge3dfaError("onnx bundles are built at fp32 for the regressors so far")
 
     def int8_builder(self, source: Checkpoint, options: OnnxOptions, calibration: CalibrationSet | None,
                      work: Path) -> Int8Builder:

@@ -36,6 +36,8 @@ def write_float(source: Checkpoint, dest: Path, options: OnnxOptions, work: Path
     options = options.for_task(source.is_detector)
     fp32 = float_graph(source, options, work)
     proto = finalise(fp32, dest, metadata(source, "fp32", options))
+    if source.bundle is not None:
+        return bundle_fields(proto, source)
     return fields(proto, source.is_detector, options)
 
 
@@ -46,7 +48,11 @@ def float_graph(source: Checkpoint, options: OnnxOptions, work: Path) -> Path:
     except ImportError as e:
         raise Edge3dfaError(f"the onnx converter needs onnx and onnxruntime ({e}); pip install 'edge3dfa[onnx]'") from e
     raw, fp32 = work / "raw.onnx", work / "fp32.onnx"
-    raw.write_bytes(torch_to_onnx(source.load(), source.is_detector, options.head, options.exporter, options.opset))
+    if source.bundle is not None:
+        raw.write_bytes(bundle_to_onnx(source, options.opset))
+    else:
+        raw.write_bytes(torch_to_onnx(source.load(), source.is_detector, options.head, options.exporter,
+                                      options.opset))
     onnx.checker.check_model(str(raw))
     onnx.save_model(onnx.shape_inference.infer_shapes(onnx.load(str(raw)), strict_mode=True), str(raw))
     ort_basic_optimise(raw, fp32)
@@ -82,6 +88,27 @@ def torch_to_onnx(model: Any, detector: bool, head: str, exporter: str, opset: i
         return prog.model_proto.SerializeToString()
 
 
+def bundle_to_onnx(source: Checkpoint, opset: int) -> bytes:
+    """The serialized ModelProto of a regressor bundle (``Checkpoint.bundle_module``): uint8 NHWC ``image`` in,
+    ``landmarks``, ``pose``, ``params`` out, dynamic batch; TorchScript exporter (module-path node names)."""
+    import torch
+
+    from edge3dfa import bundle
+
+    if source.is_detector:
+        raise Edge3dfaError("onnx detector bundles are not built yet")
+    size = runtime.INPUT_SIZE
+    dummy = torch.zeros((1, size, size, 3), dtype=torch.uint8)
+    names = list(bundle.OUTPUTS)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(source.bundle_module("NHWC"), (dummy,), buf, input_names=[bundle.INPUT_NAME],
+                          output_names=names, opset_version=opset, dynamo=False, do_constant_folding=True,
+                          dynamic_axes={n: {0: "N"} for n in [bundle.INPUT_NAME, *names]})
+    return buf.getvalue()
+
+
 def ort_basic_optimise(src: Path, dest: Path) -> None:
     """onnxruntime's offline basic-level optimisation (constant folding, redundant nodes; standard ops only)."""
     import onnxruntime as ort
@@ -94,7 +121,15 @@ def ort_basic_optimise(src: Path, dest: Path) -> None:
 
 
 def metadata(source: Checkpoint, precision: str, options: OnnxOptions) -> dict[str, str]:
-    """What the artifact itself records (``metadata_props``, prefixed ``edge3dfa.``)."""
+    """What the artifact itself records (``metadata_props``, prefixed ``edge3dfa.``); a bundle's contract as
+    JSON under ``edge3dfa.bundle``."""
+    if source.bundle is not None:
+        import json
+
+        from edge3dfa import bundle
+
+        return {"model": source.name, "arch": source.arch, "precision": precision, "source_sha256": source.sha256,
+                "bundle": json.dumps(bundle.regressor_contract(source.bundle.channels), sort_keys=True)}
     return {"model": source.name, "arch": source.arch, "precision": precision,
             "head": "faceboxes" if source.is_detector else options.head, "source_sha256": source.sha256}
 
@@ -139,6 +174,19 @@ def fields(proto: Any, detector: bool, options: OnnxOptions, quantized: dict[str
         notes.append("fused landmark head: outputs 68 landmarks, not params; Target.predict does not apply, use run()")
     inp, out = _descriptions(detector, options.head)
     return {"options": used, "input": inp, "output": out, "notes": notes,
+            "tools": tool_versions("torch", "onnx", "onnxruntime"),
+            "min_runtime": {"onnxruntime": min_onnxruntime(proto)}}
+
+
+def bundle_fields(proto: Any, source: Checkpoint) -> dict[str, Any]:
+    """The manifest fields of an fp32 ONNX regressor bundle."""
+    from edge3dfa import bundle
+
+    contract = bundle.regressor_contract(source.bundle.channels)
+    return {"options": {"opset": proto.opset_import[0].version, "bundle": source.bundle.to_dict()},
+            "input": contract["input"], "output": {"name": ", ".join(bundle.OUTPUTS), **contract["outputs"]},
+            "bundle": contract, "notes": ["phone bundle: uint8 image in, landmarks/pose/params out (edge3dfa.bundle)",
+                                          "single self-contained file", "dynamic batch (dim 'N')"],
             "tools": tool_versions("torch", "onnx", "onnxruntime"),
             "min_runtime": {"onnxruntime": min_onnxruntime(proto)}}
 
