@@ -45,6 +45,16 @@ ROI_MAPPING = (
 )
 
 
+#: what a bundle carries and under which terms: the weights, and in a regressor the BFM-derived bases (the
+#: shared assets' PROVENANCE.md); said in every bundle's contract because the bases travel inside the file
+LICENCE = {
+    "regressor": "network weights: 3DDFA_V2 (MIT) or the checkpoint's own; the 68-point bases and param "
+                 "mean/std inside the model are derived from the Basel Face Model: academic use only (BFM 2009 "
+                 "licence)",
+    "detector": "FaceBoxes weights as shipped with 3DDFA_V2 (MIT)",
+}
+
+
 @dataclass(frozen=True)
 class BundleOptions(Options):
     """How a bundle takes its image: the channel order is chosen at conversion; the layout is the format's."""
@@ -74,6 +84,7 @@ def regressor_contract(channels: str = "bgr", layout: str = "NHWC") -> dict[str,
                        "meaning": "de-normalised 3DMM params: 12 camera (3x4, row-major), 40 shape, 10 expression"},
         },
         "roi_mapping": list(ROI_MAPPING),
+        "licence": LICENCE["regressor"],
     }
 
 
@@ -96,6 +107,7 @@ def detector_contract(height: int, width: int, channels: str = "bgr", layout: st
         },
         "nms": nms or "not in the model: keep scores > 0.05, the best 5000, greedy NMS at IoU 0.3 "
                       "(edge3dfa.runtime.detect.nms), the best 750, then scores > 0.5",
+        "licence": LICENCE["detector"],
     }
 
 
