@@ -12,6 +12,7 @@ This module is the contract, independent of any framework:
   channel order, units); stored in the manifest's ``bundle`` field and, as far as each format allows, in the file.
 - ``reference``: the executable spec. The landmarks, pose and params ``edge3dfa.runtime`` computes from a
   network's normalised params for the roi (0, 0, 120, 120). A bundle is correct when its outputs equal these.
+- ``to_photo``: the roi mapping the app does (``ROI_MAPPING``), once, for the harness and the README.
 - ``to_image_uint8`` / ``from_image_uint8``: the canonical float input of every ``Target`` (BGR NCHW,
   ``(x - 127.5) / 128``) and the uint8 crop a bundle takes, converted both ways exactly (the float input is the
   uint8 crop normalised; 128 and 127.5 are powers of two apart, so nothing rounds).
@@ -124,6 +125,23 @@ def reference(params_norm: np.ndarray) -> dict[str, np.ndarray]:
             "params": p.astype(np.float32)}
 
 
+def to_photo(landmarks: np.ndarray, roi: np.ndarray) -> np.ndarray:
+    """A regressor bundle's ``landmarks`` [N,68,3] (120x120 crop pixels) -> photo pixels [N,68,3], for ``roi`` [N,4]
+    (x1, y1, x2, y2: the square each crop was cut from): the two lines of ``ROI_MAPPING``, which the app does.
+    Equal to what ``runtime.landmarks`` gives for that roi (transposed), as ``tests/test_bundle.py`` checks."""
+    lm = np.asarray(landmarks, np.float64)
+    r = np.asarray(roi, np.float64).reshape(-1, 4)
+    if lm.ndim != 3 or lm.shape[1:] != (N_LANDMARKS, 3) or len(r) != len(lm):
+        raise Edge3dfaError(f"to_photo takes landmarks [N,{N_LANDMARKS},3] and one roi per face, got "
+                            f"{list(lm.shape)} and {len(r)} roi(s)")
+    w, h = (r[:, 2] - r[:, 0])[:, None], (r[:, 3] - r[:, 1])[:, None]
+    size = runtime.INPUT_SIZE  # 120
+    x = lm[..., 0] * w / size + r[:, :1]  # ROI_MAPPING[0]
+    y = lm[..., 1] * h / size + r[:, 1:2]
+    z = lm[..., 2] * (w + h) / (2 * size)  # ROI_MAPPING[1]
+    return np.stack([x, y, z], axis=2).astype(np.float32)
+
+
 def normalised_params(params: np.ndarray) -> np.ndarray:
     """A bundle's de-normalised params back to the network's normalised output (what ``Target.predict`` gives)."""
     bfm = runtime.load_bfm68()
@@ -160,6 +178,17 @@ def blob_to_image_uint8(blob: np.ndarray, channels: str = "bgr", layout: str = "
     if channels == "rgb":
         u = u[:, ::-1]
     return np.ascontiguousarray(u.transpose(0, 2, 3, 1) if layout == "NHWC" else u)
+
+
+def image_for(contract: dict[str, Any], x: np.ndarray) -> np.ndarray:
+    """The canonical float input as the uint8 image a bundle with ``contract`` takes (its channel order and layout;
+    a detector's blob as ``blob_to_image_uint8``), exactly, or an Edge3dfaError."""
+    spec = contract["input"]
+    channels = spec.get("channel_order", "BGR").lower()
+    layout = "NHWC" if spec.get("layout", "NHWC") == "NHWC" else "NCHW"
+    if contract.get("kind") == "detector":
+        return blob_to_image_uint8(x, channels, layout)
+    return to_image_uint8(x, channels, layout)
 
 
 def from_image_uint8(u: np.ndarray, channels: str = "bgr", layout: str = "NHWC") -> np.ndarray:

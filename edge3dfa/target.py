@@ -99,30 +99,44 @@ class Target(ABC):
         """The canonical float input as the uint8 image this bundle's contract takes (exactly, or an error)."""
         from edge3dfa import bundle
 
-        spec = self.bundle["input"]
-        channels, layout = spec.get("channel_order", "BGR").lower(), spec.get("layout", "NHWC")
-        if self.bundle.get("kind") == "detector":
-            return bundle.blob_to_image_uint8(x, channels, "NHWC" if layout == "NHWC" else "NCHW")
-        return bundle.to_image_uint8(x, channels, "NHWC" if layout == "NHWC" else "NCHW")
+        return bundle.image_for(self.bundle, x)
 
     def predict_bundle(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """float32 [N,3,120,120] crops -> a regressor bundle's outputs by name (``bundle.OUTPUTS``), checked."""
-        from edge3dfa import bundle
-
         if not self.bundle or self.bundle.get("kind") != "regressor":
             raise Edge3dfaError(f"{self.name} is not a landmark bundle (it outputs "
                                 f"{'detections' if self.bundle else 'params'}); convert with --bundle")
-        outs = self.run(x)
+        return self._named(self.run(x), len(x))
+
+    def predict_image(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """A regressor bundle on its own input, as an app gives it: the uint8 image of its contract (shape and
+        channel order as ``self.bundle["input"]`` says) -> outputs by name; what ``predict_bundle`` does after
+        converting the canonical float input (``bundle.to_image_uint8``), and what latency of a bundle times."""
+        if not self.bundle or self.bundle.get("kind") != "regressor":
+            raise Edge3dfaError(f"{self.name} is not a landmark bundle; convert with --bundle")
+        u = np.asarray(image)
+        want = [120, 120, 3] if self.bundle["input"].get("layout", "NHWC") == "NHWC" else [3, 120, 120]
+        if u.dtype != np.uint8 or u.ndim != 4 or list(u.shape[1:]) != want or len(u) == 0:
+            raise Edge3dfaError(f"{self.name}: takes uint8 [N,{','.join(map(str, want))}], got {u.dtype} "
+                                f"{list(u.shape)}")
+        outs = self._run(np.ascontiguousarray(u))
+        self._check_finite(outs, len(u))
+        return self._named(outs, len(u))
+
+    def _named(self, outs: list[np.ndarray], n: int) -> dict[str, np.ndarray]:
+        """A regressor bundle's raw outputs by name, each checked against the contract's shape."""
+        from edge3dfa import bundle
+
         if len(outs) != len(bundle.OUTPUTS):
             raise Edge3dfaError(f"{self.name}: returned {len(outs)} outputs, a bundle returns "
                                 f"{', '.join(bundle.OUTPUTS)}")
         got = {}
         for key, value, shape in zip(bundle.OUTPUTS, outs, ((bundle.N_LANDMARKS, 3), (3,), (N_PARAMS,))):
             a = np.asarray(value, np.float32)
-            if a.size != len(x) * int(np.prod(shape)):
+            if a.size != n * int(np.prod(shape)):
                 raise Edge3dfaError(f"{self.name}: output {key} has shape {list(a.shape)}, the contract says "
-                                    f"[{len(x)},{','.join(map(str, shape))}]")
-            got[key] = a.reshape(len(x), *shape)
+                                    f"[{n},{','.join(map(str, shape))}]")
+            got[key] = a.reshape(n, *shape)
         return got
 
     def _check_finite(self, outs: list[np.ndarray], n: int) -> None:

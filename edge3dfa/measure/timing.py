@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -66,20 +67,25 @@ def time_calls(fn: Callable[[], object], warmup: int, runs: int, budget_s: float
             "p90_ms": float(np.percentile(ms, 90)), "min_ms": float(ms.min()), "runs": len(ms)}
 
 
-def measure(open_at: Callable[[int], Target], crops: np.ndarray, config: LatencyConfig) -> list[dict]:
+def measure(open_at: Callable[[int], Target], crops: np.ndarray, config: LatencyConfig, *,
+            prepare: Callable[[np.ndarray], Any] | None = None,
+            call: Callable[[Target, Any], object] | None = None) -> list[dict]:
     """Rows {threads, batch, median_ms, p90_ms, min_ms, per_image_ms, runs} for every setting of ``config``.
 
     ``open_at(threads)`` opens the target pinned to that many threads; ``crops`` are float32 network inputs,
-    repeated when a batch needs more of them than there are.
+    repeated when a batch needs more of them than there are. What is timed is ``call(target, prepare(batch))``
+    (default ``target.predict(batch)``); ``prepare`` runs once per batch, untimed (a phone bundle's uint8 image).
     """
+    prepare = prepare or (lambda x: x)
+    call = call or (lambda t, x: t.predict(x))
     rows = []
     if not config.enabled:
         return rows
     for threads in config.threads:
         target = open_at(threads)
         for batch in config.batch_sizes:
-            x = np.ascontiguousarray(np.resize(crops, (batch, *crops.shape[1:])), dtype=np.float32)
-            r = time_calls(lambda t=target, x=x: t.predict(x), config.warmup, config.runs, config.budget_s)
+            x = prepare(np.ascontiguousarray(np.resize(crops, (batch, *crops.shape[1:])), dtype=np.float32))
+            r = time_calls(lambda t=target, x=x: call(t, x), config.warmup, config.runs, config.budget_s)
             rows.append({"threads": int(threads), "batch": int(batch), **r,
                          "per_image_ms": r["median_ms"] / batch})
     return rows

@@ -60,6 +60,7 @@ class DetectorRow:
     parity: dict[str, Any] | None = None  # the manifest's (measure.parity.detector_parity)
     seconds: float | None = None  # conversion + parity, on the exporting machine
     crash_log: str | None = None
+    bundle: bool = False  # a detector phone bundle (export --bundle), beside the params detector of its format
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -130,7 +131,7 @@ def _gate_text(g: dict[str, Any]) -> str:
 
 
 def label(d: dict[str, Any]) -> str:
-    return f"detector {d['model']} {d['format']} {d['precision']}"
+    return f"detector {d['model']} {d['format']} {d['precision']}{' bundle' if d.get('bundle') else ''}"
 
 
 def reasons(detectors: list[dict[str, Any]]) -> list[str]:
@@ -151,10 +152,12 @@ def reasons(detectors: list[dict[str, Any]]) -> list[str]:
 def with_detectors(recommended: list[dict[str, Any]], detectors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The report's ``recommended`` entries, each with ``detector``: the PASSED detector artifact of its format (path
     relative to the report; null when there is none) that its ``command`` then names with ``--detector``."""
-    passed = {d["format"]: d["artifact"] for d in detectors if d["verdict"] == PASSED and d.get("artifact")}
+    passed = {(d["format"], bool(d.get("bundle"))): d["artifact"] for d in detectors
+              if d["verdict"] == PASSED and d.get("artifact")}
     out = []
-    for e in recommended:
-        det = passed.get(e["format"]) if e.get("artifact") else None
+    for e in recommended:  # a bundle entry names the detector bundle where one passed, else the params detector
+        fmt, bundle = e["format"], bool(e.get("bundle"))
+        det = (passed.get((fmt, bundle)) or passed.get((fmt, False))) if e.get("artifact") else None
         cmd = command(e["artifact"], detector=det) if e.get("artifact") else e.get("command")
         out.append({**e, "detector": det, "command": cmd})
     return out

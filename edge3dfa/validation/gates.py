@@ -31,7 +31,10 @@ goal, so gating the interval's upper end would count the same noise twice.
 - lossless precisions (fp32, fp16): two-sided, |ΔNME| <= ``LOSSLESS_ABS_DELTA_NME`` and max landmark distance
   <= ``LOSSLESS_LANDMARK_PX`` crop pixels, 20x and 2x what fp16 measures: a conversion that is meant to change
   nothing must change nothing measurable, so a different model under the same manifest fails even when it
-  scores better.
+  scores better;
+- phone bundles at a lossless precision: |ΔNME| <= ``BUNDLE_DELTA_NME`` between the bundle, scored from its own
+  landmark output, and its params artifact (same format and precision; the PyTorch reference where the folder has
+  none): the fused post-processing must give the landmarks the numpy runtime gives (issue 17's "done when").
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ CEILING_FAILURE_RATE = 0.10
 LOSSY_DELTA_NME, LOSSY_DELTA_NME_BIN = 0.10, 0.20
 #: lossless precisions vs their base: |balanced ΔNME| (points) and max landmark distance (120x120 crop pixels)
 LOSSLESS_ABS_DELTA_NME, LOSSLESS_LANDMARK_PX = 0.02, 0.5
+#: a lossless phone bundle vs its params artifact: |balanced ΔNME| (points)
+BUNDLE_DELTA_NME = 0.005
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class Limits:
     max_param_err: float | None = None  # max abs error of normalised params vs the base
     max_landmark_px: float | None = None  # max landmark distance vs the base, 120x120 crop pixels
     max_failure_rate: float | None = None  # fraction of faces with NME > 10%
+    max_bundle_delta_nme: float | None = None  # a bundle: |its NME - its params artifact's| (points), two-sided
 
     def merged(self, other: Limits) -> Limits:
         """These limits with every limit ``other`` sets taking its place."""
@@ -194,6 +200,10 @@ def check(row: dict[str, Any], limits: Limits) -> list[dict[str, Any]]:
     add("max_failure_rate", nme.get("failure10"), limits.max_failure_rate)
     if row.get("role") == "reference":
         return out
+    if row.get("bundle") is not None:
+        value, base = _bundle_delta(row)
+        add("max_bundle_delta_nme", value, limits.max_bundle_delta_nme, base,
+            "no params artifact of this format and precision, and no reference, to compare with")
     vs, delta, parity = _base(row)
     note = "no yaw bin may be empty"
     if vs is None:
@@ -208,6 +218,15 @@ def check(row: dict[str, Any], limits: Limits) -> list[dict[str, Any]]:
     add("max_param_err", parity.get("param_max_abs"), limits.max_param_err, vs, note)
     add("max_landmark_px", parity.get("landmark_max_px"), limits.max_landmark_px, vs, note)
     return out
+
+
+def _bundle_delta(row: dict[str, Any]) -> tuple[float | None, str | None]:
+    """|balanced ΔNME| of a bundle vs its params artifact (else the reference), and what it compares with."""
+    vs_params = (row["bundle"].get("vs_params") or {}).get("delta") or {}
+    if vs_params.get("balanced") is not None:
+        return abs(vs_params["balanced"]), "params artifact"
+    ref = (row.get("delta_vs_reference") or {}).get("balanced")
+    return (abs(ref), "reference") if ref is not None else (None, None)
 
 
 def row_verdict(row: dict[str, Any]) -> str | None:
@@ -238,6 +257,7 @@ def verdict(rows: list[dict[str, Any]]) -> str:
 
 
 _LOSSY = Limits(max_delta_nme=LOSSY_DELTA_NME, max_delta_nme_bin=LOSSY_DELTA_NME_BIN)
-_LOSSLESS = Limits(max_abs_delta_nme=LOSSLESS_ABS_DELTA_NME, max_landmark_px=LOSSLESS_LANDMARK_PX)
+_LOSSLESS = Limits(max_abs_delta_nme=LOSSLESS_ABS_DELTA_NME, max_landmark_px=LOSSLESS_LANDMARK_PX,
+                   max_bundle_delta_nme=BUNDLE_DELTA_NME)
 DEFAULT_GATES = Gates(Limits(max_nme=CEILING_NME, max_failure_rate=CEILING_FAILURE_RATE).merged(_LOSSY),
                       precision=tuple((p, _LOSSLESS) for p in LOSSLESS))

@@ -149,6 +149,26 @@ def _score(params: np.ndarray, data: EvalSet) -> np.ndarray:
     return metrics.nme(pred, data.gt)
 
 
+def _score_landmarks(landmarks: np.ndarray, data: EvalSet) -> np.ndarray:
+    """NME of a bundle's own landmark output [N,68,3] (crop pixels), mapped to the photo with each face's roi
+    as the app maps it (``bundle.to_photo``, the contract's two ROI_MAPPING lines)."""
+    from edge3dfa import bundle
+
+    pred = bundle.to_photo(landmarks, data.roi_boxes).transpose(0, 2, 1)[:, :2]
+    return metrics.nme(pred, data.gt)
+
+
+def _bundle_outputs(target: Target, x: np.ndarray, batch: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """A regressor bundle's landmarks [N,68,3] and its params normalised back [N,62], ``batch`` crops at a time."""
+    from edge3dfa import bundle
+    from edge3dfa.measure.predict import progress as batches
+
+    starts = range(0, len(x), batch)
+    outs = [target.predict_bundle(x[i:i + batch]) for i in batches(starts, desc, len(starts), "batch")]
+    return (np.concatenate([o["landmarks"] for o in outs]),
+            bundle.normalised_params(np.concatenate([o["params"] for o in outs])))
+
+
 def artifact_row(key: str, *, model: str, fmt: str, precision: str, source_sha: str) -> Row:
     """An artifact's report row before it is scored (e.g. for a conversion that failed)."""
     return Row(key=key, role="artifact", model=model, format=fmt, precision=precision, source_sha256=source_sha)
@@ -206,7 +226,7 @@ def evaluate(entries: list[Entry], data: EvalSet, *, latency: LatencyConfig | No
         scored = [run.one(e, sha, ref_params, ref_faces)
                   for e in sorted(group, key=lambda e: (e.manifest.format, _precision_rank(e.manifest.precision),
                                                         str(e.path)))]
-        rows += [row for row, _ in _compare_with_fp32(scored, data.yaw)]
+        rows += [row for row, _ in _compare_with_fp32(_compare_bundles(scored, data.yaw), data.yaw)]
     rows += [_not_applicable(e, rel) for e in others]
     return {"models": models, "targets": rows}
 
@@ -250,7 +270,7 @@ def _compare_with_fp32(scored: list[Scored], yaw: np.ndarray) -> list[Scored]:
     out = []
     for row, params in scored:
         fp32 = next(((r, p) for r, p in scored if r.format == row.format and r.precision == "fp32"
-                     and r.status == "ok" and p is not None), None)
+                     and (r.bundle is None) == (row.bundle is None) and r.status == "ok" and p is not None), None)
         if row.status == "ok" and params is not None and fp32 is not None and row.precision != "fp32":
             # an fp32 row is the base of its format, never compared with another fp32
             row = replace(row, delta_vs_fp32=bootstrap.paired_delta(row.per_face, fp32[0].per_face, yaw),
@@ -259,9 +279,43 @@ def _compare_with_fp32(scored: list[Scored], yaw: np.ndarray) -> list[Scored]:
     return out
 
 
+def _compare_bundles(scored: list[Scored], yaw: np.ndarray) -> list[Scored]:
+    """Each phone bundle's ΔNME (paired, with its interval) against its params artifact: the same model, format and
+    precision without ``--bundle``. Its own landmark output vs the params through the numpy runtime: what the fused
+    post-processing changes (``gates`` ``max_bundle_delta_nme``)."""
+    out = []
+    for row, params in scored:
+        if row.bundle is not None:
+            base = next((r for r, _ in scored if r.bundle is None and r.format == row.format
+                         and r.precision == row.precision and r.status == "ok"), None)
+            vs = None
+            if base is not None and row.status == "ok":
+                vs = {"key": base.key, "artifact": base.artifact,
+                      "delta": bootstrap.paired_delta(row.per_face, base.per_face, yaw)}
+            row = replace(row, bundle={**row.bundle, "vs_params": vs})
+        out.append((row, params))
+    return out
+
+
+def bundle_record(m: Manifest) -> dict[str, Any] | None:
+    """What a bundle row carries from its manifest: the contract's input and its parity vs the executable spec."""
+    if m.bundle is None:
+        return None
+    spec_parity = {name: {k: fig.get(k) for k in ("bundle_landmark_mean_px", "bundle_landmark_max_px",
+                                                   "pose_max_deg")}
+                   for name, fig in (m.parity or {}).items()
+                   if isinstance(fig, dict) and "bundle_landmark_mean_px" in fig}
+    spec = m.bundle.get("input") or {}
+    return {"contract_version": m.bundle.get("version"), "channel_order": spec.get("channel_order"),
+            "layout": spec.get("layout"), "spec_parity": spec_parity, "vs_params": None}
+
+
 def is_regressor(m: Manifest) -> bool:
+    """A 62-param landmark regressor, or a regressor phone bundle (scored from its own landmark output)."""
     from edge3dfa.models import task_of
 
+    if m.bundle is not None:
+        return m.bundle.get("kind") == "regressor"
     return task_of(m.arch) == "regressor" and m.output.get("name", "params") == "params"
 
 
@@ -311,10 +365,11 @@ class _Run:
                   precision=m.precision, runtime="?", artifact=self.rel(e.path), manifest=self.rel(e.manifest_path),
                   size_bytes=int(m.size_bytes), source_sha256=sha,
                   quantization=m.quantization,  # the --nme-budget search record, shown by the report
-                  manifest_verified=e.verify)  # False: used with --no-verify, so at best NOT VERIFIED
+                  manifest_verified=e.verify,  # False: used with --no-verify, so at best NOT VERIFIED
+                  bundle=bundle_record(m))
         if progress.active() is None:  # else the progress line says it
             self.log(f"evaluating {self.rel(e.path)} ({m.format} {m.precision})")
-        with progress.target(f"{m.format} {m.precision}"):
+        with progress.target(f"{m.format} {m.precision}{' bundle' if m.bundle is not None else ''}"):
             return self._one(e, row, ref_params, ref_faces)
 
     def _one(self, e: Entry, row: Row, ref_params: np.ndarray | None, ref_faces: np.ndarray | None) -> Scored:
@@ -342,12 +397,16 @@ class _Run:
 
     def _score(self, e: Entry, target: Target, row: Row, ref_params: np.ndarray | None,
                ref_faces: np.ndarray | None) -> Scored:
-        params = predict_all(target, self.data.inputs, self.batch, f"{e.manifest.format} {e.manifest.precision}")
+        desc = f"{e.manifest.format} {e.manifest.precision}"
+        if row.bundle is not None:
+            landmarks, params = _bundle_outputs(target, self.data.inputs, self.batch, desc)
+        else:
+            landmarks, params = None, predict_all(target, self.data.inputs, self.batch, desc)
         bad = int((~np.isfinite(params).all(axis=1)).sum())
         if bad:
             raise Edge3dfaError(f"{e.path.name}: non-finite outputs (NaN or Inf) for {bad} of {len(params)} faces")
         with np.errstate(over="ignore", invalid="ignore"):  # huge outputs: checked just below
-            nme = _score(params, self.data)
+            nme = _score(params, self.data) if landmarks is None else _score_landmarks(landmarks, self.data)
         bad = int((~np.isfinite(nme)).sum())
         if bad:
             raise Edge3dfaError(f"{e.path.name}: outputs so large that the landmarks of {bad} of {len(nme)} faces "
@@ -365,5 +424,13 @@ class _Run:
             progress.skip_rest("latency")
             return replace(row, latency_note=NOT_TIMED.get(target.runtime))
         with progress.step("latency"):
+            if row.bundle is not None:  # the runtime on the bundle's own uint8 input, as an app calls it
+                from edge3dfa.bundle import image_for
+
+                contract = target.bundle
+                return replace(row, latency=measure(lambda n: open_target(e.path, threads=n, verify=e.verify),
+                                                    self.data.inputs, self.latency,
+                                                    prepare=lambda x: image_for(contract, x),
+                                                    call=lambda t, u: t.predict_image(u)))
             return replace(row, latency=measure(lambda n: open_target(e.path, threads=n, verify=e.verify),
                                                 self.data.inputs, self.latency))

@@ -37,7 +37,7 @@ SPARE_MARKERS = ("<", ">", "p", "d", "H", "8", "*")
 def label(row: dict[str, Any]) -> str:
     if row["role"] == "reference":
         return f"{row['model']} torch (reference)"
-    return f"{row['model']} {row['format']} {row['precision']}"
+    return f"{row['model']} {row['format']} {row['precision']}{' bundle' if row.get('bundle') else ''}"
 
 
 class Style:

@@ -11,7 +11,8 @@ format ``export`` did not attempt.
 
 Entry (one per model and format, in the report's order)::
 
-    model, format       the model's zoo name and the format
+    model, format       the model's zoo name and the format; bundle: true for the entry of its phone bundles
+                        (``--bundle``), which are recommended apart from its params artifacts
     artifact, key, precision   the recommended artifact (path relative to the report) or null
     nme                 its balanced NME (percent); delta_nme: minus the reference's (null without one)
     worst_bin           {bin, nme}: the yaw bin with the highest NME
@@ -112,19 +113,19 @@ def _entry(model: str, fmt: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def recommend(targets: list[dict[str, Any]], not_attempted: list[dict[str, str]] | None = None) -> list[dict]:
     """One entry per model and format of the judged artifacts (module docstring), then formats not attempted."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in targets:
+    groups: dict[tuple[str, str, bool], list[dict[str, Any]]] = {}
+    for r in targets:  # a phone bundle is its own entry: an app ships one or the other
         if r.get("role") == "artifact" and r.get("verdict") is not None:
-            groups.setdefault((r["model"], r["format"]), []).append(r)
-    out = [_entry(model, fmt, rows) for (model, fmt), rows in groups.items()]
-    models = list(dict.fromkeys(model for model, _ in groups)) or [None]
-    formats = {fmt for _, fmt in groups}
+            groups.setdefault((r["model"], r["format"], r.get("bundle") is not None), []).append(r)
+    out = [{**_entry(model, fmt, rows), "bundle": bundle} for (model, fmt, bundle), rows in groups.items()]
+    models = list(dict.fromkeys(model for model, _, _ in groups)) or [None]
+    formats = {fmt for _, fmt, _ in groups}
     for skip in not_attempted or []:
         fmt = skip["what"]
         if " " in fmt or fmt in formats:  # one precision left out: the format still has its entry
             continue
         for model in models:
-            entry = _entry(model, fmt, [])
+            entry = {**_entry(model, fmt, []), "bundle": False}
             entry["reason"] = f"not attempted: {skip['reason']}"
             out.append(entry)
     return out

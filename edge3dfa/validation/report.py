@@ -62,6 +62,12 @@ report.json, schema ``edge3dfa.report/2`` (numbers are plain JSON numbers; null 
                       landmark_mean_px, landmark_max_px, landmark_max_crop_px}, gates, verdict, passed; a detector
                       that is not PASSED makes the report's verdict FAILED or NOT VERIFIED. Each ``recommended``
                       entry's ``detector`` is the PASSED detector of its format, which its command names.
+    bundles           the phone bundles among the targets (edge3dfa.validation.bundles): per bundle its NME and its
+                      params artifact's (delta_nme with interval, gate max_bundle_delta_nme), size_bytes /
+                      params_size_bytes / size_increase_pct, latency_ms / params_latency_ms / latency_increase_pct
+                      (batch 1, one thread, same run), spec_landmark_mean_px / _max_px, spec_pose_max_deg (the
+                      manifest's parity vs edge3dfa.runtime); a target row of a bundle carries ``bundle``
+                      {contract_version, channel_order, layout, spec_parity, vs_params}
     timings           where the command's time went (``export``; null where not recorded): {total_s, steps
                       [column names: convert, parity, evaluate, latency, other], rows [{target, convert, parity,
                       evaluate, latency, other, total}], note}: wall seconds from the command's start until its
@@ -96,6 +102,7 @@ from edge3dfa.fileio import json_text, write_files
 from edge3dfa.manifest import tool_versions
 from edge3dfa.measure import bootstrap, metrics
 from edge3dfa.measure.timing import cpu_threads
+from edge3dfa.validation import bundles as bundle_report
 from edge3dfa.validation import detectors as detector_report
 from edge3dfa.validation import plots
 from edge3dfa.validation.gates import FAILED, NOT_VERIFIED, PASSED, Gates, check, row_verdict, verdict
@@ -180,6 +187,7 @@ def build(result: dict[str, Any], data: EvalSet, gates: Gates, not_attempted: li
         "not_attempted": list(not_attempted or []),
         "targets": targets,
         "detectors": detectors,
+        "bundles": bundle_report.summary(targets),
         "timings": result.get("timings"),
     })
 
@@ -285,7 +293,7 @@ def _ship_table(report: dict, folder: str | os.PathLike | None = None) -> tuple[
             "size MB", "run it"]
     body = []
     for e in entries:
-        fmt = f"{e['model']} {e['format']}" if several else e["format"]
+        fmt = (f"{e['model']} {e['format']}" if several else e["format"]) + (" bundle" if e.get("bundle") else "")
         if e["artifact"] is None:
             body.append([fmt, "-", "-", "-", "-", "-", e["reason"]])
             continue
@@ -307,6 +315,7 @@ _GATE_TEXT = {
     "max_abs_delta_nme": "|ΔNME| balanced vs the base (two-sided)",
     "max_param_err": "max |params − base params| (normalised)",
     "max_landmark_px": "max landmark distance to the base, 120×120 crop px",
+    "max_bundle_delta_nme": "phone bundles: |ΔNME| balanced vs its params artifact (two-sided)",
 }
 
 
@@ -443,7 +452,8 @@ def _ship_notes(report: dict) -> list[str]:
     """How each recommendation was chosen, where that is not plainly the fastest."""
     entries = recommended(report)
     several = len({e["model"] for e in entries}) > 1
-    return [f"{e['model'] + ' ' if several else ''}{e['format']} {e['precision']}: {e['chosen_by']}"
+    return [f"{e['model'] + ' ' if several else ''}{e['format']} {e['precision']}{' bundle' if e.get('bundle') else ''}"
+            f": {e['chosen_by']}"
             for e in entries if e["artifact"] and e["chosen_by"] != FASTEST]
 
 
@@ -457,6 +467,9 @@ def render_markdown(report: dict, images: dict[str, str]) -> str:
     det = detector_report.table(report)
     if det[1]:
         parts += ["## Detector", "", _md_table(*det), "", detector_report.NOTE, ""]
+    bundles = bundle_report.table(report)
+    if bundles[1]:
+        parts += ["## Phone bundles", "", _md_table(*bundles), "", bundle_report.NOTE, ""]
     if report["verdict_reasons"]:
         parts += ["## Why not PASSED", "", *[f"- {r}" for r in report["verdict_reasons"]], ""]
     if images:
@@ -523,6 +536,14 @@ def _html_detectors(report: dict) -> str:
             f"<p class='note'>{html.escape(detector_report.NOTE)}</p>")
 
 
+def _html_bundles(report: dict) -> str:
+    head, body = bundle_report.table(report)
+    if not body:
+        return ""
+    return (f"<h2>Phone bundles</h2><div class='wide'>{_html_table(head, body, css='text bundles')}</div>"
+            f"<p class='note'>{html.escape(bundle_report.NOTE)}</p>")
+
+
 def _html_plots(pngs: dict[str, bytes]) -> str:
     main = "".join(_img(k, v) for k, v in pngs.items() if k not in ("ced_all", "sensitivity"))
     out = f"<div class='plots'>{main}</div>" if main else ""
@@ -547,7 +568,7 @@ def render_html(report: dict, pngs: dict[str, bytes]) -> str:
             f"<title>{report['verdict']}: edge3dfa validation report</title><style>{_CSS}</style></head><body>"
             f"<p class='{cls}'><b>{html.escape(verdict_line(report))}</b></p>"
             f"<h2>What to ship</h2>{_html_ship(report)}"
-            + _html_detectors(report)
+            + _html_detectors(report) + _html_bundles(report)
             + (f"<h3>Why not PASSED</h3><ul>{reasons}</ul>" if reasons else "")
             + (f"<h2>Plots</h2>{_html_plots(pngs)}" if pngs else "")
             + f"<h2>Setting</h2><ul>{items}</ul>"

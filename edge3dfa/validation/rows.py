@@ -45,6 +45,10 @@ class Row:
     quantization: dict[str, Any] | None = None  # the --nme-budget search record of the manifest
     crash_log: str | None = None
     manifest_verified: bool | None = None  # False: used with --no-verify; None: no manifest (reference)
+    #: a phone bundle's record (None: a params artifact): channel_order, layout, contract_version, spec_parity (the
+    #: manifest's landmarks/pose vs the executable spec per parity set) and vs_params (its params artifact of the
+    #: same format and precision: key, artifact, ΔNME with interval; null when there is none)
+    bundle: dict[str, Any] | None = None
 
     def failed(self, reason: str, crash_log: str | None = None) -> Row:
         """This row as status error, for ``reason``."""

@@ -24,16 +24,20 @@ def convert(model: str | os.PathLike | Checkpoint = "mb05", to: str | Sequence[s
             precision: str | Sequence[str] = "fp32", out_dir: str | os.PathLike = "out", *,
             options: Mapping[str, Any] | None = None, calibration: Any = None,
             budget: Budget | float | None = None, heldout: Any = None, parity_count: int = PARITY_COUNT,
-            threads: int | None = None, verbose: bool = True) -> list[Artifact]:
+            threads: int | None = None, verbose: bool = True, bundle: Any = None) -> list[Artifact]:
     """``converters.convert``; with ``budget`` (a ``Budget`` or its NME, e.g. 0.05), each calibrated int8
     precision becomes the fastest int8 / mixed-precision artifact whose NME on ``heldout`` (default: the held-out
-    calibration crops, ``datasets.heldout``) stays within the budget of fp32 (``workflows.budget``)."""
+    calibration crops, ``datasets.heldout``) stays within the budget of fp32 (``workflows.budget``). ``bundle``:
+    phone bundles instead (``converters.convert``); the budget search does not apply to them."""
     from edge3dfa.converters import plan
     from edge3dfa.errors import Edge3dfaError
 
+    if budget is not None and bundle is not None:
+        raise Edge3dfaError("--nme-budget searches params artifacts, not phone bundles: convert without --bundle "
+                            "for the search")
     if budget is None:
         return convert_plain(model, to, precision, out_dir, options=options, calibration=calibration,
-                             parity_count=parity_count, threads=threads, verbose=verbose)
+                             parity_count=parity_count, threads=threads, verbose=verbose, bundle=bundle)
     if not isinstance(budget, Budget):
         budget = Budget.parse({"nme": budget})
     checked = plan(model, to, precision, options, calibration)

@@ -24,6 +24,12 @@ def register_convert(sub: Any) -> None:
     p.add_argument("--precision", default="fp32", help="precisions, comma separated (e.g. fp32,int8)")
     p.add_argument("--out", default="out", help="output root; artifacts go to OUT/NAME/FORMAT/ (default: out)")
     add_conversion_options(p)
+    p.add_argument("--bundle", action="store_true",
+                   help="write phone bundles instead of params artifacts: uint8 120x120 crop in, landmarks (crop px), "
+                        "pose (degrees) and params out, the contract in the file and the manifest, as "
+                        "OUT/NAME/FORMAT/NAME_PRECISION_bundle.SUFFIX (README 'On the phone'); the channel order with "
+                        "--option bundle.channels=bgr|rgb (default bgr); a format or precision that does not bundle "
+                        "is refused before any work; not with --nme-budget (the search builds params artifacts)")
     p.add_argument("--threads", type=int, help="threads for parity runs")
     p.add_argument("--allow-over-budget", action="store_true",
                    help="with --nme-budget: exit 0 even when no int8 artifact meets the budget (the best one found "
@@ -44,7 +50,7 @@ def add_conversion_options(p: argparse.ArgumentParser) -> None:
                    help="with --nme-budget: also rank every layer by the NME it costs (table and plot in the report)")
     p.add_argument("--option", action="append", default=[], metavar="[FORMAT.]KEY=VALUE",
                    help="format option (repeatable), e.g. onnx.head=landmarks; the bare KEY=VALUE when converting "
-                        "to one format")
+                        "to one format; bundle.KEY=VALUE for --bundle (bundle.channels=rgb)")
     p.add_argument("--list-options", action="store_true",
                    help="list the options (and defaults) of the formats in --to, then exit")
 
@@ -61,6 +67,24 @@ def parse_options(items: list[str]) -> dict[str, str]:
             raise Edge3dfaError(f"--option takes [FORMAT.]KEY=VALUE, got {item!r}")
         out[key.strip().replace("-", "_")] = value
     return out
+
+
+#: the prefix of the --option keys that are the bundle's (``edge3dfa.bundle.BundleOptions``), not a format's
+BUNDLE_PREFIX = "bundle."
+
+
+def bundle_of(args: argparse.Namespace, options: dict[str, str]) -> Any:
+    """``--bundle`` and the ``bundle.KEY=VALUE`` options (taken out of ``options``) as a ``BundleOptions``; None
+    without --bundle. A bundle option without --bundle, or a bad one, is an error before any work."""
+    from edge3dfa.bundle import BundleOptions
+    from edge3dfa.errors import Edge3dfaError
+
+    given = {k.removeprefix(BUNDLE_PREFIX): options.pop(k) for k in list(options) if k.startswith(BUNDLE_PREFIX)}
+    if not getattr(args, "bundle", False):
+        if given:
+            raise Edge3dfaError(f"--option {BUNDLE_PREFIX}{next(iter(given))}: bundle options need --bundle")
+        return None
+    return BundleOptions.parse(given)
 
 
 def budget_of(args: argparse.Namespace) -> Any:
@@ -106,13 +130,18 @@ def check_out(out: str) -> None:
 
 
 def list_options(names: list[str]) -> int:
+    from edge3dfa.bundle import BundleOptions
     from edge3dfa.converters import get_format
 
     for name in names:
         fmt = get_format(name)
-        print(f"{name} ({fmt.suffix}; precisions {', '.join(fmt.precisions)}):")
+        bundles = "builds phone bundles" if fmt.bundles else "no phone bundles"
+        print(f"{name} ({fmt.suffix}; precisions {', '.join(fmt.precisions)}; {bundles}):")
         for key, kind, default, help_ in fmt.Options.describe():
             print(f"  {name}.{key}={default}  [{kind}]  {help_}")
+    print("bundle (with --bundle, every format that builds phone bundles):")
+    for key, kind, default, help_ in BundleOptions.describe():
+        print(f"  {BUNDLE_PREFIX}{key}={default}  [{kind}]  {help_}")
     return 0
 
 
@@ -125,9 +154,10 @@ def run_convert(args: argparse.Namespace) -> int:
         return list_options(plan_list(args.to, "format"))
     check_out(args.out)
     options, calibration, budget = parse_options(args.option), calibration_of(args), budget_of(args)
+    bundle = bundle_of(args, options)
     source = Checkpoint.open(args.checkpoint or args.model, args.arch if args.checkpoint else None)
     arts = convert(source, to=args.to, precision=args.precision, out_dir=args.out, options=options,
-                   calibration=calibration, budget=budget, threads=args.threads)
+                   calibration=calibration, budget=budget, threads=args.threads, bundle=bundle)
     print_parity(arts)
     return _budget_verdict(over_budget(arts), args.allow_over_budget)
 
@@ -149,6 +179,10 @@ def print_parity(arts: list[Any]) -> None:
             print(f"{head} {name:12s} {r.get('param_max_abs', float('nan')):10.2e} "
                   f"{r.get('param_mean_abs', float('nan')):10.2e} {r.get('landmark_max_px', float('nan')):10.3f} "
                   f"{r.get('landmark_mean_px', float('nan')):10.3f}")
+            if "bundle_landmark_mean_px" in r:  # a phone bundle's own outputs vs the executable spec
+                print(f"{'':54s} {'':12s} bundle vs edge3dfa.runtime: landmarks mean "
+                      f"{r['bundle_landmark_mean_px']:.4f} / max {r['bundle_landmark_max_px']:.4f} px, pose max "
+                      f"{r.get('pose_max_deg', float('nan')):.4f} deg")
 
 
 def print_detector_parity(arts: list[Any]) -> None:

@@ -45,6 +45,25 @@ def plan_detector(formats: Sequence[Format], leave_out: bool) -> tuple[list[Form
     return take, skip
 
 
+def plan_detector_bundles(formats: Sequence[Format], bundle: object | None
+                          ) -> tuple[list[Format], list[dict[str, str]]]:
+    """Of the formats the detector is converted to, those that also build its phone bundle (``--bundle``:
+    ``Format.check_bundle`` for a detector at fp32), and the others with the format's reason."""
+    from edge3dfa.logs import one_line
+
+    if bundle is None:
+        return [], []
+    take, skip = [], []
+    for fmt in formats:
+        try:
+            fmt.check_bundle(PRECISION, True, fmt.Options.parse({}))
+        except Edge3dfaError as e:
+            skip.append({"what": f"{DETECTOR} {fmt.name} bundle", "reason": one_line(e)})
+        else:
+            take.append(fmt)
+    return take, skip
+
+
 def failure_reason(err: Exception) -> tuple[str, Path | None]:
     """A failed conversion in one line, and the traceback log of an unexpected exception (None otherwise)."""
     from edge3dfa.logs import one_line, write_crash_log
@@ -58,43 +77,45 @@ def failure_reason(err: Exception) -> tuple[str, Path | None]:
     return f"conversion failed: internal error: {type(err).__name__}: {one_line(err)} (traceback: {crash})", crash
 
 
-def detector_label(fmt: Format) -> str:
-    """The detector's name in export's progress display and timings, e.g. "faceboxes onnx fp32"."""
-    return f"{DETECTOR} {fmt.name} {PRECISION}"
+def detector_label(fmt: Format, bundle: bool = False) -> str:
+    """The detector's name in export's progress display and timings, e.g. "faceboxes onnx fp32" (+ " bundle")."""
+    return f"{DETECTOR} {fmt.name} {PRECISION}{' bundle' if bundle else ''}"
 
 
 def export_detector(formats: Sequence[Format], regressor: Checkpoint, out: str | os.PathLike,
                     report_dir: str | os.PathLike, threads: int | None = None,
-                    log: Callable[[str], None] = print) -> list[DetectorRow]:
+                    log: Callable[[str], None] = print, bundle: object | None = None) -> list[DetectorRow]:
     """FaceBoxes at fp32 to each of ``formats`` under ``out``; one ``DetectorRow`` each (paths relative to
     ``report_dir``), with the seconds its conversion and parity took. ``regressor``: the landmark model of the
-    parity's landmark figures (the exported one)."""
+    parity's landmark figures (the exported one). ``bundle``: its phone bundles instead (``bundle.BundleOptions``)."""
     from edge3dfa.converters import convert
     from edge3dfa.manifest import manifest_path
 
     rows = []
     for fmt in formats:
-        key = f"{DETECTOR}/{fmt.name}/{PRECISION}"
+        label = detector_label(fmt, bundle is not None)
+        key = f"{DETECTOR}/{fmt.name}/{PRECISION}{' bundle' if bundle is not None else ''}"
         started = time.perf_counter()
         try:
-            with progress.target(detector_label(fmt)):  # convert + parity; no evaluate/latency of its own
+            with progress.target(label):  # convert + parity; no evaluate/latency of its own
                 try:
                     [art] = convert(DETECTOR, to=fmt.name, precision=PRECISION, out_dir=out, threads=threads,
-                                    landmarks_with=regressor)
+                                    landmarks_with=regressor, bundle=bundle)
                 finally:
                     progress.skip_rest()
         except Exception as e:  # noqa: BLE001 - a failed detector is a FAILED row, never a crash that hides the rest
             reason, crash = failure_reason(e)
-            log(f"{DETECTOR} {fmt.name} {PRECISION}: {reason}")
+            log(f"{label}: {reason}")
             rows.append(DetectorRow(key=key, model=DETECTOR, format=fmt.name, precision=PRECISION, status="error",
                                     reason=reason, seconds=time.perf_counter() - started,
-                                    crash_log=str(crash) if crash else None))
+                                    crash_log=str(crash) if crash else None, bundle=bundle is not None))
             continue
         seconds = time.perf_counter() - started
-        log(f"{DETECTOR} {fmt.name} {PRECISION}: {art.path} in {seconds:.1f} s (conversion + parity)")
+        log(f"{label}: {art.path} in {seconds:.1f} s (conversion + parity)")
         rows.append(DetectorRow(key=key, model=DETECTOR, format=fmt.name, precision=PRECISION,
                                 artifact=os.path.relpath(art.path, report_dir),
                                 manifest=os.path.relpath(manifest_path(art.path), report_dir),
-                                size_bytes=art.manifest.size_bytes, parity=art.manifest.parity, seconds=seconds))
+                                size_bytes=art.manifest.size_bytes, parity=art.manifest.parity, seconds=seconds,
+                                bundle=bundle is not None))
     return rows
 

@@ -11,6 +11,13 @@ settings, the same gates. It proves what the full export proves -- every install
 stays within the gates at fp32 and int8, with a verdict -- and leaves out what a newcomer does not need first:
 the other precisions, half of the judge's faces (the slowest evaluation is CoreML's numpy program, per face),
 batch 8 timings. Any option of ``QUICK`` given on the command line wins over it.
+
+``--bundle`` adds phone bundles (``edge3dfa.bundle``) to the params artifacts: every planned (format, precision)
+whose format builds bundles (``Format.bundles`` and ``Format.check_bundle``) gets its bundle beside its params
+artifact, and the detector its detector bundle where the format's ``check_bundle`` takes a detector; the others are
+listed as not attempted with the format's reason. Bundles are validated in the same report, scored from their own
+landmark output and compared with their params artifacts (``validation.bundles``); the NME-budget search applies
+to the params artifacts only.
 """
 
 from __future__ import annotations
@@ -61,6 +68,12 @@ def register_export(sub: Any) -> None:
                    help="only the regressor: do not convert the FaceBoxes detector (by default it is converted at "
                         "fp32 to each planned format that takes it, to OUT/faceboxes/FORMAT/, and judged in the "
                         "report on its parity vs PyTorch on the example photos)")
+    p.add_argument("--bundle", action="store_true",
+                   help="also build a phone bundle of every planned format and precision that bundles (uint8 crop "
+                        "in, landmarks/pose/params out: README 'On the phone'), and the detector's where the format "
+                        "bundles a detector, beside the params artifacts; validated in the same report (section "
+                        "'Phone bundles'); the others are listed as not attempted; channel order with --option "
+                        "bundle.channels=bgr|rgb")
     p.add_argument("--quick", action="store_true",
                    help="a first run (make demo): " + ", ".join(f"--{k.replace('_', '-')} {_text(v)}"
                                                                 for k, v in QUICK.items())
@@ -133,14 +146,45 @@ def plan_export(args: argparse.Namespace) -> tuple[list[tuple[Any, list[str]]], 
     return plan, not_attempted
 
 
-def conversion_error(fmt: str, prec: str, err: Exception, src: Any) -> Row:
+def plan_bundles(plan: list[tuple[Any, list[str]]], options: dict[str, dict[str, Any]]
+                 ) -> tuple[list[tuple[Any, list[str]]], list[dict[str, str]]]:
+    """The (format, precisions) of the plan whose phone bundles are built, and those not offered with the format's
+    reason (``Format.check_bundle``); --bundle with no bundle at all to build is an error, before any work."""
+    from edge3dfa.logs import one_line
+
+    take, skip = [], []
+    for fmt, precs in plan:
+        opts = fmt.Options.parse(options[fmt.name])
+        ok = []
+        for prec in precs:
+            try:
+                fmt.check_bundle(prec, False, opts)
+            except Edge3dfaError as e:
+                skip.append({"what": f"{fmt.name} {prec} bundle", "reason": one_line(e)})
+            else:
+                ok.append(prec)
+        if ok:
+            take.append((fmt, ok))
+    if not take:
+        raise Edge3dfaError("--bundle: no planned format and precision builds phone bundles ("
+                            + "; ".join(f"{n['what']}: {n['reason']}" for n in skip) + ")")
+    return take, skip
+
+
+def conversion_error(fmt: str, prec: str, err: Exception, src: Any, bundle: bool = False) -> Row:
     """The report row of a conversion that failed: status error, the reason in one line (+ traceback log)."""
+    from dataclasses import replace
+
     from edge3dfa.validation.harness import artifact_row
     from edge3dfa.workflows.detector import failure_reason
 
     reason, crash = failure_reason(err)
-    log(f"{fmt} {prec}: {reason}")
-    row = artifact_row(f"{src.name}/{fmt}/{prec}", model=src.name, fmt=fmt, precision=prec, source_sha=src.sha256)
+    what = f"{prec} bundle" if bundle else prec
+    log(f"{fmt} {what}: {reason}")
+    row = artifact_row(f"{src.name}/{fmt}/{what}", model=src.name, fmt=fmt, precision=prec, source_sha=src.sha256)
+    if bundle:  # a bundle row, so that the Phone bundles section lists it too
+        row = replace(row, bundle={"contract_version": None, "channel_order": None, "layout": None,
+                                   "spec_parity": {}, "vs_params": None})
     return row.failed(reason, str(crash) if crash else None)
 
 
@@ -163,8 +207,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from edge3dfa.models.checkpoint import Checkpoint
     from edge3dfa.validation.harness import Entry, evaluate
     from edge3dfa.workflows import convert
-    from edge3dfa.workflows.cli import budget_of, calibration_of, check_out, list_options, parse_options
-    from edge3dfa.workflows.detector import detector_label, export_detector, plan_detector
+    from edge3dfa.workflows.cli import budget_of, bundle_of, calibration_of, check_out, list_options, parse_options
+    from edge3dfa.workflows.detector import detector_label, export_detector, plan_detector, plan_detector_bundles
 
     started = time.perf_counter()
     apply_quick(args)
@@ -173,15 +217,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.list_options:
         return list_options([f.name for f, _ in plan])
     check_out(args.out)
-    options = split_options(parse_options(args.option), [f.name for f, _ in plan])
+    given = parse_options(args.option)
+    bundle = bundle_of(args, given)  # takes the bundle.KEY options out of the formats'
+    options = split_options(given, [f.name for f, _ in plan])
     for fmt, _ in plan:
         fmt.Options.parse(options[fmt.name])  # a typo fails now
+    bundle_plan, left_out = plan_bundles(plan, options) if bundle is not None else ([], [])
+    not_attempted += left_out
     calibrated = {p for f, precs in plan for p in precs if p in f.calibrated}
     budget, calibration = budget_of(args), calibration_of(args)
     if budget is not None and "int8" not in calibrated:
         raise Edge3dfaError("--nme-budget applies to int8, which the plan does not include")
     gates, latency = export_gates(args, calibrated), latency_of(args)
     detector_formats, left_out = plan_detector([f for f, _ in plan], args.no_detector)
+    not_attempted += left_out
+    detector_bundles, left_out = plan_detector_bundles(detector_formats, bundle)
     not_attempted += left_out
     for reason in dict.fromkeys(n["reason"] for n in not_attempted):  # one line per reason
         log(f"not attempted: {', '.join(n['what'] for n in not_attempted if n['reason'] == reason)}: {reason}")
@@ -193,25 +243,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     calib = load_calibration_set(calibration) if calibrated else None
     entries, failed_rows = [], []
     steps = [s for s in STEPS if latency.enabled or s != "latency"]
-    labels = [f"{f.name} {p}" for f, precs in plan for p in precs] + [detector_label(f) for f in detector_formats]
+    labels = ([f"{f.name} {p}" for f, precs in plan for p in precs]
+              + [f"{f.name} {p} bundle" for f, precs in bundle_plan for p in precs]
+              + [detector_label(f) for f in detector_formats]
+              + [detector_label(f, bundle=True) for f in detector_bundles])
     bar = Progress(labels, steps=steps,
                    reference_steps=[s for s in steps if s in ("evaluate", "latency")], started=started)
     with bar:  # one display over conversion and evaluation: artifact i of n, step, elapsed, ETA (edge3dfa.progress)
-        for fmt, precs in plan:
-            for prec in precs:
-                with progress.target(f"{fmt.name} {prec}"):
-                    try:
-                        arts = convert(src, to=fmt.name, precision=prec, out_dir=args.out,
-                                       options=options[fmt.name], calibration=calib,
-                                       budget=budget if prec in fmt.calibrated else None,
-                                       parity_count=args.parity_count, threads=args.threads)
-                    except Exception as e:  # noqa: BLE001 - one failed conversion must not hide the others' report
-                        failed_rows.append(conversion_error(fmt.name, prec, e, src))
-                        progress.skip_rest()
-                        continue
-                entries += [Entry(a.path, a.manifest, manifest_path(a.path)) for a in arts]
+        jobs = [(fmt, prec, None) for fmt, precs in plan for prec in precs]
+        jobs += [(fmt, prec, bundle) for fmt, precs in bundle_plan for prec in precs]
+        for fmt, prec, bundled in jobs:
+            with progress.target(f"{fmt.name} {prec}{' bundle' if bundled else ''}"):
+                try:
+                    arts = convert(src, to=fmt.name, precision=prec, out_dir=args.out,
+                                   options=options[fmt.name], calibration=calib,
+                                   budget=budget if prec in fmt.calibrated and not bundled else None,
+                                   parity_count=args.parity_count, threads=args.threads, bundle=bundled)
+                except Exception as e:  # noqa: BLE001 - one failed conversion must not hide the others' report
+                    failed_rows.append(conversion_error(fmt.name, prec, e, src, bundle=bundled is not None))
+                    progress.skip_rest()
+                    continue
+            entries += [Entry(a.path, a.manifest, manifest_path(a.path)) for a in arts]
         report_dir = Path(args.report_dir) if args.report_dir else Path(args.out) / src.name
         detectors = export_detector(detector_formats, src, args.out, report_dir, threads=args.threads, log=log)
+        detectors += export_detector(detector_bundles, src, args.out, report_dir, threads=args.threads, log=log,
+                                     bundle=bundle)
         result = evaluate(entries, data, latency=latency, reference=src, threads=args.threads, batch=args.batch,
                           root=report_dir, skip_unavailable=args.skip_unavailable, log=log)
     result["detectors"] = detectors
