@@ -181,8 +181,8 @@ def print_parity(arts: list[Any]) -> None:
                   f"{r.get('landmark_mean_px', float('nan')):10.3f}")
             if "bundle_landmark_mean_px" in r:  # a phone bundle's own outputs vs the executable spec
                 print(f"{'':54s} {'':12s} bundle vs edge3dfa.runtime: landmarks mean "
-                      f"{r['bundle_landmark_mean_px']:.4f} / max {r['bundle_landmark_max_px']:.4f} px, pose max "
-                      f"{r.get('pose_max_deg', float('nan')):.4f} deg")
+                      f"{r['bundle_landmark_mean_px']:.2e} / max {r['bundle_landmark_max_px']:.2e} px, pose max "
+                      f"{r.get('pose_max_deg', float('nan')):.2e} deg")
 
 
 def print_detector_parity(arts: list[Any]) -> None:
