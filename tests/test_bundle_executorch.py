@@ -94,9 +94,34 @@ def test_contract_travels_inside_the_program(arts) -> None:
         names = t.program.load_method("output_names").execute([])[0]
         assert names.split(",") == list(bundle.OUTPUTS)
         assert t.program.load_method("precision").execute([])[0] == art.manifest.precision
-    t.bundle = None
+
+
+@pytest.mark.slow
+def test_a_bundle_program_without_its_contract_method(tmp_path) -> None:
+    """A uint8 program with the bundle's outputs but no 'contract' method opens (uint8 NHWC input), refuses to
+    run until a contract is given (``open_target`` takes it from the manifest), then returns the outputs in order."""
+    import torch
+
+    from edge3dfa.converters.executorch import exported_bundle, lower
+    from edge3dfa.targets.executorch import ExecuTorchTarget
+
+    class Fake(torch.nn.Module):  # each output: the image's mean pixel, in the bundle's shapes
+        def forward(self, image: torch.Tensor) -> tuple:
+            m = image.to(torch.float32).mean((1, 2, 3)).reshape(-1, 1)
+            return (m.reshape(-1, 1, 1) * torch.ones(1, 68, 3), m * torch.ones(1, 3), m * torch.ones(1, 62))
+
+    content, _ = lower(exported_bundle(Fake().eval(), 1))
+    (tmp_path / "fake.pte").write_bytes(content)
+    t = ExecuTorchTarget(tmp_path / "fake.pte", threads=1)
+    assert t.bundle is None and t.input_contract()["dtype"] == "uint8" and t.capacity == 1
+    x = eval_crops(0, 6)
     with pytest.raises(Edge3dfaError, match="without its contract"):
-        t.run(eval_crops(0, 1))
+        t.run(x)
+    t.bundle = bundle.regressor_contract()
+    got = t.predict_bundle(x)  # 6 crops, one at a time (capacity 1)
+    means = bundle.to_image_uint8(x).astype(np.float64).mean((1, 2, 3))
+    np.testing.assert_allclose(got["pose"], np.repeat(means[:, None], 3, 1), rtol=1e-5)
+    np.testing.assert_allclose(got["landmarks"][:, 67, 2], means, rtol=1e-5)
 
 
 def test_detector_and_fp16_bundles_are_refused() -> None:
@@ -106,3 +131,15 @@ def test_detector_and_fp16_bundles_are_refused() -> None:
         plan("faceboxes", "executorch", "fp32", bundle=True)
     with pytest.raises(Edge3dfaError, match="fp16 is not bundled"):
         plan("mb05", "executorch", "fp16", bundle=True)
+
+
+def test_bundle_calibration_is_the_uint8_images_exactly() -> None:
+    """Calibration crops go through uint8 exactly (the values the bundle's pre-processing makes of the images);
+    crops off the uint8 grid are a user error, not silently rounded."""
+    from edge3dfa.converters.executorch import bundle_calibration
+
+    pixels = np.random.default_rng(2).integers(0, 256, (2, 3, 120, 120)).astype(np.float64)
+    x = ((pixels - 127.5) / 128).astype(np.float32)  # independent of edge3dfa's normalisation
+    np.testing.assert_array_equal(bundle_calibration(x), x)
+    with pytest.raises(Edge3dfaError, match="calibrated on uint8 images"):
+        bundle_calibration(x + np.float32(0.001))

@@ -409,7 +409,11 @@ def bundle_calibration(calibration: CalibrationSet | np.ndarray) -> np.ndarray:
     (``(x - 127.5) / 128`` is exact in float32), so the observers see the values the phone's images give."""
     from edge3dfa import bundle
 
-    return bundle.from_image_uint8(bundle.to_image_uint8(crops_of(calibration)))
+    try:
+        return bundle.from_image_uint8(bundle.to_image_uint8(crops_of(calibration)))
+    except Edge3dfaError:
+        raise Edge3dfaError("a bundle is calibrated on uint8 images: the calibration crops must be normalised "
+                            "uint8 crops ((pixel - 127.5) / 128), as edge3dfa's calibration loader makes") from None
 
 
 def write_bundle(source: Checkpoint, dest: Path, precision: str, options: ExecuTorchOptions,
