@@ -341,6 +341,157 @@ def _write(content: bytes, dest: Path, precision: str, options: ExecuTorchOption
             "min_runtime": {"executorch": runtime}, "tools": tool_versions("torch", "executorch", "torchao")}
 
 
+
+# ---------------------------------------------------------------------------------------------- bundles
+#: the constant methods a bundle program answers besides ``forward`` (ExecuTorch "config methods": a method with no
+#: input returning a string, read on the phone with ``Module::execute("contract")``); the .pte has no tensor names,
+#: so the method names, ``output_names`` and the contract JSON are the names
+BUNDLE_METHODS = ("contract", "input_name", "output_names", "edge3dfa_version", "model", "precision",
+                  "source_sha256")
+
+
+def bundle_constants(source: Checkpoint, precision: str) -> dict[str, str]:
+    """The bundle program's constant methods (``BUNDLE_METHODS``): the contract JSON (equal to the manifest's
+    ``bundle`` field), the input name, the output names in ``forward``'s order, and where the file came from."""
+    import json
+
+    from edge3dfa import __version__, bundle
+
+    return {"contract": json.dumps(bundle_contract(source), sort_keys=True), "input_name": bundle.INPUT_NAME,
+            "output_names": ",".join(bundle.OUTPUTS), "edge3dfa_version": __version__, "model": source.name,
+            "precision": precision, "source_sha256": source.sha256}
+
+
+def bundle_contract(source: Checkpoint) -> dict[str, Any]:
+    """The contract of ``source``'s regressor bundle (uint8 NHWC, the channel order chosen at conversion)."""
+    from edge3dfa import bundle
+
+    return bundle.regressor_contract(source.bundle.channels, "NHWC")
+
+
+def exported_bundle(module: Any, max_batch: int) -> Any:
+    """``torch.export`` of a bundle module (eval mode already: a PT2E-converted net inside refuses ``eval()``) on
+    uint8 [B,120,120,3] images, the batch dynamic up to ``max_batch`` (the example is the maximum, as ``_example``)."""
+    import torch
+    from torch.export import Dim, export
+
+    x = (torch.zeros(max_batch, 120, 120, 3, dtype=torch.uint8),)
+    dynamic = None if max_batch == 1 else ({0: Dim("batch", min=1, max=max_batch)},)
+    try:
+        return export(module, x, dynamic_shapes=dynamic)
+    except Exception as e:  # noqa: BLE001 - export raises many types; one line for the user
+        raise Edge3dfaError(f"torch.export could not capture the bundle: {one_line(e)}") from e
+
+
+def lower_bundle(program: Any, constants: dict[str, str]) -> tuple[bytes, dict[str, Any]]:
+    """``lower`` with the bundle's constant methods: .pte bytes and what the XNNPACK delegate took."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.devtools.backend_debug import get_delegation_info
+    from executorch.exir import to_edge_transform_and_lower
+
+    from edge3dfa.targets.executorch import native_log, quiet_imports
+
+    with quiet_imports(), native_log():
+        edge = to_edge_transform_and_lower({"forward": program}, partitioner=[XnnpackPartitioner()],
+                                           constant_methods=dict(constants))
+        info = get_delegation_info(edge.exported_program("forward").graph_module)
+        buffer = edge.to_executorch().buffer
+    ops = {k: v for k, v in info.delegation_by_operator.items() if k != "getitem"}
+    coverage = {"backend": "XnnpackBackend", "delegated_subgraphs": info.num_delegated_subgraphs,
+                "delegated": {k: v.delegated for k, v in sorted(ops.items()) if v.delegated},
+                "cpu_fallback": {k: v.non_delegated for k, v in sorted(ops.items()) if v.non_delegated}}
+    return bytes(buffer), coverage
+
+
+def bundle_calibration(calibration: CalibrationSet | np.ndarray) -> np.ndarray:
+    """The calibration crops as the network sees them inside the bundle: each crop made a uint8 image
+    (``bundle.to_image_uint8``, exact or an error) and normalised back as the bundle's pre-processing does
+    (``(x - 127.5) / 128`` is exact in float32), so the observers see the values the phone's images give."""
+    from edge3dfa import bundle
+
+    try:
+        return bundle.from_image_uint8(bundle.to_image_uint8(crops_of(calibration)))
+    except Edge3dfaError:
+        raise Edge3dfaError("a bundle is calibrated on uint8 images: the calibration crops must be normalised "
+                            "uint8 crops ((pixel - 127.5) / 128), as edge3dfa's calibration loader makes") from None
+
+
+def write_bundle(source: Checkpoint, dest: Path, precision: str, options: ExecuTorchOptions,
+                 calibration: CalibrationSet | None) -> dict[str, Any]:
+    """A regressor bundle (``Checkpoint.bundle_module("NHWC")``) lowered to ``dest``; returns the manifest fields.
+    int8 quantizes the network alone, as the params artifact does (``Int8Builder``: the same float layers and
+    ranges), calibrated on ``bundle_calibration``; the pre-processing and the head stay float32."""
+    _frameworks()
+    t0 = time.perf_counter()
+    module, used = source.bundle_module("NHWC"), {}
+    if precision == "int8":
+        if calibration is None:
+            raise Edge3dfaError("executorch int8 needs a calibration set")
+        builder = Int8Builder(source, options, bundle_calibration(calibration))
+        module.net = builder.quantized()  # set after the module's eval(): the converted graph refuses eval()
+        used = {"quantizer": "XNNPACKQuantizer (symmetric int8), the network only", "per_channel": options.per_channel,
+                "observer": options.observer, "float_input": options.float_input,
+                "float_output": options.float_output, "exclude": list(options.exclude),
+                "always_float": list(builder.always_float)}
+    content, coverage = lower_bundle(exported_bundle(module, options.max_batch), bundle_constants(source, precision))
+    dest.write_bytes(content)
+    batch_diff = _self_check_bundle(dest, options.max_batch)
+    return bundle_fields(source, precision, options, coverage, used, batch_diff, time.perf_counter() - t0)
+
+
+def _self_check_bundle(path: Path, max_batch: int) -> float:
+    """``_self_check`` for a bundle: random uint8 crops at ``max_batch`` and one at a time give the same params
+    (normalised back); the program's constant methods give the contract. Returns the max abs difference."""
+    from edge3dfa import bundle
+    from edge3dfa.targets.executorch import ExecuTorchTarget
+
+    target = ExecuTorchTarget(path, threads=1)
+    if target.bundle is None or target.capacity != max_batch:
+        raise Edge3dfaError(f"the lowered bundle has no contract method or holds batches of {target.capacity}, "
+                            f"not max_batch={max_batch}")
+    images = np.random.default_rng(0).integers(0, 256, (max_batch, 120, 120, 3), dtype=np.uint8)
+    x = bundle.from_image_uint8(images)
+    whole = target.predict(x)
+    single = np.concatenate([target.predict(x[i:i + 1]) for i in range(min(max_batch, 2))])
+    diff = float(np.abs(whole[:len(single)] - single).max())
+    if not np.isfinite(whole).all() or not diff < 1e-3:
+        raise Edge3dfaError(f"the lowered bundle gives different params for the same crop at batch 1 and batch "
+                            f"{max_batch} (max diff {diff:.3g}): dynamic batch lowering failed")
+    return diff
+
+
+def bundle_fields(source: Checkpoint, precision: str, options: ExecuTorchOptions, coverage: dict[str, Any],
+                  used: dict[str, Any], batch_diff: float, seconds: float) -> dict[str, Any]:
+    """The manifest fields of an ExecuTorch regressor bundle."""
+    from importlib.metadata import version
+
+    from edge3dfa import bundle
+
+    contract, batch = bundle_contract(source), options.max_batch
+    fallback = ", ".join(f"{k} {v}" for k, v in coverage["cpu_fallback"].items()) or "none"
+    notes = ["phone bundle: uint8 image in, landmarks/pose/params out (edge3dfa.bundle); method 'forward' takes "
+             f"the image and returns ({', '.join(bundle.OUTPUTS)}) in that order (a .pte has no tensor names)",
+             f"the program's constant methods {', '.join(BUNDLE_METHODS)} return strings: 'contract' is this "
+             "manifest's 'bundle' field as JSON",
+             f"XNNPACK delegate: {sum(coverage['delegated'].values())} ops in {coverage['delegated_subgraphs']} "
+             f"subgraph(s); on ExecuTorch's portable CPU kernels: {fallback}",
+             f"batch: any N (dynamic up to {batch} per call, larger batches in chunks; batch 1 vs batch {batch} max "
+             f"diff {batch_diff:.2g})" if batch > 1 else "batch: static 1 (the target runs larger batches crop by "
+                                                         "crop)",
+             f"converted in {seconds:.1f} s"]
+    if precision == "int8":
+        notes.append("int8: the network is statically quantized (PT2E, as the params artifact: always_float layers "
+                     "fp32); the uint8 -> float pre-processing and the landmark/pose head run in float32")
+    runtime = version("executorch")
+    return {"options": {"max_batch": batch, "bundle": source.bundle.to_dict(), "delegation": coverage,
+                        "route": "torch.export + to_edge_transform_and_lower (XnnpackPartitioner, constant methods)"
+                                 + (" after PT2E prepare/convert of the network" if precision == "int8" else ""),
+                        **used},
+            "input": contract["input"], "output": {"name": ", ".join(bundle.OUTPUTS), **contract["outputs"]},
+            "bundle": contract, "notes": notes, "min_runtime": {"executorch": runtime},
+            "tools": tool_versions("torch", "executorch", "torchao")}
+
+
 # ------------------------------------------------------------------------------------------ the format
 class ExecuTorchFormat(Format):
     name = "executorch"
@@ -365,6 +516,8 @@ class ExecuTorchFormat(Format):
     def write(self, source: Checkpoint, dest: Path, precision: str, options: ExecuTorchOptions,
               calibration: CalibrationSet | None) -> dict[str, Any]:
         self.check(precision, source.is_detector, options)
+        if source.bundle is not None:
+            return write_bundle(source, dest, precision, options, calibration)
         if precision in self.calibrated:
             return Int8Builder(source, options, calibration).export(dest)
         return write_float(source.load(), dest, precision, options)
@@ -372,3 +525,11 @@ class ExecuTorchFormat(Format):
     def int8_builder(self, source: Checkpoint, options: ExecuTorchOptions, calibration: CalibrationSet,
                      work: Path) -> Int8Builder:
         return Int8Builder(source, options, calibration, work)
+
+    #: phone bundles (``write_bundle``): the regressors at fp32 and int8
+    bundles = True
+
+    def check_bundle(self, precision: str, detector: bool, options: ExecuTorchOptions) -> None:
+        if detector or precision not in ("fp32", "int8"):
+            raise Edge3dfaError("executorch bundles are built for the 3DDFA regressors at fp32 and int8 (FaceBoxes "
+                                "does not export to executorch; fp16 is not bundled)")

@@ -13,6 +13,11 @@ that resets the pool is only noticed when it leaves the pool at another size.
 Batches: the converter exports a dynamic batch up to a capacity (``max_batch``, read here from the program's
 memory plan); larger batches run in chunks of that capacity, and a static batch-1 program runs sample by sample.
 
+Bundles (``edge3dfa.bundle``): a program whose ``forward`` takes uint8 [B,120,120,3] images and returns landmarks,
+pose and params in that order. A .pte has no tensor names, so the converter stores the contract as a constant
+method ``contract`` (a JSON string, read here); a bundle program without it takes its contract from the manifest
+(``open_target``) and refuses to run without one.
+
 The runtime writes its C++ log (cpuinfo probing, pool resets, load errors) to the process's stderr. Loading is
 done with that stream captured, so a normal run prints nothing and a failed load reports the runtime's own
 reason in one line.
@@ -35,6 +40,7 @@ from edge3dfa.target import N_PARAMS, Target, usable_cpus
 
 _MAGIC = b"ET12"  # bytes 4..8 of every .pte this runtime reads (program.cpp checks the same identifier)
 _FLOAT32 = 6  # c10::ScalarType::Float, as MethodMeta reports dtypes
+_UINT8 = 0  # c10::ScalarType::Byte
 #: the runtime, imported once, and the pool generation: bumped whenever this module resets ExecuTorch's thread pool
 _STATE: dict = {"runtime": None, "lib": None, "generation": 0}
 
@@ -111,6 +117,26 @@ def _shape(info) -> list[int]:  # noqa: ANN001
     return [int(s) for s in info.sizes()]
 
 
+def _bundle_contract(program, name: str) -> dict | None:  # noqa: ANN001
+    """The contract a bundle program returns from its constant method ``contract`` (JSON), or None without one."""
+    import json
+
+    if "contract" not in program.method_names:
+        return None
+    with native_log() as log:
+        try:
+            text = program.load_method("contract").execute([])[0]
+        except RuntimeError as e:
+            raise Edge3dfaError(f"{name}: its 'contract' method does not run: {_reason(e, log)}") from None
+    try:
+        contract = json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError:
+        contract = None
+    if not isinstance(contract, dict) or not isinstance(contract.get("input"), dict):
+        raise Edge3dfaError(f"{name}: its 'contract' method does not return a bundle contract")
+    return contract
+
+
 class ExecuTorchTarget(Target):
     """A .pte program on ExecuTorch's runtime (XNNPACK delegate) with an explicit thread count.
 
@@ -137,7 +163,11 @@ class ExecuTorchTarget(Target):
         if "forward" not in self.program.method_names:
             raise Edge3dfaError(f"{self.path.name}: the program has no 'forward' method "
                                 f"(methods: {', '.join(sorted(self.program.method_names)) or 'none'})")
-        self.capacity = self._check_io(self.program.metadata("forward"))
+        meta = self.program.metadata("forward")
+        #: a bundle program: uint8 NHWC images in, the contract's outputs out (``_check_bundle_io``)
+        self.image_input = meta.num_inputs() == 1 and meta.input_tensor_meta(0).dtype() == _UINT8
+        self.bundle = _bundle_contract(self.program, self.path.name)
+        self.capacity = self._check_bundle_io(meta) if self.image_input else self._check_io(meta)
         self._method, self._generation = None, -1
         self._ready()  # a delegate that does not load (corrupt, or a backend this runtime lacks) fails at open
 
@@ -164,6 +194,31 @@ class ExecuTorchTarget(Target):
                                 f"float32 [N,{N_PARAMS}] params: not a 3DDFA regressor program")
         return shape[0]
 
+    def _check_bundle_io(self, meta) -> int:  # noqa: ANN001
+        """The batch capacity of a bundle program: uint8 [B,120,120,3] -> landmarks [B,68,3], pose [B,3], params
+        [B,62] float32, in that order (``edge3dfa.bundle.OUTPUTS``); anything else is a user error."""
+        from edge3dfa import bundle
+
+        if self.bundle is not None and self.bundle.get("kind") != "regressor":
+            raise Edge3dfaError(f"{self.path.name}: a {self.bundle.get('kind')} bundle; ExecuTorch runs regressor "
+                                "bundles")
+        shape = _shape(meta.input_tensor_meta(0))
+        if len(shape) != 4 or shape[1:] != [*self.input_shape[1:], self.input_shape[0]]:
+            raise Edge3dfaError(f"{self.path.name}: the program takes uint8 {shape}, not [N,120,120,3] face crops")
+        want = [[shape[0], bundle.N_LANDMARKS, 3], [shape[0], 3], [shape[0], N_PARAMS]]
+        got = [(_shape(meta.output_tensor_meta(i)), meta.output_tensor_meta(i).dtype())
+               for i in range(meta.num_outputs())]
+        if got != [(w, _FLOAT32) for w in want]:
+            raise Edge3dfaError(f"{self.path.name}: the program outputs {[g for g, _ in got]}, not float32 "
+                                f"{want} ({', '.join(bundle.OUTPUTS)}): not a 3DDFA regressor bundle")
+        return shape[0]
+
+    def input_contract(self) -> dict:
+        if self.image_input:
+            return {"shape": [None, *self.input_shape[1:], self.input_shape[0]], "layout": "NHWC", "dtype": "uint8",
+                    "kind": "tensor"}
+        return super().input_contract()
+
     def _ready(self):  # noqa: ANN202
         """The loaded method, (re)loaded when the pool it was loaded with has been replaced since."""
         generation = use_threads(self.num_threads)
@@ -183,12 +238,16 @@ class ExecuTorchTarget(Target):
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
         import torch
 
+        if self.image_input and self.bundle is None:
+            raise Edge3dfaError(f"{self.name}: a bundle program without its contract (no 'contract' method); open "
+                                "it beside its manifest")
         method = self._ready()
         outs = []
         for i in range(0, len(x), self.capacity):  # not captured: a redirect per call would cost more than a crop
             try:
-                outs.append(method.execute([torch.from_numpy(x[i:i + self.capacity])])[0].numpy())
+                got = method.execute([torch.from_numpy(x[i:i + self.capacity])])
             except RuntimeError as e:
                 raise Edge3dfaError(f"{self.name}: execution failed ({_reason(e, [])})") from None
-        return [np.concatenate(outs) if len(outs) > 1 else outs[0]]
+            outs.append([o.numpy() for o in got] if self.image_input else [got[0].numpy()])
+        return [np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*outs)]
 
