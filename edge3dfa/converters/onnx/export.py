@@ -126,10 +126,10 @@ def _export(module: Any, dummy: Any, names: list[str], axes: dict[str, dict[int,
 def contract(source: Checkpoint) -> dict[str, Any]:
     """The contract of ``source``'s bundle (``edge3dfa.bundle``), as the file and its manifest store it."""
     from edge3dfa import bundle
-    from edge3dfa.converters.onnx.nms import NMS_RULES
+    from edge3dfa.converters.onnx.nms import nms_rules
 
     if source.is_detector:
-        return bundle.detector_contract(*DETECTOR_BUNDLE_SIZE, source.bundle.channels, "NHWC", nms=NMS_RULES)
+        return bundle.detector_contract(*DETECTOR_BUNDLE_SIZE, source.bundle.channels, "NHWC", nms=nms_rules())
     return bundle.regressor_contract(source.bundle.channels)
 
 

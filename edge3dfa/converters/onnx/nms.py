@@ -9,10 +9,14 @@ no exportable NMS, so the rest is written here with ``onnx.helper``, one op per 
 - greedy NMS at IoU 0.3, the best 750 kept: ``NonMaxSuppression`` (one batch, one class), best score first;
 - reported faces score > 0.5: ``Greater`` + ``Compress``.
 
-Where the op cannot follow the runtime: ONNX NMS computes areas as (x2 - x1) * (y2 - y1), without the +1 pixel of
-upstream's cpu_nms that ``runtime.detect.nms`` keeps, and suppresses at IoU > 0.3 where the runtime suppresses at
-IoU >= 0.3. Both change which overlapping candidate survives only when two boxes' IoU sits right at the threshold;
-``measure.parity.detector_bundle_parity`` measures the effect on the example photos (boxes vs the runtime's).
+The +1 pixel: ONNX NMS computes areas and intersections as (x2 - x1) * (y2 - y1); upstream's cpu_nms, which
+``runtime.detect.nms`` keeps, adds 1 to each side. Without it a different overlapping candidate often survives in
+dense scenes (``benchmarks/detector_bundle_nms.py`` counts how often). The boxes NMS compares are therefore shifted
+by +1 at x2 and y2 (the boxes output are not), which gives exactly upstream's areas and intersections, in input
+pixels; the runtime adds its pixel in photo pixels, so the two are equal when the photo is not shrunk (at most
+480x640 for the default size) and differ by the shrink factor otherwise (the benchmark also compares the faces on
+the example photos at several scales; ``measure.parity.detector_bundle_parity`` in every conversion). ONNX also
+suppresses at IoU > 0.3 where the runtime suppresses at IoU >= 0.3: different only for an IoU of exactly 0.3.
 """
 
 from __future__ import annotations
@@ -20,10 +24,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-#: the rules, said in the contract's ``nms`` field (``bundle.detector_contract``)
-NMS_RULES = ("in the model: candidates with score > 0.05, the best 5000 (TopK), ONNX NonMaxSuppression at IoU 0.3 "
-             "(areas without the runtime's +1 pixel, suppressed at IoU > 0.3), the best 750, then score > 0.5; "
-             "outputs sorted by score, best first")
+
+def nms_rules() -> str:
+    """The rules the graph follows, as the contract's ``nms`` field says them (``bundle.detector_contract``)."""
+    r = runtime_rules()
+    return (f"in the model: candidates with score > {r.confidence_threshold:g}, the best {r.top_k} (TopK), ONNX "
+            f"NonMaxSuppression at IoU {r.nms_threshold:g} (suppressed at IoU > {r.nms_threshold:g}; upstream's +1 "
+            f"pixel areas in input pixels, the runtime's are in photo pixels), the best {r.keep_top_k}, then score > "
+            f"{r.score_threshold:g}; outputs sorted by score, best first")
 
 
 def runtime_rules() -> Any:
@@ -33,9 +41,11 @@ def runtime_rules() -> Any:
     return FaceBoxesDetector(forward=lambda blob: (blob, blob))
 
 
-def append_nms(model_bytes: bytes, names: Sequence[str] = ("boxes", "scores")) -> bytes:
+def append_nms(model_bytes: bytes, names: Sequence[str] = ("boxes", "scores"), area_pixel: float = 1.0) -> bytes:
     """The serialized decode graph (outputs ``prior_boxes`` [P,4], ``prior_scores`` [P]) with NMS appended: outputs
-    ``names`` = (boxes [K,4], scores [K]), best score first. P must be static (a fixed input size)."""
+    ``names`` = (boxes [K,4], scores [K]), best score first. P must be static (a fixed input size).
+    ``area_pixel``: added to x2 and y2 of the boxes NMS compares (not of those output); 1 (the default) gives
+    upstream's +1 pixel areas and intersections exactly, in input pixels; 0 is the plain ONNX op."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -57,7 +67,9 @@ def append_nms(model_bytes: bytes, names: Sequence[str] = ("boxes", "scores")) -
         node("TopK", [scores_in, const("top_k", [min(rules.top_k, priors)], np.int64)],
              ["nms/top_scores", "nms/top_index"], name="/nms/TopK", axis=0, largest=1, sorted=1),
         node("Gather", [boxes_in, "nms/top_index"], ["nms/top_boxes"], name="/nms/GatherBoxes", axis=0),
-        node("Unsqueeze", ["nms/top_boxes", const("axis0", [0], np.int64)], ["nms/batch_boxes"],
+        node("Add", ["nms/top_boxes", const("area_pixel", [0, 0, area_pixel, area_pixel], np.float32)],
+             ["nms/compared_boxes"], name="/nms/AreaPixel"),
+        node("Unsqueeze", ["nms/compared_boxes", const("axis0", [0], np.int64)], ["nms/batch_boxes"],
              name="/nms/UnsqueezeBoxes"),
         node("Unsqueeze", ["nms/top_scores", const("axes01", [0, 1], np.int64)], ["nms/batch_scores"],
              name="/nms/UnsqueezeScores"),
