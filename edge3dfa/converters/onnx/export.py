@@ -191,7 +191,8 @@ def _document(graph: Any, contract_json: str) -> None:
         spec = specs.get(value.name)
         if spec is not None:
             shape = "[" + ",".join(str(d) for d in spec["shape"]) + "]"
-            value.doc_string = f"{value.name} {spec['dtype']} {shape}: {spec['meaning']}"
+            nms = f"; NMS {terms['nms']}" if "nms" in terms and value.name in terms["outputs"] else ""
+            value.doc_string = f"{value.name} {spec['dtype']} {shape}: {spec['meaning']}{nms}"
 
 
 def min_onnxruntime(model: Any) -> str:
