@@ -240,7 +240,7 @@ def convert_one(fmt: Format, source: Checkpoint, precision: str, dest: Path, opt
                 regressor: Target | None = None) -> Artifact:
     """One artifact: written in a temp folder, its parity measured, published with its manifest as a pair.
     ``regressor``: for a detector, the landmark model of ``detector_parity``'s landmark figures."""
-    from edge3dfa.measure.parity import bundle_parity, detector_parity, parity
+    from edge3dfa.measure.parity import bundle_parity, detector_bundle_parity, detector_parity, parity
     from edge3dfa.target import open_target
 
     _prepare(dest.parent, verbose)
@@ -261,6 +261,9 @@ def convert_one(fmt: Format, source: Checkpoint, precision: str, dest: Path, opt
         with progress.step("parity"):
             if source.bundle is not None and not source.is_detector:
                 figures = bundle_parity(reference, open_target(tmp, threads=threads, verify=False), sets)
+            elif source.bundle is not None:
+                figures = detector_bundle_parity(reference, open_target(tmp, threads=threads, verify=False),
+                                                 regressor=regressor)
             elif source.is_detector:
                 figures = detector_parity(reference, open_target(tmp, threads=threads, verify=False),
                                           regressor=regressor)

@@ -115,3 +115,36 @@ def _landmark_effect(regressor: Target, img: np.ndarray, ref_boxes: np.ndarray, 
     crop_px = px / ((rois[0][:, 2] - rois[0][:, 0]) / runtime.INPUT_SIZE)[:, None]
     return {"landmark_mean_px": float(px.mean()), "landmark_max_px": float(px.max()),
             "landmark_max_crop_px": float(crop_px.max())}
+
+
+def detector_bundle_parity(reference: Target, candidate: Target, photos: tuple[str, ...] = DETECTOR_PHOTOS,
+                           regressor: Target | None = None) -> dict:
+    """A detector bundle (decode, and NMS where its contract says so, inside the model) vs the runtime: the faces
+    ``FaceBoxesDetector.of_target(candidate)`` finds on each photo against ``FaceBoxesDetector`` over the PyTorch
+    ``reference`` at the bundle's fixed input size (the same shrink and padding, ``runtime.detect.prepare``): face
+    counts, and for each reference face its best-matching bundle face: the smallest IoU, the largest corner
+    difference in photo pixels and score difference. With ``regressor``, the landmark effect as
+    ``detector_parity``'s."""
+    from edge3dfa import assets
+    from edge3dfa.runtime.detect import FaceBoxesDetector, box_iou
+
+    size = tuple(candidate.input_shape[1:])
+    spec = FaceBoxesDetector(lambda b: tuple(reference.run(b)[:2]), input_size=size)
+    bundled = FaceBoxesDetector.of_target(candidate)
+    out = {}
+    for name in photos:
+        img = runtime.read_image(assets.fetch(name))
+        ref, got = spec(img), bundled(img)
+        row = {"blob": list(size), "faces": [len(ref), len(got)], "nms": bundled.outputs, "box_min_iou": None,
+               "box_max_px": None, "score_max_abs": None, "landmark_mean_px": None, "landmark_max_px": None,
+               "landmark_max_crop_px": None}
+        if len(ref) and len(got):
+            iou = box_iou(ref, got)
+            match = iou.argmax(axis=1)
+            row["box_min_iou"] = float(iou[np.arange(len(match)), match].min())
+            row["box_max_px"] = float(np.abs(ref[:, :4] - got[match, :4]).max())
+            row["score_max_abs"] = float(np.abs(ref[:, 4] - got[match, 4]).max())
+            if regressor is not None:
+                row.update(_landmark_effect(regressor, img, ref, got[match]))
+        out[f"photo {name}"] = row
+    return out

@@ -129,19 +129,35 @@ def prepare(img_bgr: np.ndarray, input_size: tuple[int, int] | None = None) -> t
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None]), scale
 
 
+#: what a detector's ``forward`` returns: raw network outputs (loc, conf), or a detector bundle's decoded (boxes,
+#: scores) in input pixels, before NMS ("boxes") or after the NMS in the model ("boxes+nms")
+OUTPUTS = ("loc_conf", "boxes", "boxes+nms")
+
+
+def nms_in_model(contract: dict[str, Any]) -> bool:
+    """Whether a detector bundle's contract (``edge3dfa.bundle.detector_contract``) says NMS runs in the model."""
+    return str(contract.get("nms", "")).startswith("in the model")
+
+
 class FaceBoxesDetector:
     """img_bgr -> face boxes [K,5] float32 (x1,y1,x2,y2,score) in image pixels, best score first.
 
     ``forward`` is any runtime (torch via models.faceboxes.torch_forward, onnxruntime, TFLite) mapping the
     blob [1,3,H,W] to (loc [1,P,4], conf [1,P,2] softmax); priors are cached per blob size. Defaults are
     upstream's: candidates above 0.05, top 5000 into NMS at IoU 0.3, top 750 kept, reported above 0.5.
-    ``name`` (e.g. the target's) names the model in errors.
+    ``name`` (e.g. the target's) names the model in errors. ``outputs`` (``OUTPUTS``) says what ``forward``
+    returns: a detector bundle decodes in the model (boxes [K,4] in input pixels, scores [K]), and with NMS in the
+    model only the score threshold is applied here (a threshold below the model's cannot bring faces back).
     """
 
     def __init__(self, forward: Forward, score_threshold: float = 0.5, nms_threshold: float = 0.3,
                  confidence_threshold: float = 0.05, top_k: int = 5000, keep_top_k: int = 750,
-                 input_size: tuple[int, int] | None = None, name: str = "detector model") -> None:
+                 input_size: tuple[int, int] | None = None, name: str = "detector model",
+                 outputs: str = "loc_conf") -> None:
+        if outputs not in OUTPUTS:
+            raise Edge3dfaError(f"detector outputs must be one of {', '.join(OUTPUTS)}, got {outputs!r}")
         self.forward = forward
+        self.outputs = outputs
         self.name = name
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold
@@ -159,7 +175,12 @@ class FaceBoxesDetector:
         ``options``: the thresholds of ``__init__``."""
         shape = tuple(target.input_shape[1:])
         fixed = shape if shape and None not in shape else None
-        return cls(lambda blob: tuple(target.run(blob)[:2]), input_size=fixed, name=target.name, **options)
+        contract = getattr(target, "bundle", None)
+        if contract and contract.get("kind") != "detector":
+            raise Edge3dfaError(f"{target.name} is a {contract.get('kind')} bundle, not a face detector")
+        outputs = "loc_conf" if not contract else "boxes+nms" if nms_in_model(contract) else "boxes"
+        return cls(lambda blob: tuple(target.run(blob)[:2]), input_size=fixed, name=target.name, outputs=outputs,
+                   **options)
 
     def priors(self, height: int, width: int) -> np.ndarray:
         """prior_boxes for a blob size, computed once."""
@@ -170,12 +191,14 @@ class FaceBoxesDetector:
 
     def __call__(self, img_bgr: np.ndarray) -> np.ndarray:
         blob, scale = prepare(img_bgr, self.input_size)
-        height, width = blob.shape[2:]
-        priors = self.priors(height, width)
         outs = tuple(self.forward(blob))
         if len(outs) != 2:  # e.g. a landmark model given as the detector: one output, [N,62] params
             raise Edge3dfaError(f"{self.name}: returned {len(outs)} output(s), where a FaceBoxes detector returns 2 "
                                 "(box offsets and scores); is it a landmark model rather than a face detector?")
+        if self.outputs != "loc_conf":
+            return self._from_bundle(*outs, scale)
+        height, width = blob.shape[2:]
+        priors = self.priors(height, width)
         loc, conf = outs
         loc = np.asarray(loc, dtype=np.float32).reshape(-1, 4)
         conf = np.asarray(conf, dtype=np.float32)
@@ -185,9 +208,27 @@ class FaceBoxesDetector:
                 f"{priors.shape[0]}; a model exported at a fixed size needs input_size=(H, W) of that size")
         scores = conf.reshape(-1, 2)[:, 1]
         boxes = decode(loc, priors) * np.array([width, height, width, height], np.float32) / np.float32(scale)
+        return self._select(boxes, scores)
 
+    def _select(self, boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Upstream's rules on decoded boxes [P,4] and scores [P]: candidates, NMS, the best, the threshold."""
         idx = np.flatnonzero(scores > self.confidence_threshold)
         idx = idx[scores[idx].argsort()[::-1][:self.top_k]]
         dets = np.hstack([boxes[idx], scores[idx, None]]).astype(np.float32)
         dets = dets[nms(dets, self.nms_threshold)][:self.keep_top_k]
+        return np.ascontiguousarray(dets[dets[:, 4] > self.score_threshold])
+
+    def _from_bundle(self, boxes: Any, scores: Any, scale: float) -> np.ndarray:
+        """A detector bundle's boxes [K,4] (input pixels) and scores [K] -> dets [K,5] in image pixels; NMS here
+        only when the model has none."""
+        boxes = np.asarray(boxes, np.float32)
+        scores = np.asarray(scores, np.float32).reshape(-1)
+        if boxes.ndim != 2 or boxes.shape != (len(scores), 4):
+            raise Edge3dfaError(f"{self.name}: a detector bundle returns boxes [K,4] and scores [K], got "
+                                f"{list(boxes.shape)} and {list(scores.shape)}")
+        boxes = boxes / np.float32(scale)
+        if self.outputs == "boxes":
+            return self._select(boxes, scores)
+        dets = np.hstack([boxes, scores[:, None]]).astype(np.float32)
+        dets = dets[np.argsort(-dets[:, 4], kind="stable")]  # best first, as the runtime's
         return np.ascontiguousarray(dets[dets[:, 4] > self.score_threshold])

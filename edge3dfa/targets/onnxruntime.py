@@ -103,7 +103,8 @@ class OnnxTarget(Target):
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def _open_bundle(self, inputs: list) -> None:
-        """A phone bundle: one uint8 NHWC image input; the canonical float input is converted by ``Target.run``."""
+        """A phone bundle: one uint8 NHWC image input; the canonical float input (crops, or a detector's blob
+        [1,3,H,W]) is converted by ``Target.run``, so ``input_shape`` is the canonical NCHW of the native shape."""
         if len(inputs) != 1 or inputs[0].type != "tensor(uint8)" or len(inputs[0].shape) != 4:
             got = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
             raise Edge3dfaError(f"{self.path}: a bundle takes one uint8 NHWC image, the model takes {got}")
@@ -111,6 +112,7 @@ class OnnxTarget(Target):
         dims = [d if isinstance(d, int) and d > 0 else None for d in inputs[0].shape]
         self.fixed_batch = dims[0]
         self.native_shape = tuple(dims[1:])
+        self.input_shape = (self.native_shape[2], self.native_shape[0], self.native_shape[1])
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def input_contract(self) -> dict:

@@ -38,6 +38,9 @@ __all__ = ["OnnxFormat", "OnnxOptions"]
 
 PRECISIONS = ("fp32", "int8", "dyn-int8")
 OPSET = 17
+#: the fixed input (H, W) of a FaceBoxes bundle, as the TFLite detector's (``converters.tflite.DETECTOR_SIZE``): a
+#: 640x480 photo as is, larger photos shrunk to fit and padded
+DETECTOR_BUNDLE_SIZE = (480, 640)
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,15 @@ class OnnxFormat(Format):
             return write_float(source, dest, options, work)
 
     def check_bundle(self, precision: str, detector: bool, options: OnnxOptions) -> None:
-        if detector or precision != "fp32":
-            raise Edge3dfaError("onnx bundles are built at fp32 for the regressors so far")
+        """Regressor bundles at every precision (int8: the network only, pre- and post-processing stay float);
+        the detector bundle at fp32 (FaceBoxes int8 is not offered, and dyn-int8 only saves file size)."""
+        if detector and precision != "fp32":
+            raise Edge3dfaError(f"onnx detector bundles are fp32 only (asked {precision}); use --precision fp32")
+        if options.head != "params":
+            raise Edge3dfaError("a bundle outputs landmarks, pose and params already: leave out head=landmarks")
+        if options.exporter != "torchscript":
+            raise Edge3dfaError("onnx bundles use the default exporter (torchscript): its node names keep the "
+                                "pre- and post-processing float")
 
     def int8_builder(self, source: Checkpoint, options: OnnxOptions, calibration: CalibrationSet | None,
                      work: Path) -> Int8Builder:

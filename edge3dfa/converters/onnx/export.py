@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge3dfa import __version__, runtime
-from edge3dfa.converters.onnx import OPSET
+from edge3dfa.converters.onnx import DETECTOR_BUNDLE_SIZE, OPSET
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.manifest import CANONICAL_INPUT, CANONICAL_OUTPUT, tool_versions
 
@@ -89,24 +89,48 @@ def torch_to_onnx(model: Any, detector: bool, head: str, exporter: str, opset: i
 
 
 def bundle_to_onnx(source: Checkpoint, opset: int) -> bytes:
-    """The serialized ModelProto of a regressor bundle (``Checkpoint.bundle_module``): uint8 NHWC ``image`` in,
-    ``landmarks``, ``pose``, ``params`` out, dynamic batch; TorchScript exporter (module-path node names)."""
+    """The serialized ModelProto of a bundle (``Checkpoint.bundle_module``), uint8 NHWC ``image`` in, TorchScript
+    exporter (module-path node names): a regressor gives ``landmarks``, ``pose``, ``params`` with a dynamic batch;
+    FaceBoxes, at the fixed ``DETECTOR_BUNDLE_SIZE``, ``boxes`` and ``scores`` after NMS (``nms.append_nms``)."""
     import torch
 
     from edge3dfa import bundle
 
     if source.is_detector:
-        raise Edge3dfaError("onnx detector bundles are not built yet")
+        from edge3dfa.converters.onnx.nms import append_nms
+
+        h, w = DETECTOR_BUNDLE_SIZE
+        dummy = torch.zeros((1, h, w, 3), dtype=torch.uint8)
+        raw = _export(source.bundle_module("NHWC", (h, w)), dummy, ["prior_boxes", "prior_scores"], {}, opset)
+        return append_nms(raw, bundle.DETECTOR_OUTPUTS)
     size = runtime.INPUT_SIZE
     dummy = torch.zeros((1, size, size, 3), dtype=torch.uint8)
     names = list(bundle.OUTPUTS)
+    return _export(source.bundle_module("NHWC"), dummy, names,
+                   {n: {0: "N"} for n in [bundle.INPUT_NAME, *names]}, opset)
+
+
+def _export(module: Any, dummy: Any, names: list[str], axes: dict[str, dict[int, str]], opset: int) -> bytes:
+    import torch
+
+    from edge3dfa import bundle
+
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(source.bundle_module("NHWC"), (dummy,), buf, input_names=[bundle.INPUT_NAME],
-                          output_names=names, opset_version=opset, dynamo=False, do_constant_folding=True,
-                          dynamic_axes={n: {0: "N"} for n in [bundle.INPUT_NAME, *names]})
+        torch.onnx.export(module, (dummy,), buf, input_names=[bundle.INPUT_NAME], output_names=names,
+                          opset_version=opset, dynamo=False, do_constant_folding=True, dynamic_axes=axes or None)
     return buf.getvalue()
+
+
+def contract(source: Checkpoint) -> dict[str, Any]:
+    """The contract of ``source``'s bundle (``edge3dfa.bundle``), as the file and its manifest store it."""
+    from edge3dfa import bundle
+    from edge3dfa.converters.onnx.nms import nms_rules
+
+    if source.is_detector:
+        return bundle.detector_contract(*DETECTOR_BUNDLE_SIZE, source.bundle.channels, "NHWC", nms=nms_rules())
+    return bundle.regressor_contract(source.bundle.channels)
 
 
 def ort_basic_optimise(src: Path, dest: Path) -> None:
@@ -126,16 +150,17 @@ def metadata(source: Checkpoint, precision: str, options: OnnxOptions) -> dict[s
     if source.bundle is not None:
         import json
 
-        from edge3dfa import bundle
-
+        terms = contract(source)
         return {"model": source.name, "arch": source.arch, "precision": precision, "source_sha256": source.sha256,
-                "bundle": json.dumps(bundle.regressor_contract(source.bundle.channels), sort_keys=True)}
+                "bundle": json.dumps(terms, sort_keys=True), "licence": terms["licence"], "version": __version__,
+                "contract_version": str(terms["version"])}
     return {"model": source.name, "arch": source.arch, "precision": precision,
             "head": "faceboxes" if source.is_detector else options.head, "source_sha256": source.sha256}
 
 
 def finalise(src: Path, dest: Path, meta: dict[str, str]) -> Any:
-    """Prune the unused opset domains onnxruntime adds, stamp metadata, check, save as ONE file."""
+    """Prune the unused opset domains onnxruntime adds, stamp metadata (and a bundle's input and output meanings
+    as the doc_string of each, from its contract), check, save as ONE file."""
     import onnx
 
     model = onnx.load(str(src))
@@ -148,9 +173,26 @@ def finalise(src: Path, dest: Path, meta: dict[str, str]) -> Any:
     del model.metadata_props[:]
     for k, v in sorted(meta.items()):
         model.metadata_props.add(key=f"edge3dfa.{k}", value=str(v))
+    if "bundle" in meta:
+        _document(model.graph, meta["bundle"])
     onnx.checker.check_model(model, full_check=True)
     onnx.save_model(model, str(dest), save_as_external_data=False)
     return model
+
+
+def _document(graph: Any, contract_json: str) -> None:
+    """Each input's and output's meaning (the contract's ``meaning``, with dtype, shape and units) as its
+    doc_string, so a viewer such as Netron shows the contract on the tensors themselves."""
+    import json
+
+    terms = json.loads(contract_json)
+    specs = {terms["input"]["name"]: terms["input"], **terms["outputs"]}
+    for value in [*graph.input, *graph.output]:
+        spec = specs.get(value.name)
+        if spec is not None:
+            shape = "[" + ",".join(str(d) for d in spec["shape"]) + "]"
+            nms = f"; NMS {terms['nms']}" if "nms" in terms and value.name in terms["outputs"] else ""
+            value.doc_string = f"{value.name} {spec['dtype']} {shape}: {spec['meaning']}{nms}"
 
 
 def min_onnxruntime(model: Any) -> str:
@@ -178,15 +220,25 @@ def fields(proto: Any, detector: bool, options: OnnxOptions, quantized: dict[str
             "min_runtime": {"onnxruntime": min_onnxruntime(proto)}}
 
 
-def bundle_fields(proto: Any, source: Checkpoint) -> dict[str, Any]:
-    """The manifest fields of an fp32 ONNX regressor bundle."""
+def bundle_fields(proto: Any, source: Checkpoint, quantized: dict[str, Any] | None = None,
+                  quantized_notes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The manifest fields of an ONNX bundle (regressor or detector, float or quantized)."""
     from edge3dfa import bundle
 
-    contract = bundle.regressor_contract(source.bundle.channels)
-    return {"options": {"opset": proto.opset_import[0].version, "bundle": source.bundle.to_dict()},
-            "input": contract["input"], "output": {"name": ", ".join(bundle.OUTPUTS), **contract["outputs"]},
-            "bundle": contract, "notes": ["phone bundle: uint8 image in, landmarks/pose/params out (edge3dfa.bundle)",
-                                          "single self-contained file", "dynamic batch (dim 'N')"],
+    terms = contract(source)
+    names = bundle.DETECTOR_OUTPUTS if source.is_detector else bundle.OUTPUTS
+    if source.is_detector:
+        notes = ["phone bundle: uint8 photo in, boxes/scores out after NMS (edge3dfa.bundle)",
+                 f"fixed input {terms['input']['shape']}: photos are shrunk and padded to it "
+                 "(edge3dfa.runtime.detect.prepare)", "NMS: " + terms["nms"]]
+    else:
+        notes = ["phone bundle: uint8 image in, landmarks/pose/params out (edge3dfa.bundle)", "dynamic batch (dim 'N')"]
+    if quantized:
+        notes.append("only the network is quantized: the uint8 -> float pre-processing and the post-processing "
+                     "(/head/ nodes) stay float")
+    return {"options": {"opset": proto.opset_import[0].version, "bundle": source.bundle.to_dict(), **(quantized or {})},
+            "input": terms["input"], "output": {"name": ", ".join(names), **terms["outputs"]},
+            "bundle": terms, "notes": [*notes, "single self-contained file", *quantized_notes],
             "tools": tool_versions("torch", "onnx", "onnxruntime"),
             "min_runtime": {"onnxruntime": min_onnxruntime(proto)}}
 

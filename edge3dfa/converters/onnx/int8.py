@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge3dfa.converters.base import Int8Builder as BaseInt8Builder
-from edge3dfa.converters.onnx.export import fields, finalise, float_graph, metadata
+from edge3dfa.converters.onnx.export import bundle_fields, fields, finalise, float_graph, metadata
 from edge3dfa.converters.onnx.layers import activations, always_float, attr, layer_sqnr, layer_units, onnx_graph
 from edge3dfa.datasets.calibration import crops_of
 from edge3dfa.errors import Edge3dfaError
@@ -53,6 +53,10 @@ class Int8Builder(BaseInt8Builder):
                                 f"tested with 1.32), found {onnxruntime.__version__}")
         self.options, self.detector = options.for_task(source.is_detector), source.is_detector
         self.work, self.meta = Path(work), metadata(source, "int8", self.options)
+        self.source = source
+        #: a bundle's channel order: its graph takes the uint8 image of the crops (``bundle_feed``); None: a params
+        #: graph, which takes the float crops as they are
+        self.channels = source.bundle.channels if source.bundle is not None else None
         src = float_graph(source, self.options, self.work)
         if self.options.preprocess:
             src, pre = self.work / "pre.onnx", src
@@ -60,11 +64,11 @@ class Int8Builder(BaseInt8Builder):
         self.src, self.graph = src, onnx_graph(src)  # bias correction changes values, never the graph's nodes
         self.always_float = always_float(self.graph, self.options)
         self.layers = layer_units(self.graph, self.always_float)
-        self.cache = calibrate(src, calibration, self.options, self.work)
+        self.cache = calibrate(src, calibration, self.options, self.work, self.channels)
         if self.options.bias_correction:
             probe = self.work / "bias-probe.onnx"
             self.quantize(probe)
-            self.src = correct_biases(self.src, probe, crops_of(calibration)[:BIAS_CROPS], self.work)
+            self.src = correct_biases(self.src, probe, crops_of(calibration)[:BIAS_CROPS], self.work, self.channels)
         self._builds = 0
 
     def quantize(self, dest: Path, keep_float: Sequence[str] = ()) -> list[str]:
@@ -95,13 +99,15 @@ class Int8Builder(BaseInt8Builder):
         excluded = self.quantize(tmp, keep_float)
         proto = finalise(tmp, Path(dest), self.meta)
         tmp.unlink()
+        if self.channels is not None:
+            return bundle_fields(proto, self.source, *static_fields(self.options, excluded))
         out = fields(proto, self.detector, self.options, *static_fields(self.options, excluded))
         if keep_float:
             out["options"]["float_layers"] = list(keep_float)
         return out
 
     def layer_sqnr(self, quantized: Path, x: np.ndarray) -> dict[str, float]:
-        return layer_sqnr(self.layers, self.graph, quantized, self.src, x, self.work)
+        return layer_sqnr(self.layers, self.graph, quantized, self.src, x, self.work, self.channels)
 
 
 def static_fields(options: OnnxOptions, excluded: list[str]) -> tuple[dict[str, Any], tuple[str, ...]]:
@@ -147,6 +153,8 @@ def write_dynamic(source: Checkpoint, dest: Path, options: OnnxOptions, work: Pa
     note = ("dynamic int8 quantizes activations at run time, which makes these CNNs slower than fp32 on "
             "onnxruntime's CPU provider (benchmarks/onnx_speed.py measures it on a machine); it only saves file "
             "size. Use int8 for speed")
+    if source.bundle is not None:
+        return bundle_fields(proto, source, used, (note,))
     return fields(proto, source.is_detector, options, used, (note,))
 
 
@@ -162,9 +170,21 @@ def equal_batch(count: int, batch: int) -> int:
     return max(d for d in range(1, max(1, min(batch, count)) + 1) if count % d == 0) if count > 0 else 1
 
 
-def calibration_reader(calibration: CalibrationSet | np.ndarray, input_name: str = "input", batch: int = 32) -> Any:
+def graph_input(x: np.ndarray, channels: str | None) -> np.ndarray:
+    """Canonical float crops as a graph takes them: a params graph as they are (float32 NCHW), a bundle
+    (``channels`` its channel order) as the exact uint8 NHWC crops of its contract (``bundle.to_image_uint8``)."""
+    if channels is None:
+        return np.ascontiguousarray(x, np.float32)
+    from edge3dfa import bundle
+
+    return bundle.to_image_uint8(x, channels)
+
+
+def calibration_reader(calibration: CalibrationSet | np.ndarray, input_name: str = "input", batch: int = 32,
+                       channels: str | None = None) -> Any:
     """An onnxruntime CalibrationDataReader over a CalibrationSet (or crops array), in its reproducible order,
-    in equal batches of at most ``batch`` crops (``equal_batch``)."""
+    in equal batches of at most ``batch`` crops (``equal_batch``); for a bundle (``channels`` given) each batch is
+    the uint8 image of the crops (``graph_input``)."""
     from onnxruntime.quantization import CalibrationDataReader
 
     data = crops_of(calibration)
@@ -176,7 +196,7 @@ def calibration_reader(calibration: CalibrationSet | np.ndarray, input_name: str
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             x = next(self._it, None)
-            return None if x is None else {input_name: np.ascontiguousarray(x, np.float32)}
+            return None if x is None else {input_name: graph_input(x, channels)}
 
         def rewind(self) -> None:
             self._it = (data[i:i + batch] for i in range(0, len(data), batch))
@@ -187,7 +207,8 @@ def calibration_reader(calibration: CalibrationSet | np.ndarray, input_name: str
     return _Reader()
 
 
-def calibrate(src: Path, calibration: CalibrationSet | np.ndarray, options: OnnxOptions, work: Path) -> Path:
+def calibrate(src: Path, calibration: CalibrationSet | np.ndarray, options: OnnxOptions, work: Path,
+              channels: str | None = None) -> Path:
     """Tensor ranges with onnxruntime's own calibrators, saved as its calibration cache.
 
     Done here rather than inside ``quantize_static`` only because that function cannot pass histogram
@@ -206,7 +227,7 @@ def calibrate(src: Path, calibration: CalibrationSet | np.ndarray, options: Onnx
     calibrator = create_calibrator(src, augmented_model_path=str(work / "augmented.onnx"), calibrate_method=method,
                                    extra_options=extra)
     with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print progress; stdout is the CLI's table
-        calibrator.collect_data(calibration_reader(calibration, "input", options.calib_batch))
+        calibrator.collect_data(calibration_reader(calibration, input_name(channels), options.calib_batch, channels))
         ranges = calibrator.compute_data()
     cache = work / "calibration.json"
     save_tensors_data(ranges, cache)
@@ -214,7 +235,14 @@ def calibrate(src: Path, calibration: CalibrationSet | np.ndarray, options: Onnx
 
 
 # ------------------------------------------------------------------------------------------ bias correction
-def correct_biases(src: Path, quantized: Path, x: np.ndarray, work: Path) -> Path:
+def input_name(channels: str | None) -> str:
+    """The graph input's name: ``bundle.INPUT_NAME`` for a bundle, else the params graph's "input"."""
+    from edge3dfa import bundle
+
+    return "input" if channels is None else bundle.INPUT_NAME
+
+
+def correct_biases(src: Path, quantized: Path, x: np.ndarray, work: Path, channels: str | None = None) -> Path:
     """Empirical bias correction (Nagel et al. 2019): the rounding error of a layer's int8 weights, dW, shifts
     the mean of its output by dW applied to the mean of its (quantized) input, per output channel; that
     shift is subtracted from the float bias, so the quantized layer's output mean matches the float one.
@@ -230,7 +258,7 @@ def correct_biases(src: Path, quantized: Path, x: np.ndarray, work: Path) -> Pat
 
     batch = equal_batch(len(x), 16)
     sizes = [batch] * (len(x) // batch)  # as calibration_reader splits x
-    acts = activations(quantized, x, work)
+    acts = activations(quantized, x, work, channels)
     weights = create_weight_matching(str(src), str(quantized))
     qdq_nodes = {n.name: n for n in onnx.load(str(quantized), load_external_data=False).graph.node}
     model = onnx.load(str(src))

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from edge3dfa.converters.onnx import OnnxOptions
 
 WEIGHTED = {"Conv", "Gemm", "MatMul"}
+#: node-name prefix of the network inside a bundle's TorchScript export (``models.bundle``'s attribute ``net``)
+BUNDLE_NET_PREFIX = "/net/"
 
 
 def onnx_graph(path: Path) -> Any:
@@ -90,7 +92,7 @@ def always_float(graph: Any, options: OnnxOptions) -> list[str]:
         if name not in nodes:
             close = difflib.get_close_matches(name, nodes, n=3) or nodes[:3]
             raise Edge3dfaError(f"exclude: no node named {name!r} in the graph; e.g. {', '.join(close)}")
-    out = set(options.excluded) | {n for n in nodes if n.startswith(HEAD_PREFIX)}
+    out = set(options.excluded) | {n for n in nodes if n.startswith(HEAD_PREFIX)} | set(bundle_pre_processing(graph))
     if options.float_output:
         out |= set(float_tail(graph))
     if options.float_input:
@@ -98,14 +100,25 @@ def always_float(graph: Any, options: OnnxOptions) -> list[str]:
     return sorted(out)
 
 
+def bundle_pre_processing(graph: Any) -> list[str]:
+    """A bundle's uint8 -> float pre-processing (Cast, Transpose, Sub, Mul: every node outside the network, which
+    the bundle module holds as ``net``, and outside the head), kept float: quantizing it would round the exact
+    normalisation of the crop to 8 bits again. Empty for a params graph (float input)."""
+    import onnx
+
+    if not graph.input or graph.input[0].type.tensor_type.elem_type != onnx.TensorProto.UINT8:
+        return []
+    return [n.name for n in graph.node if not n.name.startswith((BUNDLE_NET_PREFIX, HEAD_PREFIX))]
+
+
 def layer_sqnr(layers: dict[str, list[str]], graph: Any, quantized: Path, float_model: Path, x: np.ndarray,
-               work: Path) -> dict[str, float]:
+               work: Path, channels: str | None = None) -> dict[str, float]:
     """SQNR (dB) of each layer's output in ``quantized`` against ``float_model`` (whose ``graph`` the ``layers``
     come from), on crops ``x`` (onnxruntime's qdq_loss_debug: both graphs run with optimisations off, every tensor
     kept)."""
     from onnxruntime.quantization.qdq_loss_debug import compute_activation_error, create_activation_matching
 
-    qdq, flt = (activations(p, x, work) for p in (quantized, float_model))
+    qdq, flt = (activations(p, x, work, channels) for p in (quantized, float_model))
     errors = compute_activation_error(create_activation_matching(qdq, flt))
     out_of = {n.name: n.output[0] for n in graph.node}
     result = {}
@@ -116,17 +129,18 @@ def layer_sqnr(layers: dict[str, list[str]], graph: Any, quantized: Path, float_
     return result
 
 
-def activations(model: Path, x: np.ndarray, work: Path) -> dict[str, list[np.ndarray]]:
+def activations(model: Path, x: np.ndarray, work: Path, channels: str | None = None) -> dict[str, list[np.ndarray]]:
     """Every float tensor of ``model`` on crops ``x`` (16 per run, flattened per run), by tensor name: onnxruntime's
-    qdq_loss_debug, which runs the graph with optimisations off, so a QDQ graph computes as fake-quant."""
+    qdq_loss_debug, which runs the graph with optimisations off, so a QDQ graph computes as fake-quant. A bundle
+    (``channels`` its channel order) is fed the uint8 image of the crops."""
     from onnxruntime.quantization.qdq_loss_debug import collect_activations, modify_model_output_intermediate_tensors
 
-    from edge3dfa.converters.onnx.int8 import calibration_reader
+    from edge3dfa.converters.onnx.int8 import calibration_reader, input_name
 
     aug = work / f"{model.stem}-debug.onnx"
     modify_model_output_intermediate_tensors(str(model), str(aug))
     try:
-        return collect_activations(str(aug), calibration_reader(x, "input", 16))
+        return collect_activations(str(aug), calibration_reader(x, input_name(channels), 16, channels))
     finally:
         aug.unlink()
 
