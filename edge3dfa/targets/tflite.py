@@ -111,6 +111,55 @@ def cut_short(blob: bytes) -> str | None:
     return None
 
 
+def metadata_entry(blob: bytes, name: str) -> bytes | None:
+    """The bytes of the model metadata entry ``name`` (schema.fbs: Model.metadata -> Buffer), or None; read with
+    bounds-checked flatbuffer reads, so it needs no schema module (a Pi has none). IndexError: a corrupt file."""
+    fb = _Flatbuffer(blob)
+    model = fb.read(0, 4)
+    buffers = fb.tables(model, 4)
+    for meta in fb.tables(model, 6):
+        at = fb.field(meta, 0)
+        if at is None:
+            continue
+        start = at + fb.read(at, 4)
+        length = fb.read(start, 4)
+        fb.read(start + 4, length, False) if length else None
+        if blob[start + 4:start + 4 + length].decode(errors="replace") != name:
+            continue
+        index_at = fb.field(meta, 1)
+        index = fb.read(index_at, 4) if index_at is not None else 0
+        if index >= len(buffers):
+            raise IndexError(index)
+        buf = buffers[index]
+        offset_at, size_at = fb.field(buf, 1), fb.field(buf, 2)
+        if offset_at is not None and size_at is not None and fb.read(offset_at, 8) > 1:
+            offset, size = fb.read(offset_at, 8), fb.read(size_at, 8)
+            fb.read(offset, size) if size else None
+            return bytes(blob[offset:offset + size])
+        first, n = fb.vector(buf, 0, 1)
+        return bytes(blob[first:first + n])
+    return None
+
+
+def _bundle_contract(blob: bytes, name: str) -> dict | None:
+    """The bundle contract in the file's ``edge3dfa.bundle`` metadata entry, or None for a params model."""
+    import json
+
+    try:
+        raw = metadata_entry(blob, "edge3dfa.bundle")
+    except IndexError:
+        raise Edge3dfaError(f"{name}: truncated or corrupt TFLite file (its metadata points past the end)") from None
+    if raw is None:
+        return None
+    try:
+        contract = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        contract = None
+    if not isinstance(contract, dict) or not isinstance(contract.get("input"), dict):
+        raise Edge3dfaError(f"{name}: the file's edge3dfa.bundle metadata is not a bundle contract")
+    return contract
+
+
 def _runtime_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -166,17 +215,45 @@ class TFLiteTarget(Target):
             raise Edge3dfaError(f"{self.path.name}: input {shape} is not a 3-channel image (NHWC or NCHW)")
         self.input_shape = (3, h, w)
         self._batch = shape[0]
+        self.bundle = _bundle_contract(self.path.read_bytes(), self.path.name)
+        if self.bundle is not None:
+            self._open_bundle()
+            return
         self._outputs = self._ordered_outputs()
         if self._input["dtype"] not in (np.float32, np.int8, np.uint8):
             raise Edge3dfaError(f"{self.path.name}: unsupported input type {np.dtype(self._input['dtype']).name}")
 
+    def _open_bundle(self) -> None:
+        """A phone bundle: one uint8 NHWC ``image``; outputs by their signature names in the contract's order
+        (``Target.run`` gives ``_run`` the uint8 image). The file is fixed at batch 1: ``_run`` loops."""
+        from edge3dfa import bundle
+
+        if self.layout != "NHWC" or self._input["dtype"] != np.uint8:
+            raise Edge3dfaError(f"{self.path.name}: a bundle takes one uint8 NHWC image, the model takes "
+                                f"{np.dtype(self._input['dtype']).name} {list(self._input['shape'])}")
+        names = bundle.DETECTOR_OUTPUTS if self.bundle.get("kind") == "detector" else bundle.OUTPUTS
+        try:
+            key, sig = next(iter(self.interpreter.get_signature_list().items()))
+            by_name = self.interpreter.get_signature_runner(key).get_output_details()
+        except (ValueError, StopIteration) as e:
+            raise Edge3dfaError(f"{self.path.name}: a bundle without a signature ({one_line(e)})") from None
+        missing = [n for n in names if n not in sig["outputs"]]
+        if missing:
+            raise Edge3dfaError(f"{self.path.name}: the bundle's signature lacks output(s) {', '.join(missing)} "
+                                f"(it has {', '.join(sig['outputs'])})")
+        index = {d["index"]: d for d in self.interpreter.get_output_details()}
+        self._outputs = [index[by_name[n]["index"]] for n in names]
+
     def input_contract(self) -> dict:
         shape = [int(v) for v in self._input["shape"]]
+        if self.bundle is not None:
+            return {"shape": shape, "layout": "NHWC", "dtype": "uint8", "kind": "tensor"}
         return {"shape": shape, "layout": self.layout, "dtype": np.dtype(self._input["dtype"]).name, "kind": "tensor"}
 
     def stored_precision(self) -> str:
         """From the tensors' types: int8/uint8/int16 anywhere = quantized, else float16 weights = fp16."""
-        types = {np.dtype(t["dtype"]) for t in self.interpreter.get_tensor_details()}
+        skip = self._input["index"] if self.bundle is not None else -1  # a bundle's uint8 image is not a weight
+        types = {np.dtype(t["dtype"]) for t in self.interpreter.get_tensor_details() if t["index"] != skip}
         if types & {np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int16)}:
             return "quantized"
         return "float16" if np.dtype(np.float16) in types else "float32"
@@ -219,6 +296,8 @@ class TFLiteTarget(Target):
         return ((y.astype(np.float32) - np.float32(zero)) * np.float32(scale)).astype(np.float32)
 
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        if self.bundle is not None:
+            return self._run_bundle(x)
         if self.layout == "NHWC":
             x = x.transpose(0, 2, 3, 1)
         x = np.ascontiguousarray(self._quantize_input(x))
@@ -233,3 +312,18 @@ class TFLiteTarget(Target):
         self.interpreter.set_tensor(idx, x)
         self.interpreter.invoke()
         return [self._dequantize(self.interpreter.get_tensor(o["index"]), o) for o in self._outputs]
+
+    def _run_bundle(self, images: np.ndarray) -> list[np.ndarray]:
+        """uint8 images [N,H,W,3], one invoke each (the graph's reshapes are fixed at batch 1); a detector takes
+        one image and returns its outputs as they are."""
+        idx = self._input["index"]
+        parts = []
+        for image in images:
+            self.interpreter.set_tensor(idx, np.ascontiguousarray(image[None]))
+            self.interpreter.invoke()
+            parts.append([self.interpreter.get_tensor(o["index"]).copy() for o in self._outputs])
+        if self.bundle.get("kind") == "detector":
+            if len(parts) != 1:
+                raise Edge3dfaError(f"{self.name}: a detector bundle takes one image at a time, got {len(parts)}")
+            return parts[0]
+        return [np.concatenate(outs) for outs in zip(*parts)]

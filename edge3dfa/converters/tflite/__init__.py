@@ -92,6 +92,8 @@ class TFLiteFormat(Format):
     #: one configuration; mixed precision (the budget search) does the rest. The activation ranges
     #: (``calib_method``) are not candidates: they change no op, so no speed, and the search picks by speed
     int8_candidates = {"int8": {}}
+    #: phone bundles (``converters.tflite.bundle``): regressor fp32 and int8, detector fp32
+    bundles = True
 
     def check(self, precision: str, detector: bool, options: TFLiteOptions) -> None:
         super().check(precision, detector, options)
@@ -103,11 +105,23 @@ class TFLiteFormat(Format):
             raise Edge3dfaError("int8 FaceBoxes needs calibration photos, which the shared set (face crops) is "
                                 "not; use fp32, fp16 or dyn-int8 for the detector")
 
+    def check_bundle(self, precision: str, detector: bool, options: TFLiteOptions) -> None:
+        if precision not in (("fp32",) if detector else ("fp32", "int8")):
+            raise Edge3dfaError(f"tflite bundles are built at fp32 and int8 (detector: fp32), not {precision}: "
+                                "fp16 / dyn-int8 weights would quantize the post-processing's bases too")
+        if options.io != "float":
+            raise Edge3dfaError("io=int8 does not apply to a bundle: its input is the uint8 image, its outputs float")
+
     def write(self, source: Checkpoint, dest: Path, precision: str, options: TFLiteOptions,
               calibration: CalibrationSet | None) -> dict[str, Any]:
         from edge3dfa.converters.tflite.export import CROP_SIZE, float_flatbuffer, quantize, write_artifact
 
         self.check(precision, source.is_detector, options)
+        if source.bundle is not None:
+            from edge3dfa.converters.tflite.bundle import write_bundle
+
+            self.check_bundle(precision, source.is_detector, options)
+            return write_bundle(source, dest, precision, options, calibration)
         if precision == "int8":
             return self.int8_builder(source, options, calibration, dest.parent).export(dest)
         t0 = time.perf_counter()

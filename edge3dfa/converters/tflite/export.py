@@ -65,11 +65,8 @@ def _conv_squeeze_excite(se: Any) -> Any:
     return ConvSqueezeExcite()
 
 
-def channels_last_module(model: Any) -> Any:
-    """A copy of ``model`` that takes NHWC input, with converter-friendly squeeze-excite blocks."""
-    import torch
-    from torch import nn
-
+def replace_squeeze_excite(model: Any) -> Any:
+    """A copy of ``model`` with converter-friendly squeeze-excite blocks (see module docstring)."""
     from edge3dfa.models.mobilenet_v3 import SEModule
 
     model = copy.deepcopy(model).eval()
@@ -77,6 +74,15 @@ def channels_last_module(model: Any) -> Any:
         for name, child in list(parent.named_children()):
             if isinstance(child, SEModule):
                 setattr(parent, name, _conv_squeeze_excite(child))
+    return model
+
+
+def channels_last_module(model: Any) -> Any:
+    """A copy of ``model`` that takes NHWC input, with converter-friendly squeeze-excite blocks."""
+    import torch
+    from torch import nn
+
+    model = replace_squeeze_excite(model)
 
     class ChannelsLast(nn.Module):
         __module__ = NAME_SCOPE

@@ -141,23 +141,32 @@ def int8_recipe(content: bytes, options: TFLiteOptions, params_layer: list[str],
     return q, notes
 
 
-def _input_name(content: bytes) -> str:
-    return _interpreter(content).get_signature_list()["serving_default"]["inputs"][0]
+def _signature_input(content: bytes) -> tuple[str, str]:
+    """(signature key, input name) of the model's one signature ("serving_default" unless a bundle's)."""
+    key, sig = next(iter(_interpreter(content).get_signature_list().items()))
+    return key, sig["inputs"][0]
+
+
+def model_input(x: np.ndarray) -> np.ndarray:
+    """One calibration sample as the model takes it: an NCHW float crop as NHWC [1,H,W,3]; a bundle's uint8
+    NHWC image [H,W,3] as it is."""
+    return np.ascontiguousarray(x[None] if x.dtype == np.uint8 else x[None].transpose(0, 2, 3, 1))
 
 
 def calibrate(content: bytes, q: Any, crops: np.ndarray) -> Any:
-    """Tensor ranges of ``q``'s recipe on NCHW ``crops``: global min/max over the set (see module docstring)."""
+    """Tensor ranges of ``q``'s recipe on NCHW ``crops`` (a bundle's: uint8 NHWC images): global min/max over
+    the set (see module docstring)."""
     from ai_edge_quantizer import calibrator, recipe_manager
     from ai_edge_quantizer.utils import qsv_utils
 
     rm = recipe_manager.RecipeManager()
     rm.load_quantization_recipe(q.get_quantization_recipe())
-    name = _input_name(content)
+    key, name = _signature_input(content)
     cal = calibrator.Calibrator(bytes(content), num_threads=os.cpu_count() or 1,
                                 qsv_update_func=qsv_utils.min_max_update)
-    data = [{name: np.ascontiguousarray(x[None].transpose(0, 2, 3, 1))} for x in crops]
+    data = [{name: model_input(x)} for x in crops]
     with quiet_bars():
-        cal.calibrate({"serving_default": data}, rm)
+        cal.calibrate({key: data}, rm)
     return cal.get_model_qsvs()
 
 
@@ -183,7 +192,7 @@ def tensor_histograms(content: bytes, qsvs: dict[str, Any], crops: np.ndarray,
     bounds = {n: b for n, b in bounds.items() if b[1] > b[0]}
     counts = {n: np.zeros(RANGE_BINS, np.int64) for n in bounds}
     for x in crops:
-        interp.set_tensor(inp, np.ascontiguousarray(x[None].transpose(0, 2, 3, 1)))
+        interp.set_tensor(inp, model_input(x))
         interp.invoke()
         for n, (lo, hi) in bounds.items():
             counts[n] += np.histogram(interp.get_tensor(index[n]), RANGE_BINS, (lo, hi))[0]
@@ -217,12 +226,13 @@ def mse_range(lo: float, hi: float, counts: np.ndarray) -> tuple[float, float]:
     return float(best[1]), float(best[2])
 
 
-def clip_ranges(content: bytes, qsvs: dict[str, Any], crops: np.ndarray, options: TFLiteOptions) -> dict[str, Any]:
+def clip_ranges(content: bytes, qsvs: dict[str, Any], crops: np.ndarray, options: TFLiteOptions,
+                keep: Collection[str] | None = None) -> dict[str, Any]:
     """``qsvs`` (global min/max) with each activation range narrowed as ``options.calib_method`` says (the input
-    and the params layer's tensors keep their own); minmax returns them as they are."""
+    and the ``keep`` tensors, by default the params layer's, keep their own); minmax returns them as they are."""
     if options.calib_method == "minmax":
         return qsvs
-    counts = tensor_histograms(content, qsvs, crops, set(params_layer_tensors(content)))
+    counts = tensor_histograms(content, qsvs, crops, set(params_layer_tensors(content) if keep is None else keep))
     out = dict(qsvs)
     for name, c in counts.items():
         lo, hi = float(np.min(qsvs[name]["min"])), float(np.max(qsvs[name]["max"]))
