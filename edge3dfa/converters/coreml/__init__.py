@@ -75,6 +75,8 @@ class CoreMLFormat(Format):
     Options = CoreMLOptions
     #: what --nme-budget tries (workflows.budget): one configuration; float layers do the rest
     int8_candidates = {"int8": {}}
+    #: phone bundles (``converters.coreml.bundle``): ImageType in, named outputs, the contract in the metadata
+    bundles = True
 
     def check(self, precision: str, detector: bool, options: CoreMLOptions) -> None:
         from edge3dfa.converters.coreml.export import DEPLOYMENT_TARGETS, MIN_TARGET, at_least
@@ -98,12 +100,24 @@ class CoreMLFormat(Format):
             raise Edge3dfaError(f"coreml {precision} calibrates on face crops; convert the detector at "
                                 f"{', '.join(p for p in self.precisions if p not in self.calibrated)}")
 
+    def check_bundle(self, precision: str, detector: bool, options: CoreMLOptions) -> None:
+        """Bundles: regressor fp32 and int8, detector fp32 (``converters.coreml.bundle``); the input is always an
+        image, so ``input=tensor`` does not apply."""
+        from edge3dfa.converters.coreml.bundle import check
+
+        check(precision, detector)
+
     def write(self, source: Checkpoint, dest: Path, precision: str, options: CoreMLOptions,
               calibration: CalibrationSet | None) -> dict[str, Any]:
         from edge3dfa.converters.coreml.compression import write_compressed
         from edge3dfa.converters.coreml.export import resolve, write_float
 
         self.check(precision, source.is_detector, options)
+        if source.bundle is not None:
+            from edge3dfa.converters.coreml.bundle import write_bundle
+
+            self.check_bundle(precision, source.is_detector, options)
+            return write_bundle(source, dest, precision, options, calibration)
         if precision in self.calibrated:
             if calibration is None:
                 raise Edge3dfaError(f"coreml {precision} needs a calibration set (real face crops)")
