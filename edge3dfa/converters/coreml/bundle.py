@@ -224,27 +224,28 @@ def write_bundle(source: Checkpoint, dest: Path, precision: str, options: CoreML
     return save_bundle(mlmodel, dest, source, precision, options, [], {})
 
 
-def ane_notes(mlmodel: Any, precision: str, frame: list[str] | None = None) -> list[str]:
+def ane_notes(mlmodel: Any, precision: str, detector: bool, frame: list[str] | None = None) -> list[str]:
     """What the program shows about Neural Engine eligibility (nothing is measured on Linux)."""
+    from coremltools.converters.mil.mil import types
+
     ops = [op for op in program_of(mlmodel).functions["main"].operations
            if op.op_type != "const" and not op.op_type.startswith("constexpr_")]
     non_float = sorted({op.op_type for op in ops
-                        if any(str(getattr(v.dtype, "__name__", v.dtype)) in _NON_FLOAT_OUTPUT
-                               or getattr(v.dtype, "get_primitive", lambda: None)() is not None
-                               and v.dtype.get_primitive().__name__ in _NON_FLOAT_OUTPUT for v in op.outputs)})
+                        if any(types.is_bool(v.dtype) or v.dtype == types.int32 for v in op.outputs)})
     notes = ["Neural Engine: not measured (coremltools' MLComputePlan needs macOS); from the program:"]
     if precision == "fp32":
         notes.append("fp32 compute precision: CoreML runs float32-typed programs on the GPU and CPU, not the Neural "
-                     "Engine (coremltools docs, 'Typed Execution'); the params artifact at fp16 / int8 is the "
-                     "accelerator path")
+                     "Engine (coremltools docs, 'Typed Execution'); the params artifact at fp16 / int8 "
+                     f"{'(detector: fp16)' if detector else ''} is the accelerator path".replace("  ", " "))
     else:
         fp32 = sorted({op.op_type for op in ops if op.name in set(frame or ())})
         notes.append("int8: the network computes in fp16 with int8 activations and weights (Neural Engine "
-                     f"eligible by type); the pre/post-processing stays float32 and runs on the CPU/GPU: "
-                     f"{', '.join(fp32)}")
+                     f"eligible by type); the pre/post-processing stays float32, so CoreML runs it on the CPU or "
+                     f"GPU (with a hand-over after the network): {', '.join(fp32)}")
     if non_float:
-        notes.append(f"ops with bool / int32 outputs (the Neural Engine computes fp16 / int8): {', '.join(non_float)}"
-                     " (the pose's atan2 pieces and, in a detector, NMS)")
+        why = "NMS and the choice of reported boxes" if detector else "the pose's atan2 and gimbal-lock branches"
+        notes.append(f"ops with bool / int32 outputs, which the Neural Engine (fp16 / int8) does not compute: "
+                     f"{', '.join(non_float)} ({why})")
     return notes
 
 
@@ -282,7 +283,7 @@ def save_bundle(mlmodel: Any, dest: Path, source: Checkpoint, precision: str, op
     notes = [f"phone {kind} bundle: image in (CoreML ImageType, one image per prediction), "
              f"{', '.join(names)} out (edge3dfa.bundle); the contract is in the package's user-defined metadata "
              "under edge3dfa.bundle", *([NMS_NOTE] if source.is_detector else []), *notes,
-             *ane_notes(mlmodel, precision, frame)]
+             *ane_notes(mlmodel, precision, source.is_detector, frame)]
     return {"options": {"route": "trace", "compute_precision": "fp32" if precision == "fp32" else "mixed",
                         "deployment_target": options.deployment_target, "compression": compression,
                         "bundle": source.bundle.to_dict()},
