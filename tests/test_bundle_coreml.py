@@ -53,6 +53,8 @@ def test_coreml_bundles_it_can_build_and_refuses_the_rest():
         fmt.check_bundle("fp16", False, opts)
     with pytest.raises(Edge3dfaError, match="detector bundles are built at fp32"):
         fmt.check_bundle("int8", True, opts)
+    with pytest.raises(Edge3dfaError, match="route=trace"):
+        fmt.check_bundle("fp32", False, fmt.Options.parse({"route": "export"}))
 
 
 @pytest.fixture(scope="module")

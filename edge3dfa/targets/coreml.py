@@ -6,7 +6,10 @@ figures are computed from what ships. ``runtime`` says which one ran ("coreml" o
 
 Both input kinds the converter writes are accepted through the same ``predict``: a float tensor (canonical
 crops) or an image input (BGR pixels 0..255, normalisation inside the model), for which the canonical crops
-are mapped back to pixels, x * 128 + 127.5 (exact for crops made from uint8 images).
+are mapped back to pixels, x * 128 + 127.5 (exact for crops made from uint8 images). A phone bundle (its contract
+under ``edge3dfa.bundle`` in the package's user-defined metadata, read into ``self.bundle``) gets the uint8 image of
+its contract from ``Target.run``, handed over as an app would: an RGB image, which CoreML (or the evaluator,
+``mil_eval.image_planes``) turns into planes in the input's color layout.
 """
 
 from __future__ import annotations

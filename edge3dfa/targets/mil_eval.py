@@ -15,6 +15,10 @@ What is modelled:
     in its iOS16 bit-packed and iOS18 per-group/vector forms, constexpr_cast), reproduced from the spec.
   * activation quantization (quantize / dequantize, iOS17): clip(round(x / scale) + zero_point), rounding half
     to even as coremltools' reference implementation does (the spec does not name CoreML's rounding mode).
+  * image inputs: CoreML hands the program the image's planes in the input's color layout (``image_planes``);
+    the ImageType's scale and bias are ops in the program.
+  * non_maximum_suppression as its spec says (IoU > threshold suppressed, scores below the score threshold
+    rejected, best first); the values of the padding rows and the order of score ties are unspecified there.
 What is not modelled:
   * accumulation precision inside an op: convolutions, matmuls and reductions accumulate in float32 here,
     also for fp16 programs; CoreML's GPU / Neural Engine kernels may accumulate in fp16 or with other

@@ -7,6 +7,8 @@
 * ``compression``: ``w8`` (int8 weights), ``pal6`` / ``pal4`` (palettized weights).
 * ``int8``: int8 weights AND activations (quantize/dequantize pairs, iOS17), calibrated on face crops with the
   numpy MIL evaluator (``Int8Builder``; the NME-budget search applies to it). Formerly called ``w8a8``.
+* ``bundle``: phone bundles (``--bundle``): an ImageType in, landmarks / pose / params (or, for FaceBoxes, boxes /
+  scores after NMS in the program) out, the contract in the package's metadata; fp32 and int8 (network only).
 
 The deployment target is the lowest that has the chosen compression scheme: iOS16 / macOS13 (fp32, fp16, w8),
 iOS17 / macOS14 (int8), iOS18 / macOS15 (pal6, pal4). Inputs are float32 tensors, or with ``input=image`` a BGR
@@ -106,6 +108,9 @@ class CoreMLFormat(Format):
         from edge3dfa.converters.coreml.bundle import check
 
         check(precision, detector)
+        if options.route != "trace":
+            raise Edge3dfaError("coreml bundles are captured with torch.jit.trace (route=trace); route=export "
+                                "does not build them")
 
     def write(self, source: Checkpoint, dest: Path, precision: str, options: CoreMLOptions,
               calibration: CalibrationSet | None) -> dict[str, Any]:

@@ -234,14 +234,16 @@ def ane_notes(mlmodel: Any, precision: str, detector: bool, frame: list[str] | N
                         if any(types.is_bool(v.dtype) or v.dtype == types.int32 for v in op.outputs)})
     notes = ["Neural Engine: not measured (coremltools' MLComputePlan needs macOS); from the program:"]
     if precision == "fp32":
+        params = "the fp16 detector artifact" if detector else "the fp16 / int8 params artifact"
         notes.append("fp32 compute precision: CoreML runs float32-typed programs on the GPU and CPU, not the Neural "
-                     "Engine (coremltools docs, 'Typed Execution'); the params artifact at fp16 / int8 "
-                     f"{'(detector: fp16)' if detector else ''} is the accelerator path".replace("  ", " "))
+                     f"Engine (coremltools docs, 'Typed Execution'); {params} is the accelerator path")
     else:
         fp32 = sorted({op.op_type for op in ops if op.name in set(frame or ())})
         notes.append("int8: the network computes in fp16 with int8 activations and weights (Neural Engine "
                      f"eligible by type); the pre/post-processing stays float32, so CoreML runs it on the CPU or "
-                     f"GPU (with a hand-over after the network): {', '.join(fp32)}")
+                     f"GPU (with a hand-over after the network): {', '.join(fp32)}; for all of it on the Neural "
+                     "Engine the int8 params artifact is the accelerator path (the app then does the "
+                     "post-processing)")
     if non_float:
         why = "NMS and the choice of reported boxes" if detector else "the pose's atan2 and gimbal-lock branches"
         notes.append(f"ops with bool / int32 outputs, which the Neural Engine (fp16 / int8) does not compute: "
@@ -261,8 +263,9 @@ def describe_bundle(mlmodel: Any, source: Checkpoint, precision: str, spec: dict
     else:
         mlmodel.short_description = ("edge3dfa phone bundle: 120x120 face crop in; 68 landmarks (crop pixels), "
                                      "head pose (degrees) and 3DMM params out. " + " / ".join(bundle.ROI_MAPPING))
-    mlmodel.input_description[bundle.INPUT_NAME] = (f"{inp['channel_order']} image, pixels 0..255 as they are; "
-                                                    + inp["meaning"])
+    mlmodel.input_description[bundle.INPUT_NAME] = (
+        f"image, pixels 0..255 as they are (CoreML reads the pixel buffer into {inp['channel_order']} planes "
+        f"itself); " + inp["meaning"])
     for name, out in spec["outputs"].items():
         shape = "[" + ",".join(map(str, out["shape"])) + "]"
         mlmodel.output_description[name] = f"{out['dtype']} {shape} {out['meaning']}"
