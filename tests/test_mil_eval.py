@@ -301,3 +301,110 @@ def test_bad_input_shape_is_one_line_error():
 
     with pytest.raises(Edge3dfaError, match=r"must have shape \[1, 3\], got \[1, 4\]"):
         MILEvaluator(prog)(np.zeros((1, 4), np.float32))
+
+
+# ---------------------------------------------------------------- ops of the phone bundles (edge3dfa.bundle)
+
+
+def test_unary_and_reduction_ops_of_the_bundle():
+    """atan, sqrt, exp, clip and the reductions, each against a plain formula (math module / explicit sums)."""
+    import math
+
+    x = np.array([[-3.0, -0.5, 0.0], [0.25, 2.0, 40.0]], np.float32)
+    np.testing.assert_allclose(evaluate(lambda x: mb.atan(x=x), x),
+                               [[math.atan(v) for v in row] for row in x.tolist()], rtol=1e-6)
+    np.testing.assert_allclose(evaluate(lambda x: mb.sqrt(x=x), np.abs(x)),
+                               [[math.sqrt(abs(v)) for v in row] for row in x.tolist()], rtol=1e-6)
+    np.testing.assert_allclose(evaluate(lambda x: mb.exp(x=x), x / 10),
+                               [[math.exp(v / 10) for v in row] for row in x.tolist()], rtol=1e-6)
+    np.testing.assert_array_equal(evaluate(lambda x: mb.clip(x=x, alpha=-1.0, beta=1.0), x),
+                                  [[-1, -0.5, 0], [0.25, 1, 1]])
+    np.testing.assert_array_equal(evaluate(lambda x: mb.reduce_min(x=x, axes=[1], keep_dims=True), x), [[-3], [0.25]])
+    np.testing.assert_array_equal(evaluate(lambda x: mb.reduce_max(x=x, axes=[0]), x), [0.25, 2, 40])
+    np.testing.assert_allclose(evaluate(lambda x: mb.reduce_sum(x=x, axes=[1]), x), [-3.5, 42.25])
+    np.testing.assert_allclose(evaluate(lambda x: mb.reduce_l2_norm(x=x, axes=[1], keep_dims=True), x),
+                               [[math.sqrt(9 + 0.25)], [math.sqrt(0.0625 + 4 + 1600)]], rtol=1e-6)
+
+
+def test_comparison_logical_select_ops():
+    """Comparisons give bool tensors, logical ops combine them, select picks a where true else b (hand-written)."""
+    a, b = np.array([1.0, 2.0, 3.0], np.float32), np.array([2.0, 2.0, 2.0], np.float32)
+    for op, want in ((mb.equal, [0, 1, 0]), (mb.not_equal, [1, 0, 1]), (mb.greater, [0, 0, 1]),
+                     (mb.greater_equal, [0, 1, 1]), (mb.less, [1, 0, 0]), (mb.less_equal, [1, 1, 0])):
+        got = evaluate(lambda x, y, op=op: mb.cast(x=op(x=x, y=y), dtype="fp32"), a, b)
+        np.testing.assert_array_equal(got, want, err_msg=op.__name__)
+    both = evaluate(lambda x, y: mb.cast(x=mb.logical_and(x=mb.greater(x=x, y=1.5), y=mb.less(x=y, y=x)),
+                                         dtype="fp32"), a, b)
+    np.testing.assert_array_equal(both, [0, 0, 1])
+    either = evaluate(lambda x, y: mb.cast(x=mb.logical_or(x=mb.less(x=x, y=1.5), y=mb.greater(x=x, y=2.5)),
+                                           dtype="fp32"), a, b)
+    np.testing.assert_array_equal(either, [1, 0, 1])
+    picked = evaluate(lambda x, y: mb.select(cond=mb.greater(x=x, y=y), a=x, b=mb.mul(x=y, y=-1.0)), a, b)
+    np.testing.assert_array_equal(picked, [-2, -2, 3])
+    filled = evaluate(lambda x: mb.fill_like(ref_tensor=x, value=1.5), np.zeros((2, 3), np.float32),
+                      opset=ct.target.iOS16)
+    np.testing.assert_array_equal(filled, np.full((2, 3), 1.5))
+
+
+def test_reverse_stack_slice_gather():
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    got = evaluate(lambda x: mb.reverse(x=x, axes=[1]), x)
+    np.testing.assert_array_equal(got[:, 0], x[:, 2])  # plane 0 of the result is plane 2 of the input
+    np.testing.assert_array_equal(got[:, 2], x[:, 0])
+    np.testing.assert_array_equal(evaluate(lambda a, b: mb.stack(values=[a, b], axis=1), x[0], x[1]).shape, (3, 2, 4))
+    assert evaluate(lambda a, b: mb.stack(values=[a, b], axis=1), x[0], x[1])[2, 1, 3] == x[1, 2, 3]
+    # x[:, 1:3, ::2] written out by hand, then masks (begin_mask: from 0, end_mask: to the end) and squeeze
+    got = evaluate(lambda x: mb.slice_by_index(x=x, begin=[0, 1, 0], end=[2, 3, 4], stride=[1, 1, 2]), x)
+    np.testing.assert_array_equal(got, [[[4, 6], [8, 10]], [[16, 18], [20, 22]]])
+    got = evaluate(lambda x: mb.slice_by_index(x=x, begin=[1, 2, -2], end=[0, 0, 0], begin_mask=[False, False, False],
+                                               end_mask=[True, True, True], squeeze_mask=[True, False, False]), x)
+    np.testing.assert_array_equal(got, [[22, 23]])
+    got = evaluate(lambda x: mb.slice_by_size(x=x, begin=[0, 1, 1], size=[1, -1, 2]), x)
+    np.testing.assert_array_equal(got, [[[5, 6], [9, 10]]])
+    got = evaluate(lambda x: mb.gather(x=x, indices=np.array([2, 0], np.int32), axis=1), x)
+    np.testing.assert_array_equal(got[0], [[8, 9, 10, 11], [0, 1, 2, 3]])
+    np.testing.assert_array_equal(evaluate(lambda x: mb.cast(x=mb.cast(x=x, dtype="bool"), dtype="fp32"),
+                                           np.array([0.0, -0.5, 3.0], np.float32)), [0, 1, 1])
+
+
+def test_non_maximum_suppression_by_hand_and_against_the_runtime():
+    """The MIL op (centre-size boxes, IoU > threshold suppressed, scores below the threshold rejected, best first):
+    a worked example, then random boxes against ``edge3dfa.runtime.detect.nms`` (upstream's cpu_nms, written
+    independently) with the +1 pixel convention expressed as boxes widened by one pixel."""
+    from edge3dfa.runtime.detect import nms
+
+    # box 0 (score .9) and box 1 (.8) overlap with IoU 81/119 > .5; box 2 is apart; box 3 scores under .1
+    corners = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [40, 40, 50, 50]], np.float64)
+    scores = np.array([0.9, 0.8, 0.7, 0.05])
+    centre = np.concatenate([(corners[:, :2] + corners[:, 2:]) / 2, corners[:, 2:] - corners[:, :2]], 1)
+    b, s, idx, n = mil_eval.non_maximum_suppression(centre[None], scores[None, :, None], 0.5, 0.1, 3)
+    assert n.tolist() == [2] and idx[0].tolist() == [0, 2, -1]
+    np.testing.assert_array_equal(b[0, :2], centre[[0, 2]])
+    _, _, idx, n = mil_eval.non_maximum_suppression(centre[None], scores[None, :, None], 0.7, 0.01, 10)
+    assert idx[0, :n[0]].tolist() == [0, 1, 2, 3]  # IoU .68 <= .7 keeps box 1
+    _, _, idx, n = mil_eval.non_maximum_suppression(centre[None], scores[None, :, None], 0.3, 0.01, 2)
+    assert idx[0].tolist() == [0, 2]  # max_boxes
+
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(0, 200, (300, 2))
+    wh = rng.uniform(10, 60, (300, 2))
+    dets = np.concatenate([xy, xy + wh, rng.uniform(0, 1, (300, 1))], 1).astype(np.float32)
+    want = nms(dets, 0.3)
+    mil_boxes = np.concatenate([xy + wh / 2, wh + 1], 1).astype(np.float32)
+    got = evaluate(lambda x, y: mb.non_maximum_suppression(boxes=x, scores=y, iou_threshold=0.3,
+                                                           score_threshold=0.0, max_boxes=300)[2],
+                   mil_boxes[None], dets[None, :, 4:])
+    assert got[0, :len(want)].tolist() == want.tolist() and (got[0, len(want):] == -1).all()
+
+
+def test_image_planes_follow_the_color_layout():
+    """An RGB image [H,W,3] becomes planes [1,3,H,W] in the input's color layout, pixel values unchanged."""
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 10, 20, 30
+    rgb[1, 2] = (1, 2, 3)
+    as_rgb, as_bgr = mil_eval.image_planes(rgb, "RGB"), mil_eval.image_planes(rgb, "BGR")
+    assert as_rgb.dtype == np.float32 and as_rgb.shape == (1, 3, 2, 3)
+    assert as_rgb[0, :, 0, 0].tolist() == [10, 20, 30] and as_bgr[0, :, 0, 0].tolist() == [30, 20, 10]
+    assert as_rgb[0, :, 1, 2].tolist() == [1, 2, 3] and as_bgr[0, :, 1, 2].tolist() == [3, 2, 1]
+    with pytest.raises(Edge3dfaError, match="RGB uint8"):
+        mil_eval.image_planes(rgb.astype(np.float32), "RGB")

@@ -94,7 +94,7 @@ def pose_degrees(cam: Any) -> Any:
     yaw = torch.where(up, half_pi, torch.where(down, -half_pi, yaw))
     pitch = torch.where(up, torch.atan2(-r1[:, 1], -r1[:, 2]),
                         torch.where(down, torch.atan2(r1[:, 1], r1[:, 2]), pitch))
-    roll = torch.where(up | down, torch.zeros_like(roll), roll)
+    roll = torch.where(torch.logical_or(up, down), torch.zeros_like(roll), roll)  # aten::__or__: no CoreML converter
     return torch.stack([yaw, pitch, roll], dim=1) * (180.0 / math.pi)
 
 

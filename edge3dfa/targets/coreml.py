@@ -6,7 +6,10 @@ figures are computed from what ships. ``runtime`` says which one ran ("coreml" o
 
 Both input kinds the converter writes are accepted through the same ``predict``: a float tensor (canonical
 crops) or an image input (BGR pixels 0..255, normalisation inside the model), for which the canonical crops
-are mapped back to pixels, x * 128 + 127.5 (exact for crops made from uint8 images).
+are mapped back to pixels, x * 128 + 127.5 (exact for crops made from uint8 images). A phone bundle (its contract
+under ``edge3dfa.bundle`` in the package's user-defined metadata, read into ``self.bundle``) gets the uint8 image of
+its contract from ``Target.run``, handed over as an app would: an RGB image, which CoreML (or the evaluator,
+``mil_eval.image_planes``) turns into planes in the input's color layout.
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ import numpy as np
 
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.target import Target
-from edge3dfa.targets.mil_eval import MILEvaluator, blas_threads, import_coremltools, quiet_coremltools
+from edge3dfa.targets.mil_eval import (
+    MILEvaluator,
+    blas_threads,
+    image_planes,
+    import_coremltools,
+    quiet_coremltools,
+)
 
 BACKENDS = ("auto", "coreml", "mil")
 #: MIL op types of compressed programs (linear/blockwise int8 weights, palettes, int8 activations); the program
@@ -55,6 +64,22 @@ def _input_bounds(feature_type: Any) -> list[tuple[int, int | None]]:
     if t.shapeRange.sizeRanges:
         return [(r.lowerBound, None if r.upperBound < 0 else r.upperBound) for r in t.shapeRange.sizeRanges]
     return [(int(d), int(d)) for d in t.shape]
+
+
+def _bundle_contract(spec: Any, label: str) -> dict | None:
+    """The bundle contract stored in the package's user-defined metadata (``edge3dfa.bundle``); None: not a bundle."""
+    import json
+
+    text = spec.description.metadata.userDefined.get("edge3dfa.bundle")
+    if text is None:
+        return None
+    try:
+        contract = json.loads(text)
+    except json.JSONDecodeError:
+        contract = None
+    if not isinstance(contract, dict) or not isinstance(contract.get("input"), dict):
+        raise Edge3dfaError(f"{label}: the edge3dfa.bundle metadata is not a bundle contract")
+    return contract
 
 
 class CoreMLTarget(Target):
@@ -111,12 +136,22 @@ class CoreMLTarget(Target):
             raise Edge3dfaError(f"{p.name}: input {self.input_name} has shape {list(shape)}, not [N,3,H,W]")
         self.fixed_batch = shape[0]  # None: any batch; else the program runs that many at a time (the loop below)
         self.input_shape = shape[1:]
+        self.bundle = _bundle_contract(spec, p.name)
+        self.color_layout = None
+        if self.image_input:
+            self.color_layout = spec.description.input[0].type.imageType.ColorSpace.Name(
+                inputs[0].type.imageType.colorSpace)
+        if self.bundle is not None and not self.image_input:
+            raise Edge3dfaError(f"{p.name}: a CoreML bundle takes an image input, this one takes a tensor")
         if backend == "coreml":
             units = getattr(ct.ComputeUnit, compute_units.upper())
             with quiet_coremltools():
                 self._model = ct.models.MLModel(str(p), compute_units=units)
 
     def input_contract(self) -> dict:
+        if self.bundle is not None:  # the contract's image shape [1, H, W]: one image, channels by color layout
+            return {"shape": [self.fixed_batch, *self.input_shape[1:]], "layout": "image", "dtype": "uint8",
+                    "kind": "image"}
         return {"shape": [self.fixed_batch, *self.input_shape], "layout": "NCHW",
                 "dtype": {"double": "float64"}.get(self._input_dtype, self._input_dtype),
                 "kind": "image" if self.image_input else "tensor"}
@@ -129,6 +164,8 @@ class CoreMLTarget(Target):
         return "float16" if b"fp16" in data else "float32"
 
     def _feed(self, x: np.ndarray) -> np.ndarray:
+        if self.bundle is not None:  # already the uint8 image of the contract (Target._bundle_input)
+            return x
         return x * np.float32(128.0) + np.float32(127.5) if self.image_input else x
 
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
@@ -143,11 +180,28 @@ class CoreMLTarget(Target):
                 for k in range(len(self.output_names))]
 
     def _run_chunk(self, x: np.ndarray) -> list[np.ndarray]:
+        if self.bundle is not None:  # uint8 planes in the contract's channel order -> an RGB image, as an app has
+            rgb = self._rgb(x)
+            if self._eval is not None:
+                out = self._eval({self.input_name: image_planes(rgb, self.color_layout)})
+            else:
+                from PIL import Image
+
+                out = self._model.predict({self.input_name: Image.fromarray(rgb)})
+            return [np.asarray(out[name]) for name in self.output_names]
         if self._eval is not None:
             out = self._eval({self.input_name: x})
         else:
             out = self._model.predict({self.input_name: self._as_image(x) if self.image_input else x})
         return [np.asarray(out[name]) for name in self.output_names]
+
+    def _rgb(self, planes: np.ndarray) -> np.ndarray:
+        """A bundle's uint8 planes [1,3,H,W] in its contract's channel order -> the RGB image [H,W,3] an app holds."""
+        if len(planes) != 1:
+            raise Edge3dfaError("a CoreML bundle takes one image per prediction")
+        hwc = planes[0].transpose(1, 2, 0)
+        order = self.bundle["input"].get("channel_order", "BGR")
+        return np.ascontiguousarray(hwc if order == "RGB" else hwc[..., ::-1])
 
     @staticmethod
     def _as_image(pixels: np.ndarray) -> Any:

@@ -15,6 +15,10 @@ What is modelled:
     in its iOS16 bit-packed and iOS18 per-group/vector forms, constexpr_cast), reproduced from the spec.
   * activation quantization (quantize / dequantize, iOS17): clip(round(x / scale) + zero_point), rounding half
     to even as coremltools' reference implementation does (the spec does not name CoreML's rounding mode).
+  * image inputs: CoreML hands the program the image's planes in the input's color layout (``image_planes``);
+    the ImageType's scale and bias are ops in the program.
+  * non_maximum_suppression as its spec says (IoU > threshold suppressed, scores below the score threshold
+    rejected, best first); the values of the padding rows and the order of score ties are unspecified there.
 What is not modelled:
   * accumulation precision inside an op: convolutions, matmuls and reductions accumulate in float32 here,
     also for fp16 programs; CoreML's GPU / Neural Engine kernels may accumulate in fp16 or with other
@@ -111,6 +115,20 @@ def program_of(model: Any, label: str = "model") -> Any:
     except Exception as e:  # noqa: BLE001 - the blob reader raises ValueError/RuntimeError for bad weights
         raise Edge3dfaError(f"{label}: weights cannot be read, truncated or corrupted package? "
                             f"({one_line(e, 160)})") from None
+
+
+def image_planes(rgb: np.ndarray, color_layout: str) -> np.ndarray:
+    """What CoreML hands an ImageType input's program: an RGB image [H,W,3] uint8 (a PIL image; a CVPixelBuffer
+    is read the same way by its pixel format) as float32 planes [1,3,H,W] in the input's ``color_layout`` ("RGB"
+    or "BGR"), pixel values as they are. The ImageType's scale and bias are not applied here: coremltools writes
+    them into the program as mul / add ops, which the evaluator runs."""
+    a = np.asarray(rgb)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
+        raise Edge3dfaError(f"an image input takes an RGB uint8 image [H,W,3], got {a.dtype} {list(a.shape)}")
+    if color_layout not in ("RGB", "BGR"):
+        raise Edge3dfaError(f"MIL evaluator: image color layout {color_layout!r} is not modelled (RGB, BGR)")
+    planes = a.transpose(2, 0, 1)
+    return np.ascontiguousarray((planes if color_layout == "RGB" else planes[::-1])[None].astype(np.float32))
 
 
 # ---------------------------------------------------------------- helpers
@@ -367,6 +385,99 @@ def _squeeze(a: dict[str, Any]) -> np.ndarray:
     return np.squeeze(a["x"]) if axes is None else np.squeeze(a["x"], axis=axes)
 
 
+def _slice_by_index(a: dict[str, Any]) -> np.ndarray:
+    """numpy-style ``x[begin:end:stride, ...]`` per axis; a mask entry True ignores its begin (from the start) or end
+    (to the end), and ``squeeze_mask`` takes the single index ``begin`` (the axis goes), as the MIL spec says."""
+    x = a["x"]
+    rank = x.ndim
+    begin, end = (_ints(a[k], rank) for k in ("begin", "end"))
+    stride = _ints(a.get("stride"), rank)
+    masks = [[bool(v) for v in (np.zeros(rank, bool) if a.get(k) is None else np.asarray(a[k]).reshape(-1))]
+             for k in ("begin_mask", "end_mask", "squeeze_mask")]
+    index: list[Any] = []
+    for i in range(rank):
+        if masks[2][i]:
+            index.append(begin[i])
+        else:
+            index.append(slice(None if masks[0][i] else begin[i], None if masks[1][i] else end[i], stride[i]))
+    return np.asarray(x[tuple(index)])
+
+
+def _slice_by_size(a: dict[str, Any]) -> np.ndarray:
+    """``x[begin : begin + size]`` per axis; size -1 takes the rest of the axis."""
+    x = a["x"]
+    begin, size = _ints(a["begin"], x.ndim), _ints(a["size"], x.ndim)
+    return x[tuple(slice(b, None if n == -1 else b + n) for b, n in zip(begin, size))]
+
+
+def _gather(a: dict[str, Any]) -> np.ndarray:
+    if int(a.get("batch_dims", 0) or 0) != 0:
+        raise Edge3dfaError("MIL evaluator: gather with batch_dims is not modelled")
+    indices = np.asarray(a["indices"]).astype(np.int64)
+    return np.take(a["x"], indices, axis=int(a.get("axis", 0)))
+
+
+def _cast(a: dict[str, Any], op: Any) -> np.ndarray:
+    """MIL cast to int32, fp16, fp32 or bool; float -> int32 truncates toward zero (numpy / C; the spec names no
+    rounding mode), anything -> bool is x != 0."""
+    x = np.asarray(a["x"])
+    dtype = _nptype(op.outputs[0])
+    if dtype == np.dtype(bool):
+        return x != 0
+    return x.astype(dtype)
+
+
+def non_maximum_suppression(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, score_threshold: float,
+                            max_boxes: int, per_class: bool = False) -> tuple[np.ndarray, ...]:
+    """MIL ``non_maximum_suppression`` (iOS15): per batch, boxes (x, y, w, h; centre and size) whose best class
+    score is below ``score_threshold`` are rejected; the rest are taken greedily in descending order of score, each
+    suppressing every remaining box with IoU > ``iou_threshold``, until ``max_boxes``. Returns boxes [n, max, 4],
+    scores [n, max, K], indices [n, max] and the count [n]. Rows past the count: the spec says "padded" without a
+    value; here boxes and scores 0 and indices -1 (a graph must read only the first ``count`` rows). Score ties keep
+    the lower index first (a stable sort; the spec names no tie rule)."""
+    if per_class:
+        raise Edge3dfaError("MIL evaluator: non_maximum_suppression with per_class_suppression is not modelled")
+    boxes, scores = np.asarray(boxes, np.float32), np.asarray(scores, np.float32)
+    n, _, k = scores.shape
+    out_boxes = np.zeros((n, max_boxes, 4), np.float32)
+    out_scores = np.zeros((n, max_boxes, k), np.float32)
+    out_idx = np.full((n, max_boxes), -1, np.int32)
+    count = np.zeros(n, np.int32)
+    for b in range(n):
+        best = scores[b].max(axis=1)
+        order = [i for i in np.argsort(-best, kind="stable") if best[i] >= score_threshold]
+        half = boxes[b, :, 2:] / 2
+        corners = np.concatenate([boxes[b, :, :2] - half, boxes[b, :, :2] + half], axis=1).astype(np.float64)
+        area = (corners[:, 2] - corners[:, 0]) * (corners[:, 3] - corners[:, 1])
+        kept: list[int] = []
+        while order and len(kept) < max_boxes:
+            i, rest = order[0], np.asarray(order[1:], np.int64)
+            kept.append(i)
+            wh = np.clip(np.minimum(corners[i, 2:], corners[rest, 2:]) - np.maximum(corners[i, :2], corners[rest, :2]),
+                         0, None)
+            inter = wh[:, 0] * wh[:, 1]
+            iou = inter / np.maximum(area[i] + area[rest] - inter, np.finfo(np.float64).tiny)
+            order = [int(j) for j in rest[iou <= iou_threshold]]
+        count[b] = len(kept)
+        out_boxes[b, :len(kept)] = boxes[b, kept]
+        out_scores[b, :len(kept)] = scores[b, kept]
+        out_idx[b, :len(kept)] = kept
+    return out_boxes, out_scores, out_idx, count
+
+
+def _nms(a: dict[str, Any]) -> tuple[np.ndarray, ...]:
+    return non_maximum_suppression(a["boxes"], a["scores"], float(a["iou_threshold"]), float(a["score_threshold"]),
+                                   int(a["max_boxes"]), bool(a.get("per_class_suppression", False)))
+
+
+def _reduce(fn: Callable[..., np.ndarray]) -> Callable[[dict[str, Any], Any], np.ndarray]:
+    return lambda a, op: fn(a["x"], axis=_reduce_axes(a), keepdims=bool(a.get("keep_dims", False)))
+
+
+def _l2_norm(x: np.ndarray, axis: tuple[int, ...] | None, keepdims: bool) -> np.ndarray:
+    return np.sqrt(np.sum(np.square(x), axis=axis, keepdims=keepdims))
+
+
 #: op type -> fn(args, op); args are the op's inputs as numpy values (fp16 widened to fp32 for arithmetic)
 OPS: dict[str, Callable[[dict[str, Any], Any], Any]] = {
     "const": lambda a, op: op.outputs[0].val,
@@ -376,14 +487,18 @@ OPS: dict[str, Callable[[dict[str, Any], Any], Any]] = {
     "constexpr_cast": lambda a, op: np.asarray(a["source_val"]),
     "quantize": lambda a, op: _quantize(a, _nptype(op.outputs[0])),
     "dequantize": lambda a, op: _dequantize(a, "input"),
-    "cast": lambda a, op: a["x"],  # the output dtype (set after every op) does the cast
+    "cast": _cast,
     "conv": lambda a, op: _conv(a),
     "batch_norm": lambda a, op: _batch_norm(a),
     "linear": lambda a, op: _linear(a),
     "matmul": lambda a, op: _matmul(a),
     "max_pool": lambda a, op: _pool(a["x"], a, "max"),
     "avg_pool": lambda a, op: _pool(a["x"], a, "avg"),
-    "reduce_mean": lambda a, op: np.mean(a["x"], axis=_reduce_axes(a), keepdims=bool(a.get("keep_dims", False))),
+    "reduce_mean": _reduce(np.mean),
+    "reduce_min": _reduce(np.min),
+    "reduce_max": _reduce(np.max),
+    "reduce_sum": _reduce(np.sum),
+    "reduce_l2_norm": _reduce(_l2_norm),
     "relu": lambda a, op: np.maximum(a["x"], 0),
     "relu6": lambda a, op: np.clip(a["x"], 0, 6),
     "clip": lambda a, op: np.minimum(np.maximum(a["x"], a["alpha"]), a["beta"]),
@@ -402,6 +517,26 @@ OPS: dict[str, Callable[[dict[str, Any], Any], Any]] = {
     "concat": lambda a, op: _concat(a["values"], int(a["axis"]), bool(a.get("interleave", False))),
     "tile": lambda a, op: np.tile(a["x"], [int(v) for v in a["reps"]]),
     "softmax": lambda a, op: _softmax(a["x"], int(a.get("axis", -1))),
+    "exp": lambda a, op: np.exp(a["x"]),
+    "sqrt": lambda a, op: np.sqrt(a["x"]),
+    "atan": lambda a, op: np.arctan(a["x"]),
+    "equal": lambda a, op: a["x"] == a["y"],
+    "not_equal": lambda a, op: a["x"] != a["y"],
+    "greater": lambda a, op: a["x"] > a["y"],
+    "greater_equal": lambda a, op: a["x"] >= a["y"],
+    "less": lambda a, op: a["x"] < a["y"],
+    "less_equal": lambda a, op: a["x"] <= a["y"],
+    "logical_and": lambda a, op: np.logical_and(a["x"], a["y"]),
+    "logical_or": lambda a, op: np.logical_or(a["x"], a["y"]),
+    "logical_not": lambda a, op: np.logical_not(a["x"]),
+    "select": lambda a, op: np.where(a["cond"], a["a"], a["b"]),
+    "fill_like": lambda a, op: np.full(np.shape(a["ref_tensor"]), a.get("value", 0.0)),
+    "reverse": lambda a, op: np.flip(a["x"], axis=_reduce_axes(a)),
+    "stack": lambda a, op: np.stack(a["values"], axis=int(a["axis"])),
+    "slice_by_index": lambda a, op: _slice_by_index(a),
+    "slice_by_size": lambda a, op: _slice_by_size(a),
+    "gather": lambda a, op: _gather(a),
+    "non_maximum_suppression": lambda a, op: _nms(a),
 }
 
 

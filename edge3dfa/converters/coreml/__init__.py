@@ -7,6 +7,8 @@
 * ``compression``: ``w8`` (int8 weights), ``pal6`` / ``pal4`` (palettized weights).
 * ``int8``: int8 weights AND activations (quantize/dequantize pairs, iOS17), calibrated on face crops with the
   numpy MIL evaluator (``Int8Builder``; the NME-budget search applies to it). Formerly called ``w8a8``.
+* ``bundle``: phone bundles (``--bundle``): an ImageType in, landmarks / pose / params (or, for FaceBoxes, boxes /
+  scores after NMS in the program) out, the contract in the package's metadata; fp32 and int8 (network only).
 
 The deployment target is the lowest that has the chosen compression scheme: iOS16 / macOS13 (fp32, fp16, w8),
 iOS17 / macOS14 (int8), iOS18 / macOS15 (pal6, pal4). Inputs are float32 tensors, or with ``input=image`` a BGR
@@ -75,6 +77,8 @@ class CoreMLFormat(Format):
     Options = CoreMLOptions
     #: what --nme-budget tries (workflows.budget): one configuration; float layers do the rest
     int8_candidates = {"int8": {}}
+    #: phone bundles (``converters.coreml.bundle``): ImageType in, named outputs, the contract in the metadata
+    bundles = True
 
     def check(self, precision: str, detector: bool, options: CoreMLOptions) -> None:
         from edge3dfa.converters.coreml.export import DEPLOYMENT_TARGETS, MIN_TARGET, at_least
@@ -98,12 +102,27 @@ class CoreMLFormat(Format):
             raise Edge3dfaError(f"coreml {precision} calibrates on face crops; convert the detector at "
                                 f"{', '.join(p for p in self.precisions if p not in self.calibrated)}")
 
+    def check_bundle(self, precision: str, detector: bool, options: CoreMLOptions) -> None:
+        """Bundles: regressor fp32 and int8, detector fp32 (``converters.coreml.bundle``); the input is always an
+        image, so ``input=tensor`` does not apply."""
+        from edge3dfa.converters.coreml.bundle import check
+
+        check(precision, detector)
+        if options.route != "trace":
+            raise Edge3dfaError("coreml bundles are captured with torch.jit.trace (route=trace); route=export "
+                                "does not build them")
+
     def write(self, source: Checkpoint, dest: Path, precision: str, options: CoreMLOptions,
               calibration: CalibrationSet | None) -> dict[str, Any]:
         from edge3dfa.converters.coreml.compression import write_compressed
         from edge3dfa.converters.coreml.export import resolve, write_float
 
         self.check(precision, source.is_detector, options)
+        if source.bundle is not None:
+            from edge3dfa.converters.coreml.bundle import write_bundle
+
+            self.check_bundle(precision, source.is_detector, options)
+            return write_bundle(source, dest, precision, options, calibration)
         if precision in self.calibrated:
             if calibration is None:
                 raise Edge3dfaError(f"coreml {precision} needs a calibration set (real face crops)")

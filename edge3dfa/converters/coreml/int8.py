@@ -286,6 +286,14 @@ class Int8Builder(BaseInt8Builder):
         notes += weight_notes("int8", o.compute, ios18)
         return {"activations": activations, "weights": w8_info(ios18)}, notes
 
+    def frame_ops(self) -> list[str]:
+        """Ops outside every layer that always stay float (a bundle's pre/post-processing); none here."""
+        return []
+
+    def save(self, mlmodel: Any, dest: Path, notes: list[str], compression: dict[str, Any]) -> dict[str, Any]:
+        """Describe and write the int8 program; returns its manifest fields."""
+        return save(mlmodel, dest, self.source, "int8", self.options, notes, compression)
+
     def export(self, dest: str | os.PathLike, keep_float: Sequence[str] = ()) -> dict[str, Any]:
         """Write ``dest`` with ``keep_float`` layers float too; returns its manifest fields."""
         unknown = [k for k in keep_float if k not in self.layers]
@@ -293,7 +301,7 @@ class Int8Builder(BaseInt8Builder):
             raise Edge3dfaError(f"no layer {unknown[0]!r} in the program; e.g. {', '.join(list(self.layers)[:3])}")
         t0 = time.perf_counter()
         float_layers = [k for k in self.units if k in {*self.always_float, *keep_float}]  # program order
-        ops = [n for k in float_layers for n in self.units[k]]
+        ops = [n for k in float_layers for n in self.units[k]] + self.frame_ops()
         mlmodel = _quantize_activations(self.mlmodel, self.ranges, ops, self.options.activations)
         if ops:
             mlmodel = _float_readers(mlmodel, ops)
@@ -301,7 +309,7 @@ class Int8Builder(BaseInt8Builder):
         mlmodel = compress(mlmodel, "w8", ios18, ops)
         compression, notes = self._record(float_layers, ios18)
         notes.append(f"converted in {self.seconds + time.perf_counter() - t0:.1f} s")
-        fields = save(mlmodel, Path(dest), self.source, "int8", self.options, notes, compression)
+        fields = self.save(mlmodel, Path(dest), notes, compression)
         if keep_float:
             fields["options"]["float_layers"] = list(keep_float)
         return fields
