@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from edge3dfa import bundle
-from edge3dfa.errors import Edge3dfaError
 
 pytest.importorskip("ai_edge_litert")
 
@@ -101,8 +100,9 @@ def test_fp32_bundle_names_contract_and_spec(fp32_bundle) -> None:
 @pytest.mark.slow
 def test_gpu_check_names_the_post_processing_ops(fp32_bundle, tmp_path) -> None:
     """LiteRT's analyzer reads the file (its signature dump names 'image' and the outputs); by TensorFlow's GPU
-    rules only ops outside the network fall back (the uint8 CAST, LOGICAL_OR, 2-D SLICEs of the params), the
-    plain params artifact has none, and the manifest says so and points to the params artifact."""
+    rules only ops outside the network fall back (the uint8 CAST, 2-D SLICEs of the params; no LOGICAL_OR since
+    the pose's gimbal test is one ABS + GREATER), the plain params artifact has none, and the manifest says so and
+    points to the params artifact."""
     from edge3dfa.converters import convert
     from edge3dfa.converters.tflite import gpu
     from edge3dfa.converters.tflite.bundle import in_network
@@ -113,13 +113,13 @@ def test_gpu_check_names_the_post_processing_ops(fp32_bundle, tmp_path) -> None:
     assert "key: 'regressor'" in report and "'image'" in report and "'landmarks'" in report
     findings = gpu.gpu_findings(content)
     kinds = {name for _, name, _ in findings}
-    assert {"CAST", "LOGICAL_OR"} <= kinds
+    assert "CAST" in kinds and "LOGICAL_OR" not in kinds
     interp = _interpreter(content)
     names = {t["index"]: t["name"] for t in interp.get_tensor_details()}
     ops = {op["index"]: op for op in _graph_ops(interp)}
     assert not [i for i, _, _ in findings if in_network(names[ops[i]["outputs"][0]])]
     note = next(n for n in fp32_bundle.manifest.notes if n.startswith("GPU delegate"))
-    assert "CAST from uint8 to float32" in note and "LOGICAL_OR" in note and "params artifact" in note
+    assert "CAST from uint8 to float32" in note and "params artifact" in note
 
     (params,) = convert("mb05", to="tflite", precision="fp32", out_dir=tmp_path, verbose=False, parity_count=8)
     assert gpu.gpu_findings(params.path.read_bytes()) == []
@@ -163,12 +163,11 @@ def test_detector_bundle_boxes_equal_the_runtime_decode(tmp_path) -> None:
 
     hw = (480, 640)
     dest = tmp_path / "faceboxes_fp32_bundle.tflite"
-    try:
-        fields = TFLiteFormat().write(Checkpoint.open("faceboxes").bundled(BundleOptions()), dest, "fp32",
-                                      TFLiteOptions(), None)
-    except Edge3dfaError as e:  # the converter's check refused a wrong graph (bundle.CONVERT_TRIES): not written
-        assert "unlike PyTorch" in str(e) and not dest.exists()
-        pytest.xfail(f"litert-torch merged the priors' constants in this process: {e}")
+    # in a process that had imported cv2 and opened an interpreter, litert-torch 0.10 once merged two [P,2]
+    # prior constants into one (boxes 437 px off); the priors are one [P,4] constant now, and this test runs in
+    # exactly such a process
+    fields = TFLiteFormat().write(Checkpoint.open("faceboxes").bundled(BundleOptions()), dest, "fp32",
+                                  TFLiteOptions(), None)
     t = TFLiteTarget(dest, threads=2)
     assert t.bundle == fields["bundle"] and t.bundle["kind"] == "detector" and "not in the model" in t.bundle["nms"]
     assert t.interpreter.get_signature_list() == {"detector": {"inputs": ["image"], "outputs": ["boxes", "scores"]}}

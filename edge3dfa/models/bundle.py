@@ -94,7 +94,8 @@ def pose_degrees(cam: Any) -> Any:
     yaw = torch.where(up, half_pi, torch.where(down, -half_pi, yaw))
     pitch = torch.where(up, torch.atan2(-r1[:, 1], -r1[:, 2]),
                         torch.where(down, torch.atan2(r1[:, 1], r1[:, 2]), pitch))
-    roll = torch.where(torch.logical_or(up, down), torch.zeros_like(roll), roll)  # aten::__or__: no CoreML converter
+    # |R20| > 0.998 rather than up | down: aten::__or__ has no CoreML converter and LOGICAL_OR no TFLite GPU kernel
+    roll = torch.where(torch.abs(r20) > 0.998, torch.zeros_like(roll), roll)
     return torch.stack([yaw, pitch, roll], dim=1) * (180.0 / math.pi)
 
 
@@ -135,8 +136,8 @@ def detector_bundle(net: Any, height: int, width: int, channels: str = "bgr", la
             super().__init__()
             self.net = net
             self.register_buffer("mean", _t(mean))
-            self.register_buffer("centre", _t(priors[:, :2]))
-            self.register_buffer("size", _t(priors[:, 2:]))
+            # one [P,4] constant: litert-torch 0.10 merged two distinct [P,2] constants into one in some processes
+            self.register_buffer("priors", _t(priors))
 
         def forward(self, image: torch.Tensor) -> Any:
             x = image.to(torch.float32)
@@ -146,8 +147,9 @@ def detector_bundle(net: Any, height: int, width: int, channels: str = "bgr", la
             if channels == "rgb":
                 x = x.flip(1)
             loc, conf = self.net(x)
-            centre = self.centre + loc[0, :, :2] * VARIANCES[0] * self.size
-            size = self.size * torch.exp(loc[0, :, 2:] * VARIANCES[1])
+            prior_size = self.priors[:, 2:]
+            centre = self.priors[:, :2] + loc[0, :, :2] * VARIANCES[0] * prior_size
+            size = prior_size * torch.exp(loc[0, :, 2:] * VARIANCES[1])
             top_left = centre - size / 2
             return torch.cat([top_left, top_left + size], dim=1), conf[0, :, 1]
 
