@@ -307,10 +307,11 @@ def test_bad_input_shape_is_one_line_error():
 
 
 def test_unary_and_reduction_ops_of_the_bundle():
-    """atan, sqrt, exp, clip and the reductions, each against a plain formula (math module / explicit sums)."""
+    """abs, atan, sqrt, exp, clip and the reductions, each against a plain formula (math module / explicit sums)."""
     import math
 
     x = np.array([[-3.0, -0.5, 0.0], [0.25, 2.0, 40.0]], np.float32)
+    np.testing.assert_array_equal(evaluate(lambda x: mb.abs(x=x), x), [[3.0, 0.5, 0.0], [0.25, 2.0, 40.0]])
     np.testing.assert_allclose(evaluate(lambda x: mb.atan(x=x), x),
                                [[math.atan(v) for v in row] for row in x.tolist()], rtol=1e-6)
     np.testing.assert_allclose(evaluate(lambda x: mb.sqrt(x=x), np.abs(x)),

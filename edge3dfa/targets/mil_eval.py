@@ -520,6 +520,7 @@ OPS: dict[str, Callable[[dict[str, Any], Any], Any]] = {
     "exp": lambda a, op: np.exp(a["x"]),
     "sqrt": lambda a, op: np.sqrt(a["x"]),
     "atan": lambda a, op: np.arctan(a["x"]),
+    "abs": lambda a, op: np.abs(a["x"]),
     "equal": lambda a, op: a["x"] == a["y"],
     "not_equal": lambda a, op: a["x"] != a["y"],
     "greater": lambda a, op: a["x"] > a["y"],
