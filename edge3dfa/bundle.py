@@ -112,6 +112,34 @@ def detector_contract(height: int, width: int, channels: str = "bgr", layout: st
     }
 
 
+#: what a contract's input may say, as this version reads it (``check``)
+CHANNEL_ORDERS = ("BGR", "RGB")
+LAYOUTS = ("NHWC", "NCHW", "image")  # "image": CoreML's ImageType
+
+
+def check(contract: Any, where: str) -> dict[str, Any]:
+    """``contract`` (from a file or a manifest) if this edgeDfa can feed and read it; an Edge3dfaError otherwise.
+
+    Why: ``image_for`` and ``Target.predict_bundle`` act on the contract's channel order, layout and kind; a
+    contract from a newer edge3dfa, or one edited by hand (channel order "XYZ"), was fed as BGR NHWC without a word,
+    so the landmarks would be silently wrong. ``where`` names the file in the one-line message."""
+    spec = contract.get("input") if isinstance(contract, dict) else None
+    if not isinstance(spec, dict):
+        raise Edge3dfaError(f"{where}: its bundle contract has no 'input'")
+    version, kind = contract.get("version"), contract.get("kind")
+    if version != CONTRACT_VERSION:
+        raise Edge3dfaError(f"{where}: bundle contract version {version!r}, but this edge3dfa reads version "
+                            f"{CONTRACT_VERSION}: convert it again with this edge3dfa, or update edge3dfa")
+    problems = [f"{key} {spec.get(key)!r} (not {'/'.join(allowed)})" for key, allowed in
+                (("channel_order", CHANNEL_ORDERS), ("layout", LAYOUTS), ("dtype", ("uint8",)))
+                if spec.get(key) not in allowed]
+    if kind not in ("regressor", "detector"):
+        problems.insert(0, f"kind {kind!r} (not regressor/detector)")
+    if problems:
+        raise Edge3dfaError(f"{where}: its bundle contract says {', '.join(problems)}")
+    return contract
+
+
 def reference(params_norm: np.ndarray) -> dict[str, np.ndarray]:
     """The executable spec: what a regressor bundle must output for a network's normalised params [N,62].
 

@@ -57,6 +57,10 @@ class FaceAligner:
 
     def __init__(self, regressor: Target, detector: Target | None = None, dense: BFM | None = None,
                  score_threshold: float = 0.5):
+        contract = getattr(regressor, "bundle", None)
+        if contract and contract.get("kind") != "regressor":  # else its [1,H,W,3] input reads as a wrong crop size
+            raise Edge3dfaError(f"{regressor.name} is a {contract.get('kind')} bundle, not a landmark model: "
+                                "give it as the detector (--detector)")
         self.regressor = regressor
         # A detector exported at a fixed size (e.g. TFLite) gets every photo shrunk and padded to that size.
         self.detector = (FaceBoxesDetector.of_target(detector, score_threshold=score_threshold) if detector

@@ -218,6 +218,10 @@ def open_target(path_or_name: str | os.PathLike, threads: int | None = None, *, 
         target.manifest = manifest
         if target.bundle is None and manifest.bundle:
             target.bundle = manifest.bundle
+    if target.bundle is not None:
+        from edge3dfa import bundle
+
+        bundle.check(target.bundle, str(p))
     return target
 
 

@@ -519,6 +519,7 @@ OPS: dict[str, Callable[[dict[str, Any], Any], Any]] = {
     "softmax": lambda a, op: _softmax(a["x"], int(a.get("axis", -1))),
     "exp": lambda a, op: np.exp(a["x"]),
     "sqrt": lambda a, op: np.sqrt(a["x"]),
+    "abs": lambda a, op: np.abs(a["x"]),
     "atan": lambda a, op: np.arctan(a["x"]),
     "abs": lambda a, op: np.abs(a["x"]),
     "equal": lambda a, op: a["x"] == a["y"],

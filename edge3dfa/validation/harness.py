@@ -223,10 +223,10 @@ def evaluate(entries: list[Entry], data: EvalSet, *, latency: LatencyConfig | No
             ref_faces = head.per_face
             rows.append(head)
         models[sha] = _model_info(ref_target, ref, group[0].manifest if group else None)
-        scored = [run.one(e, sha, ref_params, ref_faces)
-                  for e in sorted(group, key=lambda e: (e.manifest.format, _precision_rank(e.manifest.precision),
-                                                        str(e.path)))]
-        rows += [row for row, _ in _compare_with_fp32(_compare_bundles(scored, data.yaw), data.yaw)]
+        group = sorted(group, key=lambda e: (e.manifest.format, _precision_rank(e.manifest.precision), str(e.path)))
+        scored = [run.one(e, sha, ref_params, ref_faces) for e in group]
+        sources = [_source_of(e.manifest) for e in group]
+        rows += [row for row, _ in _compare_with_fp32(_compare_bundles(scored, data.yaw, sources), data.yaw)]
     rows += [_not_applicable(e, rel) for e in others]
     return {"models": models, "targets": rows}
 
@@ -279,15 +279,22 @@ def _compare_with_fp32(scored: list[Scored], yaw: np.ndarray) -> list[Scored]:
     return out
 
 
-def _compare_bundles(scored: list[Scored], yaw: np.ndarray) -> list[Scored]:
-    """Each phone bundle's ΔNME (paired, with its interval) against its params artifact: the same model, format and
-    precision without ``--bundle``. Its own landmark output vs the params through the numpy runtime: what the fused
-    post-processing changes (``gates`` ``max_bundle_delta_nme``)."""
+def _source_of(m: Manifest) -> str:
+    """What an artifact was converted from: its source checkpoint's sha256 (else its model name). A group shares
+    one reference, but with ``--reference CHECKPOINT`` it may hold artifacts of several models."""
+    return str((m.source or {}).get("sha256") or m.model)
+
+
+def _compare_bundles(scored: list[Scored], yaw: np.ndarray, sources: list[str]) -> list[Scored]:
+    """Each phone bundle's ΔNME (paired, with its interval) against its params artifact: the same source checkpoint
+    (``sources``, one per row), format and precision without ``--bundle``. Its own landmark output vs the params
+    through the numpy runtime: what the fused post-processing changes (``gates`` ``max_bundle_delta_nme``)."""
     out = []
     for row, params in scored:
         if row.bundle is not None:
-            base = next((r for r, _ in scored if r.bundle is None and r.format == row.format
-                         and r.precision == row.precision and r.status == "ok"), None)
+            mine = sources[len(out)]
+            base = next((r for (r, _), src in zip(scored, sources) if r.bundle is None and src == mine
+                         and r.format == row.format and r.precision == row.precision and r.status == "ok"), None)
             vs = None
             if base is not None and row.status == "ok":
                 vs = {"key": base.key, "artifact": base.artifact,
