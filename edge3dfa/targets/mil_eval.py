@@ -521,7 +521,6 @@ OPS: dict[str, Callable[[dict[str, Any], Any], Any]] = {
     "sqrt": lambda a, op: np.sqrt(a["x"]),
     "abs": lambda a, op: np.abs(a["x"]),
     "atan": lambda a, op: np.arctan(a["x"]),
-    "abs": lambda a, op: np.abs(a["x"]),
     "equal": lambda a, op: a["x"] == a["y"],
     "not_equal": lambda a, op: a["x"] != a["y"],
     "greater": lambda a, op: a["x"] > a["y"],
