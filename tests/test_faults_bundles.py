@@ -197,6 +197,26 @@ def test_a_bundle_is_paired_only_with_the_params_artifact_of_its_own_checkpoint(
     assert out[2][0].bundle["vs_params"]["artifact"] == "mb05.onnx"
 
 
+def test_int8_is_compared_with_the_fp32_of_its_own_checkpoint() -> None:
+    """With --reference CKPT a folder may hold two models' artifacts: another model's int8 must not get a ΔNME vs
+    mb05's fp32 (it has no fp32 of its own here), while mb05's int8 does."""
+    from edge3dfa.validation.harness import _compare_with_fp32
+    from edge3dfa.validation.rows import Row
+
+    yaw = np.repeat([10.0, 45.0, 75.0], 4)
+
+    def row(name: str, precision: str, faces: np.ndarray) -> tuple[Row, np.ndarray]:
+        return Row(key=f"{name}/onnx/{name}_{precision}.onnx", role="artifact", model=name, format="onnx",
+                   precision=precision, runtime="onnxruntime", artifact=f"{name}_{precision}.onnx", manifest=None,
+                   size_bytes=1, source_sha256="group", status="ok", per_face=faces), np.zeros((len(yaw), 62))
+
+    base = np.linspace(2, 4, len(yaw))
+    scored = [row("mb05", "fp32", base), row("other", "int8", base + 1.0), row("mb05", "int8", base + 0.01)]
+    out = _compare_with_fp32(scored, yaw, ["sha-mb05", "sha-other", "sha-mb05"])
+    assert out[1][0].delta_vs_fp32 is None
+    assert out[2][0].delta_vs_fp32 is not None
+
+
 # ------------------------------------------------------------------------------ real conversions (slow)
 @pytest.fixture(scope="module")
 def onnx_pair(tmp_path_factory) -> Path:

@@ -226,7 +226,7 @@ def evaluate(entries: list[Entry], data: EvalSet, *, latency: LatencyConfig | No
         group = sorted(group, key=lambda e: (e.manifest.format, _precision_rank(e.manifest.precision), str(e.path)))
         scored = [run.one(e, sha, ref_params, ref_faces) for e in group]
         sources = [_source_of(e.manifest) for e in group]
-        rows += [row for row, _ in _compare_with_fp32(_compare_bundles(scored, data.yaw, sources), data.yaw)]
+        rows += [row for row, _ in _compare_with_fp32(_compare_bundles(scored, data.yaw, sources), data.yaw, sources)]
     rows += [_not_applicable(e, rel) for e in others]
     return {"models": models, "targets": rows}
 
@@ -264,13 +264,15 @@ def _not_applicable(e: Entry, rel: Callable[[Path], str]) -> Row:
 Scored = tuple[Row, np.ndarray | None]
 
 
-def _compare_with_fp32(scored: list[Scored], yaw: np.ndarray) -> list[Scored]:
-    """ΔNME (with its paired bootstrap interval) and parity of every scored row against the same format's fp32 row
-    (the base without a reference)."""
+def _compare_with_fp32(scored: list[Scored], yaw: np.ndarray, sources: list[str] | None = None) -> list[Scored]:
+    """ΔNME (with its paired bootstrap interval) and parity of every scored row against the fp32 row of the same
+    format and source checkpoint (``sources``, one per row; None: all one source): the base without a reference."""
     out = []
-    for row, params in scored:
-        fp32 = next(((r, p) for r, p in scored if r.format == row.format and r.precision == "fp32"
-                     and (r.bundle is None) == (row.bundle is None) and r.status == "ok" and p is not None), None)
+    sources = sources or [""] * len(scored)
+    for (row, params), mine in zip(scored, sources):
+        fp32 = next(((r, p) for (r, p), src in zip(scored, sources) if r.format == row.format and src == mine
+                     and r.precision == "fp32" and (r.bundle is None) == (row.bundle is None) and r.status == "ok"
+                     and p is not None), None)
         if row.status == "ok" and params is not None and fp32 is not None and row.precision != "fp32":
             # an fp32 row is the base of its format, never compared with another fp32
             row = replace(row, delta_vs_fp32=bootstrap.paired_delta(row.per_face, fp32[0].per_face, yaw),
