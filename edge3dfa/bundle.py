@@ -117,6 +117,28 @@ CHANNEL_ORDERS = ("BGR", "RGB")
 LAYOUTS = ("NHWC", "NCHW", "image")  # "image": CoreML's ImageType
 
 
+#: the metadata key under which every format stores the contract JSON (ONNX metadata_props, TFLite metadata,
+#: CoreML user-defined metadata; ExecuTorch: the constant method ``contract``)
+METADATA_KEY = "edge3dfa.bundle"
+
+
+def parse_contract(text: str | bytes | None, where: str) -> dict[str, Any] | None:
+    """The contract a runtime read from a file's metadata (JSON text), checked; None when the file has none (a
+    params artifact). Text that is not a contract is an Edge3dfaError naming ``where``: one parser for every
+    runtime, so a file is judged the same whatever reads it."""
+    import json
+
+    if text is None:
+        return None
+    try:
+        contract = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+        contract = None
+    if not isinstance(contract, dict) or not isinstance(contract.get("input"), dict):
+        raise Edge3dfaError(f"{where}: its {METADATA_KEY} metadata is not a bundle contract")
+    return check(contract, where)
+
+
 def check(contract: Any, where: str) -> dict[str, Any]:
     """``contract`` (from a file or a manifest) if this edgeDfa can feed and read it; an Edge3dfaError otherwise.
 

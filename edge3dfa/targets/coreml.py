@@ -68,18 +68,9 @@ def _input_bounds(feature_type: Any) -> list[tuple[int, int | None]]:
 
 def _bundle_contract(spec: Any, label: str) -> dict | None:
     """The bundle contract stored in the package's user-defined metadata (``edge3dfa.bundle``); None: not a bundle."""
-    import json
+    from edge3dfa import bundle
 
-    text = spec.description.metadata.userDefined.get("edge3dfa.bundle")
-    if text is None:
-        return None
-    try:
-        contract = json.loads(text)
-    except json.JSONDecodeError:
-        contract = None
-    if not isinstance(contract, dict) or not isinstance(contract.get("input"), dict):
-        raise Edge3dfaError(f"{label}: the edge3dfa.bundle metadata is not a bundle contract")
-    return contract
+    return bundle.parse_contract(spec.description.metadata.userDefined.get(bundle.METADATA_KEY), label)
 
 
 class CoreMLTarget(Target):

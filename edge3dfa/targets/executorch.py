@@ -119,7 +119,7 @@ def _shape(info) -> list[int]:  # noqa: ANN001
 
 def _bundle_contract(program, name: str) -> dict | None:  # noqa: ANN001
     """The contract a bundle program returns from its constant method ``contract`` (JSON), or None without one."""
-    import json
+    from edge3dfa import bundle
 
     if "contract" not in program.method_names:
         return None
@@ -128,13 +128,9 @@ def _bundle_contract(program, name: str) -> dict | None:  # noqa: ANN001
             text = program.load_method("contract").execute([])[0]
         except RuntimeError as e:
             raise Edge3dfaError(f"{name}: its 'contract' method does not run: {_reason(e, log)}") from None
-    try:
-        contract = json.loads(text) if isinstance(text, str) else None
-    except json.JSONDecodeError:
-        contract = None
-    if not isinstance(contract, dict) or not isinstance(contract.get("input"), dict):
+    if not isinstance(text, str):
         raise Edge3dfaError(f"{name}: its 'contract' method does not return a bundle contract")
-    return contract
+    return bundle.parse_contract(text, name)
 
 
 class ExecuTorchTarget(Target):

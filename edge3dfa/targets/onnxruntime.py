@@ -40,20 +40,11 @@ _SINGLE_THREAD_CHUNK = 8
 _QUANTIZED_OPS = (b"QuantizeLinear", b"ConvInteger", b"MatMulInteger", b"QLinear")
 
 
-def _bundle_contract(session: object) -> dict | None:
+def _bundle_contract(session: object, name: str) -> dict | None:
     """The bundle contract stored in the file's metadata (``edge3dfa.bundle``), or None for a params model."""
-    import json
+    from edge3dfa import bundle
 
-    text = session.get_modelmeta().custom_metadata_map.get("edge3dfa.bundle")
-    if text is None:
-        return None
-    try:
-        contract = json.loads(text)
-    except json.JSONDecodeError:
-        contract = None
-    if not isinstance(contract, dict) or not isinstance(contract.get("input"), dict):
-        raise Edge3dfaError("the file's edge3dfa.bundle metadata is not a bundle contract")
-    return contract
+    return bundle.parse_contract(session.get_modelmeta().custom_metadata_map.get(bundle.METADATA_KEY), name)
 
 
 class OnnxTarget(Target):
@@ -89,7 +80,7 @@ class OnnxTarget(Target):
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidProtobuf/RuntimeError types
             raise Edge3dfaError(f"{self.path}: not a readable ONNX model ({_ort_error(e)})") from None
         inputs = self.session.get_inputs()
-        self.bundle = _bundle_contract(self.session)
+        self.bundle = _bundle_contract(self.session, self.path.name)
         if self.bundle is not None:
             self._open_bundle(inputs)
             return

@@ -143,21 +143,13 @@ def metadata_entry(blob: bytes, name: str) -> bytes | None:
 
 def _bundle_contract(blob: bytes, name: str) -> dict | None:
     """The bundle contract in the file's ``edge3dfa.bundle`` metadata entry, or None for a params model."""
-    import json
+    from edge3dfa import bundle
 
     try:
-        raw = metadata_entry(blob, "edge3dfa.bundle")
+        raw = metadata_entry(blob, bundle.METADATA_KEY)
     except IndexError:
         raise Edge3dfaError(f"{name}: truncated or corrupt TFLite file (its metadata points past the end)") from None
-    if raw is None:
-        return None
-    try:
-        contract = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        contract = None
-    if not isinstance(contract, dict) or not isinstance(contract.get("input"), dict):
-        raise Edge3dfaError(f"{name}: the file's edge3dfa.bundle metadata is not a bundle contract")
-    return contract
+    return bundle.parse_contract(raw, name)
 
 
 def _runtime_version() -> str:
