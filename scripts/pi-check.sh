@@ -71,7 +71,8 @@ run_side() {
     done
     log "$side: TFLite bundles vs the spec on $CROPS crops; the detector bundle vs decode + NMS on $photos"
     "${py[@]}" "$REPO/scripts/pi_bundles.py" --bundle "fp32=$BART/mb05/tflite/mb05_fp32_bundle.tflite" \
-        --bundle "int8=$BART/mb05/tflite/mb05_int8_bundle.tflite" --params-artifact "$ART/mb05/tflite/mb05_fp32.tflite" \
+        --bundle "int8=$BART/mb05/tflite/mb05_int8_bundle.tflite" \
+        --params-artifact "fp32=$ART/mb05/tflite/mb05_fp32.tflite" --params-artifact "int8=$ART/mb05/tflite/mb05_int8.tflite" \
         --detector-bundle "$bdet" --detector "$det" --crops "$CROPS" --threads 1 --out "$dir/bundles.json" "$photos" \
         2> "$dir/bundles.log" || { cat "$dir/bundles.log"; return 1; }
     log "$side: edge3dfa validate, $SAMPLES AFLW2000-3D crops, fp32 and int8"

@@ -7,8 +7,9 @@ runs; its parity with PyTorch is in its manifest), and the spec is computed from
 
 - ``spec``: each regressor bundle (``--bundle PRECISION=FILE``) on AFLW2000-3D crops through
   ``Target.predict_bundle``: its landmarks (3-D, 120x120 crop px) and pose against the spec of the fp32 params
-  artifact (``vs_network``; for int8 this is the quantization's error) and against the spec of its own params
-  output (``vs_own_params``: the in-model post-processing alone, float in every precision).
+  artifact (``vs_network``; for int8 this is the quantization's error), of the params artifact of its own
+  precision (``vs_same_precision``: the bundle is the artifact the check validates, plus post-processing) and
+  of its own params output (``vs_own_params``: the in-model post-processing alone, float in every precision).
 - ``crops``: the same landmarks mapped to the photo with the published roi boxes (``bundle.to_photo``), unrounded,
   so pi_compare.py can hold the arm64 side to the x86 side as it does the params artifacts.
 - ``detector``: the detector bundle on the photos (``FaceBoxesDetector.of_target``, as ``edge3dfa run``) and the
@@ -62,19 +63,23 @@ def _stats(got: dict[str, np.ndarray], spec: dict[str, np.ndarray]) -> dict[str,
             "pose_max_deg": float(np.abs(pose).max())}
 
 
-def regressor_bundles(bundles: dict[str, str], params_artifact: str, crops: int, threads: int) -> tuple[dict, dict]:
-    """(spec stats per precision, photo-px landmarks per precision and crop) on ``crops`` AFLW2000-3D crops."""
+def regressor_bundles(bundles: dict[str, str], params_artifacts: dict[str, str], crops: int,
+                      threads: int) -> tuple[dict, dict]:
+    """(spec stats per precision, photo-px landmarks per precision and crop) on ``crops`` AFLW2000-3D crops;
+    ``params_artifacts``: the params artifact of each precision, fp32 among them."""
     from edge3dfa.datasets import load_crops
 
     data = load_crops(crops)
-    network = bundle.reference(predict_all(open_target(params_artifact, threads), data.inputs))
+    specs = {p: bundle.reference(predict_all(open_target(path, threads), data.inputs))
+             for p, path in params_artifacts.items()}
     spec, dumps = {}, {}
     for precision, path in bundles.items():
         target = open_target(path, threads)
         parts = [target.predict_bundle(data.inputs[i:i + 64]) for i in range(0, len(data.inputs), 64)]
         got = {k: np.concatenate([p[k] for p in parts]) for k in bundle.OUTPUTS}
         own = bundle.reference(bundle.normalised_params(got["params"]))
-        spec[precision] = {"file": path, "crops": len(data.files), "vs_network": _stats(got, network),
+        spec[precision] = {"file": path, "crops": len(data.files), "vs_network": _stats(got, specs["fp32"]),
+                           "vs_same_precision": _stats(got, specs[precision]) if precision in specs else None,
                            "vs_own_params": _stats(got, own)}
         photo = bundle.to_photo(got["landmarks"], data.roi_boxes)
         dumps[precision] = {name: [lm] for name, lm in zip(data.files, photo.tolist())}
@@ -113,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("inputs", nargs="+", help="photos (files or folders) for the detector bundle")
     p.add_argument("--bundle", required=True, type=_pair, action="append",
                    help="PRECISION=FILE of a regressor bundle, e.g. fp32=mb05_fp32_bundle.tflite (repeatable)")
-    p.add_argument("--params-artifact", required=True, help="the fp32 params artifact the spec is computed from")
+    p.add_argument("--params-artifact", required=True, type=_pair, action="append",
+                   help="PRECISION=FILE of a params artifact the spec is computed from; fp32 is required "
+                        "(repeatable)")
     p.add_argument("--detector-bundle", required=True, help="FaceBoxes bundle, e.g. faceboxes_fp32_bundle.tflite")
     p.add_argument("--detector", required=True, help="FaceBoxes params artifact, e.g. faceboxes_fp32.tflite")
     p.add_argument("--crops", type=int, default=50, help="AFLW2000-3D crops, evenly spaced (default: 50)")
@@ -121,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
 
-    bundles = dict(args.bundle)
-    spec, crops = regressor_bundles(bundles, args.params_artifact, args.crops, args.threads)
+    bundles, params = dict(args.bundle), dict(args.params_artifact)
+    if "fp32" not in params:
+        p.error("--params-artifact fp32=FILE is required (the spec of the network)")
+    spec, crops = regressor_bundles(bundles, params, args.crops, args.threads)
     write_json(args.out, {
         "machine": platform.machine(), "python": platform.python_version(),
         "versions": tool_versions("ai-edge-litert", "tflite-runtime"),

@@ -14,12 +14,15 @@ path). The crops are the gate because their inputs are identical on both machine
 reported beside it, as are int8 differences.
 
 The TFLite phone bundles (``bundles.json``, scripts/pi_bundles.py; ``run-bundle-{fp32,int8}/``, ``edge3dfa run``
-with the regressor and detector bundles) are held on every side to the bundle acceptance of issue 17: landmarks
+with the regressor and detector bundles) are held on every side to the bundle acceptance of issue 17: fp32 landmarks
 against the spec (``edge3dfa.bundle.reference``) of the fp32 params artifact within ``BUNDLE_SPEC_PX`` (mean,
-3-D crop px; int8 is the quantization's error, the issue's bound), fp32 pose within ``BUNDLE_POSE_DEG``, every
-bundle's landmarks against the spec of its own params output (the in-model post-processing, float in both)
-within the fp32 bound, the detector bundle's faces against the runtime's decode + NMS with box IoU >=
-``BUNDLE_MIN_IOU``, and nothing but ``BUNDLE_IMPORTS`` (and the standard library) loaded to run them. Across
+3-D crop px) and pose within ``BUNDLE_POSE_DEG``; every bundle's landmarks within that bound of the spec of the
+params artifact of its precision and of the spec of its own params output (the in-model post-processing is float
+in both), so the int8 bundle is held to the int8 params artifact, which the check validates with the default
+gates as before; the detector bundle's faces against the runtime's decode + NMS with box IoU >=
+``BUNDLE_MIN_IOU``; and nothing but ``BUNDLE_IMPORTS`` (and the standard library) loaded to run them. The int8
+bundle against the fp32 network (the quantization's error) is reported beside issue 17's 0.5 px
+(``INT8_ISSUE_PX``), not gated: it is the same on every machine and is export's to judge. Across
 machines, fp32 bundle landmarks of the crops are held to the same tolerance as the params artifacts and the
 detector bundle's boxes to ``BUNDLE_MIN_IOU``; int8 and photo differences are reported. Standard library only.
 """
@@ -36,8 +39,8 @@ from typing import Any
 PRECISIONS = ("fp32", "int8")
 BINS = ("[0,30]", "(30,60]", "(60,90]")
 XNNPACK_LINE = "Created TensorFlow Lite XNNPACK delegate"
-#: bundle landmarks vs the spec, mean 3-D distance in crop px (issue 17 part 4: fp32 0.01, int8 0.5)
-BUNDLE_SPEC_PX = {"fp32": 0.01, "int8": 0.5}
+BUNDLE_SPEC_PX = 0.01  # bundle landmarks vs a spec of the same network, mean 3-D crop px (issue 17 part 4)
+INT8_ISSUE_PX = 0.5  # issue 17 part 4's int8 bound vs the fp32 network's spec: reported here
 BUNDLE_POSE_DEG = 0.05  # fp32 bundle pose vs the spec, max (issue 17 part 4)
 BUNDLE_MIN_IOU = 0.99  # detector bundle boxes vs the runtime's decode + NMS, and arm64 vs x86
 BUNDLE_IMPORTS = frozenset({"numpy", "cv2", "ai_edge_litert"})  # all a bundle may load beyond the stdlib
@@ -172,13 +175,12 @@ def bundle_checks(side: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         if p not in spec:
             failures.append(f"{p} bundle not run")
             continue
-        net, own = spec[p]["vs_network"], spec[p]["vs_own_params"]
-        if not net["landmark_mean_px"] <= BUNDLE_SPEC_PX[p]:  # NaN fails too
-            failures.append(f"{p} bundle landmarks {net['landmark_mean_px']:.3g} px from the spec of the fp32 network "
-                            f"(mean) > {BUNDLE_SPEC_PX[p]:g} px")
-        if not own["landmark_mean_px"] <= BUNDLE_SPEC_PX["fp32"]:
-            failures.append(f"{p} bundle landmarks {own['landmark_mean_px']:.3g} px from the spec of its own params "
-                            f"(mean) > {BUNDLE_SPEC_PX['fp32']:g} px")
+        net = spec[p]["vs_network"]
+        for key, what in (("vs_same_precision", f"the {p} params artifact"), ("vs_own_params", "its own params")):
+            got = (spec[p].get(key) or {}).get("landmark_mean_px")
+            if got is None or not got <= BUNDLE_SPEC_PX:  # NaN fails too
+                failures.append(f"{p} bundle landmarks {_f(got, '.3g')} px from the spec of {what} (mean) > "
+                                f"{BUNDLE_SPEC_PX:g} px")
         if p == "fp32" and not net["pose_max_deg"] <= BUNDLE_POSE_DEG:
             failures.append(f"fp32 bundle pose {net['pose_max_deg']:.3g} deg from the spec > {BUNDLE_POSE_DEG:g} deg")
     det = b["detector"]
@@ -364,11 +366,17 @@ def render_bundles(result: dict[str, Any]) -> list[str]:
         lines.append(f"  {label:34s}{cells}{note}")
 
     for p in PRECISIONS:
+        note = (f"  (limit {BUNDLE_SPEC_PX:g})" if p == "fp32"
+                else f"  (issue 17: {INT8_ISSUE_PX:g}; reported, not gated)")
         row(f"{p} vs spec of fp32 net, mean px", lambda s, p=p: s["spec"][p]["vs_network"]["landmark_mean_px"],
-            "22.6f", f"  (limit {BUNDLE_SPEC_PX[p]:g})")
+            "22.6f", note)
         row(f"{p} vs spec of fp32 net, max px", lambda s, p=p: s["spec"][p]["vs_network"]["landmark_max_px"], "22.6f")
+        if p != "fp32":
+            row(f"{p} vs spec of {p} params, mean px",
+                lambda s, p=p: s["spec"][p]["vs_same_precision"]["landmark_mean_px"], "22.6f",
+                f"  (limit {BUNDLE_SPEC_PX:g})")
         row(f"{p} vs spec of own params, mean px", lambda s, p=p: s["spec"][p]["vs_own_params"]["landmark_mean_px"],
-            "22.6f", f"  (limit {BUNDLE_SPEC_PX['fp32']:g})")
+            "22.6f", f"  (limit {BUNDLE_SPEC_PX:g})")
         row(f"{p} pose vs spec of fp32 net, deg", lambda s, p=p: s["spec"][p]["vs_network"]["pose_max_deg"], "22.6f",
             f"  (limit {BUNDLE_POSE_DEG:g})" if p == "fp32" else "  (reported, not gated)")
     row("detector vs decode + NMS, faces", lambda s: s["detector_vs_runtime"]["faces"], "22d")
