@@ -55,17 +55,18 @@ run_side() {
     else edge=(in_root "$RVENV/bin/edge3dfa"); py=(in_root "$RVENV/bin/python"); fi
     local dir=$OUT/$side photos=$PHOTOS det=$ART/faceboxes/tflite/faceboxes_fp32.tflite
     local bdet=$BART/faceboxes/tflite/faceboxes_fp32_bundle.tflite
+    # --verbose: LiteRT's XNNPACK banner goes to stderr (else to the third-party log), where pi_compare.py looks
     rm -rf "$dir" && mkdir -p "$dir"
     for p in fp32 int8; do
         log "$side: edge3dfa run, mb05 $p tflite, $photos; landmarks of $CROPS crops"
-        "${edge[@]}" run --artifact "$ART/mb05/tflite/mb05_$p.tflite" --detector "$det" --threads 1 \
+        "${edge[@]}" --verbose run --artifact "$ART/mb05/tflite/mb05_$p.tflite" --detector "$det" --threads 1 \
             --out-dir "$dir/run-$p" "$photos" 2> "$dir/run-$p.log" || { cat "$dir/run-$p.log"; return 1; }
         grep -h 'face(s)' "$dir/run-$p.log" | sed 's/^/    /' >&2
         "${py[@]}" "$REPO/scripts/pi_landmarks.py" --artifact "$ART/mb05/tflite/mb05_$p.tflite" --detector "$det" \
             --crops "$CROPS" --threads 1 --out "$dir/landmarks-$p.json" "$photos" 2> "$dir/landmarks-$p.log" \
             || { cat "$dir/landmarks-$p.log"; return 1; }
         log "$side: edge3dfa run, mb05 $p tflite bundle + faceboxes bundle, $photos"
-        "${edge[@]}" run --artifact "$BART/mb05/tflite/mb05_${p}_bundle.tflite" --detector "$bdet" --threads 1 \
+        "${edge[@]}" --verbose run --artifact "$BART/mb05/tflite/mb05_${p}_bundle.tflite" --detector "$bdet" --threads 1 \
             --out-dir "$dir/run-bundle-$p" "$photos" 2> "$dir/run-bundle-$p.log" || { cat "$dir/run-bundle-$p.log"; return 1; }
         grep -h 'face(s)' "$dir/run-bundle-$p.log" | sed 's/^/    /' >&2
     done

@@ -15,8 +15,8 @@ runs; its parity with PyTorch is in its manifest), and the spec is computed from
 - ``detector``: the detector bundle on the photos (``FaceBoxesDetector.of_target``, as ``edge3dfa run``) and the
   runtime's decode + NMS over the FaceBoxes params artifact on the same photos: boxes of both.
 - ``imports``: a fresh interpreter that opens and runs every bundle through ``open_target`` and lists the
-  top-level modules it loaded outside the standard library and edge3dfa (the ``[pi]`` promise: numpy, OpenCV and
-  LiteRT only). Gates are pi_compare.py's; this only measures.
+  top-level modules that loaded (beyond those it started with) outside the standard library and edge3dfa (the
+  ``[pi]`` promise: numpy, OpenCV and LiteRT only). Gates are pi_compare.py's; this only measures.
 """
 
 from __future__ import annotations
@@ -38,9 +38,12 @@ from edge3dfa.measure.predict import predict_all
 from edge3dfa.runtime.detect import FaceBoxesDetector
 from edge3dfa.target import open_target
 
-#: run in a fresh interpreter: open and run each bundle, then the non-stdlib top-level modules loaded
+#: run in a fresh interpreter: open and run each bundle, then the non-stdlib top-level modules that loaded (not
+#: those the interpreter had at start, such as Debian's sitecustomize)
 _IMPORT_PROBE = """
-import json, sys
+import sys
+at_start = set(sys.modules)
+import json
 import numpy as np
 from edge3dfa.target import open_target
 for path in sys.argv[1:]:
@@ -50,7 +53,7 @@ for path in sys.argv[1:]:
         t.predict_bundle(np.full((1, 3, h, w), (64 - 127.5) / 128, np.float32))
     else:  # a blob of the mean colour
         t.run(np.zeros((1, 3, h, w), np.float32))
-top = {m.split(".")[0] for m in sys.modules} - set(sys.stdlib_module_names) - {"edge3dfa", "__main__"}
+top = {m.split(".")[0] for m in set(sys.modules) - at_start} - set(sys.stdlib_module_names) - {"edge3dfa"}
 print(json.dumps(sorted(m for m in top if not m.startswith("_"))))
 """
 

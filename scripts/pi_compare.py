@@ -382,7 +382,8 @@ def render_bundles(result: dict[str, Any]) -> list[str]:
     row("detector vs decode + NMS, faces", lambda s: s["detector_vs_runtime"]["faces"], "22d")
     row("detector vs decode + NMS, min IoU", lambda s: s["detector_vs_runtime"]["min_iou"], "22.6f",
         f"  (limit {BUNDLE_MIN_IOU:g})")
-    row("modules beyond the stdlib", lambda s: " ".join(s["imports"]), ">22s")
+    lines.append("  modules loaded to run the bundles, beyond the stdlib: "
+                 + "; ".join(f"{s} {', '.join(b[s]['imports'])}" for s in sides))
     if arms:
         lines.append(f"  arm64 vs x86 {'':21s}" + "".join(f"{a:>22s}" for a in arms))
         vs = b["vs_x86"]
