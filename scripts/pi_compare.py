@@ -354,7 +354,7 @@ def render_bundles(result: dict[str, Any]) -> list[str]:
     sides = list(result["sides"])
     arms = [s for s in sides if s != "x86"]
     lines = ["TFLite phone bundles (mb05 fp32/int8 regressor, FaceBoxes fp32 detector) on each side",
-             f"  {'':34s}" + "".join(f"{s:>22s}" for s in sides)]
+             f"  {'':36s}" + "".join(f"{s:>22s}" for s in sides)]
 
     def row(label: str, get: Any, fmt: str, note: str = "") -> None:
         cells = ""
@@ -363,7 +363,7 @@ def render_bundles(result: dict[str, Any]) -> list[str]:
                 cells += format(get(b[s]), fmt)
             except (KeyError, TypeError):
                 cells += "-".rjust(22)
-        lines.append(f"  {label:34s}{cells}{note}")
+        lines.append(f"  {label:36s}{cells}{note}")
 
     for p in PRECISIONS:
         note = (f"  (limit {BUNDLE_SPEC_PX:g})" if p == "fp32"
@@ -385,17 +385,17 @@ def render_bundles(result: dict[str, Any]) -> list[str]:
     lines.append("  modules loaded to run the bundles, beyond the stdlib: "
                  + "; ".join(f"{s} {', '.join(b[s]['imports'])}" for s in sides))
     if arms:
-        lines.append(f"  arm64 vs x86 {'':21s}" + "".join(f"{a:>22s}" for a in arms))
+        lines.append(f"  arm64 vs x86 {'':23s}" + "".join(f"{a:>22s}" for a in arms))
         vs = b["vs_x86"]
         for p in PRECISIONS:
             gate = f"  (limit {result['tolerance_px']:g})" if p == "fp32" else "  (reported, not gated)"
-            lines.append(f"  {p + ' crops, max coordinate px':34s}"
+            lines.append(f"  {p + ' crops, max coordinate px':36s}"
                          + "".join(f"{vs[a]['crops'][p]['max_abs_px']:22.6f}" for a in arms) + gate)
-        lines.append(f"  {'detector boxes, min IoU':34s}"
+        lines.append(f"  {'detector boxes, min IoU':36s}"
                      + "".join(_f(vs[a]["detector"]["min_iou"], "22.6f") for a in arms)
                      + f"  (limit {BUNDLE_MIN_IOU:g})")
         for p in PRECISIONS:
-            lines.append(f"  {p + ' edge3dfa run JSON, max px':34s}"
+            lines.append(f"  {p + ' edge3dfa run JSON, max px':36s}"
                          + "".join(f"{vs[a]['run_json'][p]['max_abs_px']:22.3f}" for a in arms)
                          + "  (photos; reported, not gated)")
     return lines
