@@ -51,7 +51,8 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/runtime_speed.py
 
-# arm64 end-to-end check under qemu-user emulation (needs root; not part of make test): README "Raspberry Pi check"
+# arm64 end-to-end check under qemu-user emulation, params artifacts and phone bundles (needs root; not part of
+# make test): README "Raspberry Pi check"
 pi-check: $(VENV)/.installed
 	VENV=$(VENV) scripts/pi-check.sh
 

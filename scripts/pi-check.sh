@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # make pi-check: edge3dfa on arm64 under qemu-user emulation, compared with x86 (README "Raspberry Pi check").
 #
-# On x86: convert mb05 (TFLite fp32 and full int8) and FaceBoxes (TFLite fp32) once, build the edge3dfa wheel,
-# run the example photos (edge3dfa run), unrounded landmarks of the photos and of AFLW2000-3D crops
-# (scripts/pi_landmarks.py) and edge3dfa validate --reference none on an AFLW2000-3D subset. In an arm64 Debian
+# On x86: convert mb05 (TFLite fp32 and full int8) and FaceBoxes (TFLite fp32) once, params artifacts and phone
+# bundles (--bundle), build the edge3dfa wheel, run the example photos (edge3dfa run, with the params artifacts
+# and with the bundles), unrounded landmarks of the photos and of AFLW2000-3D crops (scripts/pi_landmarks.py),
+# the bundles against the spec and the detector bundle against the runtime's decode + NMS
+# (scripts/pi_bundles.py) and edge3dfa validate --reference none on an AFLW2000-3D subset. In an arm64 Debian
 # root (debootstrap + qemu-user-static, built once and cached): install the wheel with its [pi] extra, check
 # torch and tensorflow are absent, and run the same commands on the same files once per emulated Pi CPU. Then
 # scripts/pi_compare.py prints the sides and writes $PI_OUT/result.json; exit 1 when fp32 landmarks of the
@@ -37,8 +39,9 @@ STATE=$ROOT/.edge3dfa-pi-check  # stamps of the finished stages, kept inside the
 RVENV=/opt/edge3dfa             # the virtual environment inside the root
 HOST_CA=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
 ART=$OUT/artifacts
+BART=$ART/bundle                # the phone bundles, apart: validate "$ART/mb05" scores the params artifacts only
 export EDGE3DFA_ASSETS=$ASSETS
-export ROOT OUT SAMPLES CROPS CPUS MIRROR SUITE VENV ASSETS STATE RVENV HOST_CA ART REPO
+export ROOT OUT SAMPLES CROPS CPUS MIRROR SUITE VENV ASSETS STATE RVENV HOST_CA ART BART REPO
 export PI_CHECK_T0=${PI_CHECK_T0:-$(date +%s)}  # the start, shared with the re-executed emulated half
 
 log() { printf '[pi-check %4ds] %s\n' $(($(date +%s) - PI_CHECK_T0)) "$*" >&2; }
@@ -51,16 +54,28 @@ run_side() {
     if [[ $side == x86 ]]; then edge=("$VENV/bin/edge3dfa"); py=("$VENV/bin/python")
     else edge=(in_root "$RVENV/bin/edge3dfa"); py=(in_root "$RVENV/bin/python"); fi
     local dir=$OUT/$side photos=$PHOTOS det=$ART/faceboxes/tflite/faceboxes_fp32.tflite
+    local bdet=$BART/faceboxes/tflite/faceboxes_fp32_bundle.tflite
+    # --verbose: LiteRT's XNNPACK banner goes to stderr (else to the third-party log), where pi_compare.py looks
     rm -rf "$dir" && mkdir -p "$dir"
     for p in fp32 int8; do
         log "$side: edge3dfa run, mb05 $p tflite, $photos; landmarks of $CROPS crops"
-        "${edge[@]}" run --artifact "$ART/mb05/tflite/mb05_$p.tflite" --detector "$det" --threads 1 \
+        "${edge[@]}" --verbose run --artifact "$ART/mb05/tflite/mb05_$p.tflite" --detector "$det" --threads 1 \
             --out-dir "$dir/run-$p" "$photos" 2> "$dir/run-$p.log" || { cat "$dir/run-$p.log"; return 1; }
         grep -h 'face(s)' "$dir/run-$p.log" | sed 's/^/    /' >&2
         "${py[@]}" "$REPO/scripts/pi_landmarks.py" --artifact "$ART/mb05/tflite/mb05_$p.tflite" --detector "$det" \
             --crops "$CROPS" --threads 1 --out "$dir/landmarks-$p.json" "$photos" 2> "$dir/landmarks-$p.log" \
             || { cat "$dir/landmarks-$p.log"; return 1; }
+        log "$side: edge3dfa run, mb05 $p tflite bundle + faceboxes bundle, $photos"
+        "${edge[@]}" --verbose run --artifact "$BART/mb05/tflite/mb05_${p}_bundle.tflite" --detector "$bdet" --threads 1 \
+            --out-dir "$dir/run-bundle-$p" "$photos" 2> "$dir/run-bundle-$p.log" || { cat "$dir/run-bundle-$p.log"; return 1; }
+        grep -h 'face(s)' "$dir/run-bundle-$p.log" | sed 's/^/    /' >&2
     done
+    log "$side: TFLite bundles vs the spec on $CROPS crops; the detector bundle vs decode + NMS on $photos"
+    "${py[@]}" "$REPO/scripts/pi_bundles.py" --bundle "fp32=$BART/mb05/tflite/mb05_fp32_bundle.tflite" \
+        --bundle "int8=$BART/mb05/tflite/mb05_int8_bundle.tflite" \
+        --params-artifact "fp32=$ART/mb05/tflite/mb05_fp32.tflite" --params-artifact "int8=$ART/mb05/tflite/mb05_int8.tflite" \
+        --detector-bundle "$bdet" --detector "$det" --crops "$CROPS" --threads 1 --out "$dir/bundles.json" "$photos" \
+        2> "$dir/bundles.log" || { cat "$dir/bundles.log"; return 1; }
     log "$side: edge3dfa validate, $SAMPLES AFLW2000-3D crops, fp32 and int8"
     "${edge[@]}" validate "$ART/mb05" --reference none --samples "$SAMPLES" --latency-runs 0 \
         --threads 1 --report-dir "$dir/validate" > "$dir/validate.log" 2>&1 || { tail -20 "$dir/validate.log"; return 1; }
@@ -203,13 +218,18 @@ x86_prepare() {
     local t0=$SECONDS
     mkdir -p "$OUT" && rm -f "$OUT/.timings" "$OUT/result.json"
     if [[ ${PI_RECONVERT:-0} == 1 || ! -f $ART/mb05/tflite/mb05_int8.json || ! -f $ART/mb05/tflite/mb05_fp32.json \
-          || ! -f $ART/faceboxes/tflite/faceboxes_fp32.json ]]; then
-        log "x86: converting mb05 (tflite fp32, int8) and faceboxes (tflite fp32) into $ART"
+          || ! -f $ART/faceboxes/tflite/faceboxes_fp32.json || ! -f $BART/mb05/tflite/mb05_fp32_bundle.json \
+          || ! -f $BART/mb05/tflite/mb05_int8_bundle.json || ! -f $BART/faceboxes/tflite/faceboxes_fp32_bundle.json ]]; then
+        log "x86: converting mb05 (tflite fp32, int8) and faceboxes (tflite fp32) into $ART, bundles into $BART"
         rm -rf "$ART"
         "$VENV/bin/edge3dfa" convert --model mb05 --to tflite --precision fp32,int8 --out "$ART" > "$OUT/convert.log" 2>&1 \
             || { tail -20 "$OUT/convert.log"; die "conversion failed"; }
         "$VENV/bin/edge3dfa" convert --model faceboxes --to tflite --precision fp32 --out "$ART" >> "$OUT/convert.log" 2>&1 \
             || { tail -20 "$OUT/convert.log"; die "conversion failed"; }
+        "$VENV/bin/edge3dfa" convert --model mb05 --to tflite --precision fp32,int8 --bundle --out "$BART" \
+            >> "$OUT/convert.log" 2>&1 || { tail -20 "$OUT/convert.log"; die "bundle conversion failed"; }
+        "$VENV/bin/edge3dfa" convert --model faceboxes --to tflite --precision fp32 --bundle --out "$BART" \
+            >> "$OUT/convert.log" 2>&1 || { tail -20 "$OUT/convert.log"; die "bundle conversion failed"; }
         timing convert $((SECONDS - t0))
     else
         log "x86: reusing the artifacts in $ART (PI_RECONVERT=1 converts again)"

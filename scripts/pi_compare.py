@@ -11,7 +11,20 @@ the sides did not see the same images, faces or crops, when an arm64 side did no
 or tensorflow was importable there, or when a side ran without the XNNPACK delegate (the Pi's default CPU
 path). The crops are the gate because their inputs are identical on both machines; the photos' are not
 (OpenCV's INTER_LINEAR resize rounds differently in its NEON and x86 code), so photo differences are
-reported beside it, as are int8 differences. Standard library only.
+reported beside it, as are int8 differences.
+
+The TFLite phone bundles (``bundles.json``, scripts/pi_bundles.py; ``run-bundle-{fp32,int8}/``, ``edge3dfa run``
+with the regressor and detector bundles) are held on every side to the bundle acceptance of issue 17: fp32 landmarks
+against the spec (``edge3dfa.bundle.reference``) of the fp32 params artifact within ``BUNDLE_SPEC_PX`` (mean,
+3-D crop px) and pose within ``BUNDLE_POSE_DEG``; every bundle's landmarks within that bound of the spec of the
+params artifact of its precision and of the spec of its own params output (the in-model post-processing is float
+in both), so the int8 bundle is held to the int8 params artifact, which the check validates with the default
+gates as before; the detector bundle's faces against the runtime's decode + NMS with box IoU >=
+``BUNDLE_MIN_IOU``; and nothing but ``BUNDLE_IMPORTS`` (and the standard library) loaded to run them. The int8
+bundle against the fp32 network (the quantization's error) is reported beside issue 17's 0.5 px
+(``INT8_ISSUE_PX``), not gated: it is the same on every machine and is export's to judge. Across
+machines, fp32 bundle landmarks of the crops are held to the same tolerance as the params artifacts and the
+detector bundle's boxes to ``BUNDLE_MIN_IOU``; int8 and photo differences are reported. Standard library only.
 """
 
 from __future__ import annotations
@@ -26,6 +39,11 @@ from typing import Any
 PRECISIONS = ("fp32", "int8")
 BINS = ("[0,30]", "(30,60]", "(60,90]")
 XNNPACK_LINE = "Created TensorFlow Lite XNNPACK delegate"
+BUNDLE_SPEC_PX = 0.01  # bundle landmarks vs a spec of the same network, mean 3-D crop px (issue 17 part 4)
+INT8_ISSUE_PX = 0.5  # issue 17 part 4's int8 bound vs the fp32 network's spec: reported here
+BUNDLE_POSE_DEG = 0.05  # fp32 bundle pose vs the spec, max (issue 17 part 4)
+BUNDLE_MIN_IOU = 0.99  # detector bundle boxes vs the runtime's decode + NMS, and arm64 vs x86
+BUNDLE_IMPORTS = frozenset({"numpy", "cv2", "ai_edge_litert"})  # all a bundle may load beyond the stdlib
 
 
 def _read(path: Path) -> Any:
@@ -120,7 +138,62 @@ def _side(folder: Path) -> dict[str, Any]:
                                  | {m for p in PRECISIONS for m in dumps[p]["loaded"]}),
             "xnnpack": all(XNNPACK_LINE in logs[p] for p in PRECISIONS),
             "dumps": dumps, "runs": {p: _run_faces(folder / f"run-{p}") for p in PRECISIONS},
-            "files": report["dataset"].get("files"), "dataset": report["dataset"], "nme": nme_summary(report)}
+            "files": report["dataset"].get("files"), "dataset": report["dataset"], "nme": nme_summary(report),
+            "bundles": _read(folder / "bundles.json"),
+            "bundle_runs": {p: _run_faces(folder / f"run-bundle-{p}") for p in PRECISIONS}}
+
+
+def iou(a: list[float], b: list[float]) -> float:
+    """Intersection over union of two (x1, y1, x2, y2, ...) boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+def box_match(ref: dict[str, list], got: dict[str, list]) -> dict[str, Any]:
+    """Two {image: boxes [K,4+]} maps -> face counts, and for each reference box its best IoU in ``got``: the
+    smallest over all images; images or counts that differ are ``problems``."""
+    problems, ious, faces = [], [], 0
+    if sorted(ref) != sorted(got):
+        problems.append(f"different images: {sorted(set(ref) ^ set(got))}")
+    for name in sorted(set(ref) & set(got)):
+        if len(ref[name]) != len(got[name]):
+            problems.append(f"{name}: {len(ref[name])} vs {len(got[name])} faces")
+            continue
+        faces += len(ref[name])
+        ious += [max(iou(r, g) for g in got[name]) for r in ref[name]]
+    return {"faces": faces, "min_iou": min(ious) if ious else None, "problems": problems}
+
+
+def bundle_checks(side: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """One side's bundles against the spec, the detector against decode + NMS, and the imports: (figures,
+    failures)."""
+    b, failures = side["bundles"], []
+    spec = b["spec"]
+    for p in PRECISIONS:
+        if p not in spec:
+            failures.append(f"{p} bundle not run")
+            continue
+        net = spec[p]["vs_network"]
+        for key, what in (("vs_same_precision", f"the {p} params artifact"), ("vs_own_params", "its own params")):
+            got = (spec[p].get(key) or {}).get("landmark_mean_px")
+            if got is None or not got <= BUNDLE_SPEC_PX:  # NaN fails too
+                failures.append(f"{p} bundle landmarks {_f(got, '.3g')} px from the spec of {what} (mean) > "
+                                f"{BUNDLE_SPEC_PX:g} px")
+        if p == "fp32" and not net["pose_max_deg"] <= BUNDLE_POSE_DEG:
+            failures.append(f"fp32 bundle pose {net['pose_max_deg']:.3g} deg from the spec > {BUNDLE_POSE_DEG:g} deg")
+    det = b["detector"]
+    match = box_match({n: d["runtime"] for n, d in det.items()}, {n: d["bundle"] for n, d in det.items()})
+    failures += [f"detector bundle vs decode + NMS: {m}" for m in match["problems"]]
+    if not match["faces"]:
+        failures.append("detector bundle: no faces to compare")
+    elif not match["min_iou"] >= BUNDLE_MIN_IOU:
+        failures.append(f"detector bundle boxes IoU {match['min_iou']:.4f} with decode + NMS < {BUNDLE_MIN_IOU:g}")
+    extra = sorted(set(b["imports"]) - BUNDLE_IMPORTS)
+    if extra:
+        failures.append(f"running the bundles imported {', '.join(extra)} (beyond {', '.join(sorted(BUNDLE_IMPORTS))})")
+    return {"spec": spec, "detector_vs_runtime": match, "imports": b["imports"]}, failures
 
 
 def compare(x86_dir: Path, arm_dirs: dict[str, Path], tolerance: float = 1e-3) -> dict[str, Any]:
@@ -131,6 +204,9 @@ def compare(x86_dir: Path, arm_dirs: dict[str, Path], tolerance: float = 1e-3) -
         failures.append(f"the x86 side ran on {', '.join(sorted(x86['machine']))}")
     if not x86["xnnpack"]:
         failures.append("x86: edge3dfa run did not report the XNNPACK delegate")
+    bundles: dict[str, Any] = {"x86": {}, "vs_x86": {}}
+    bundles["x86"], problems = bundle_checks(x86)
+    failures += [f"x86: {m}" for m in problems]
     nme: dict[str, Any] = {"x86": {p: {k: v for k, v in s.items() if k != "per_face"} for p, s in x86["nme"].items()}}
     sides: dict[str, Any] = {"x86": {k: x86[k] for k in ("python", "versions", "xnnpack")} | {"machine": "x86_64"}}
     photos: dict[str, Any] = {}
@@ -152,6 +228,16 @@ def compare(x86_dir: Path, arm_dirs: dict[str, Path], tolerance: float = 1e-3) -
             failures.append(f"{label}: edge3dfa run did not report the XNNPACK delegate (not the Pi's CPU path)")
         if arm["files"] != x86["files"]:
             failures.append(f"{label}: the subset evaluation scored other crops than x86")
+        bundles[label], problems = bundle_checks(arm)
+        failures += [f"{label}: {m}" for m in problems]
+        bundles["vs_x86"][label] = vs = _bundles_vs_x86(x86, arm)
+        failures += [f"{label} {m}" for m in vs["problems"]]
+        if not vs["crops"]["fp32"]["max_abs_px"] <= tolerance:
+            failures.append(f"{label}: fp32 bundle landmarks differ from x86 by {vs['crops']['fp32']['max_abs_px']:.3g}"
+                            f" px > {tolerance:g} px on the same crops")
+        if vs["detector"]["min_iou"] is not None and not vs["detector"]["min_iou"] >= BUNDLE_MIN_IOU:
+            failures.append(f"{label}: detector bundle boxes IoU {vs['detector']['min_iou']:.4f} with x86 "
+                            f"< {BUNDLE_MIN_IOU:g}")
         photos[label], crops[label], run_json[label], diffs[label], nme[label] = {}, {}, {}, {}, {}
         for p in PRECISIONS:
             ph = photos[label][p] = landmark_diff(_dump_faces(x86["dumps"][p]), _dump_faces(arm["dumps"][p]))
@@ -180,9 +266,24 @@ def compare(x86_dir: Path, arm_dirs: dict[str, Path], tolerance: float = 1e-3) -
             "photos": {"images": len(x86["dumps"]["fp32"]["images"]),
                        "faces": sum(len(v) for v in _dump_faces(x86["dumps"]["fp32"]).values()),
                        "vs_x86": photos},
-            "run_json_vs_x86": run_json,
+            "run_json_vs_x86": run_json, "bundles": bundles,
             "subset": {"dataset": {k: ds.get(k) for k in ("name", "count", "subset", "ground_truth")},
                        "nme": nme, "per_face_vs_x86": diffs}}
+
+
+def _bundles_vs_x86(x86: dict[str, Any], arm: dict[str, Any]) -> dict[str, Any]:
+    """The bundles' outputs on one arm64 side against x86: crop landmarks (photo px, unrounded), the detector
+    bundle's boxes and ``edge3dfa run`` with both bundles; ``problems`` are faces or images that differ."""
+    crops = {p: landmark_diff(x86["bundles"]["crops"].get(p, {}), arm["bundles"]["crops"].get(p, {}))
+             for p in PRECISIONS}
+    det = box_match({n: d["bundle"] for n, d in x86["bundles"]["detector"].items()},
+                    {n: d["bundle"] for n, d in arm["bundles"]["detector"].items()})
+    runs = {p: landmark_diff(x86["bundle_runs"][p], arm["bundle_runs"][p]) for p in PRECISIONS}
+    problems = [f"{p} bundle crops: {m}" for p in PRECISIONS for m in crops[p]["problems"]]
+    problems += [f"detector bundle vs x86: {m}" for m in det["problems"]]
+    problems += [f"{p} bundles, edge3dfa run: {m}" for p in PRECISIONS for m in runs[p]["problems"]]
+    problems += [f"{p} bundles, edge3dfa run: no faces" for p in PRECISIONS if not runs[p]["faces"]]
+    return {"crops": crops, "detector": det, "run_json": runs, "problems": problems}
 
 
 def _f(x: float | None, fmt: str) -> str:
@@ -238,12 +339,66 @@ def render(result: dict[str, Any]) -> str:
             d = sub["per_face_vs_x86"][a].get(p)
             cells += f"{_f(d and d['per_face_max_abs'], '12.4f')} ({d['faces_differing'] if d else '-':>4} faces)"
         lines.append(f"  {p + ' per-face max |diff|':28s}{'':10s}{cells}  (report.json keeps 4 decimals)")
+    lines += render_bundles(result)
     for name, s in result["sides"].items():
         v = s["versions"]
         lines.append(f"{name}: {s['machine']}, Python {s['python']}, XNNPACK {'yes' if s['xnnpack'] else 'NO'}, "
                      + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
     lines.append("PASS" if result["passed"] else "FAIL: " + "; ".join(result["failures"]))
     return "\n".join(lines)
+
+
+def render_bundles(result: dict[str, Any]) -> list[str]:
+    """The bundles' rows of the table: each side against the spec, then arm64 against x86."""
+    b = result["bundles"]
+    sides = list(result["sides"])
+    arms = [s for s in sides if s != "x86"]
+    lines = ["TFLite phone bundles (mb05 fp32/int8 regressor, FaceBoxes fp32 detector) on each side",
+             f"  {'':36s}" + "".join(f"{s:>22s}" for s in sides)]
+
+    def row(label: str, get: Any, fmt: str, note: str = "") -> None:
+        cells = ""
+        for s in sides:
+            try:
+                cells += format(get(b[s]), fmt)
+            except (KeyError, TypeError):
+                cells += "-".rjust(22)
+        lines.append(f"  {label:36s}{cells}{note}")
+
+    for p in PRECISIONS:
+        note = (f"  (limit {BUNDLE_SPEC_PX:g})" if p == "fp32"
+                else f"  (issue 17: {INT8_ISSUE_PX:g}; reported, not gated)")
+        row(f"{p} vs spec of fp32 net, mean px", lambda s, p=p: s["spec"][p]["vs_network"]["landmark_mean_px"],
+            "22.6f", note)
+        row(f"{p} vs spec of fp32 net, max px", lambda s, p=p: s["spec"][p]["vs_network"]["landmark_max_px"], "22.6f")
+        if p != "fp32":
+            row(f"{p} vs spec of {p} params, mean px",
+                lambda s, p=p: s["spec"][p]["vs_same_precision"]["landmark_mean_px"], "22.6f",
+                f"  (limit {BUNDLE_SPEC_PX:g})")
+        row(f"{p} vs spec of own params, mean px", lambda s, p=p: s["spec"][p]["vs_own_params"]["landmark_mean_px"],
+            "22.6f", f"  (limit {BUNDLE_SPEC_PX:g})")
+        row(f"{p} pose vs spec of fp32 net, deg", lambda s, p=p: s["spec"][p]["vs_network"]["pose_max_deg"], "22.6f",
+            f"  (limit {BUNDLE_POSE_DEG:g})" if p == "fp32" else "  (reported, not gated)")
+    row("detector vs decode + NMS, faces", lambda s: s["detector_vs_runtime"]["faces"], "22d")
+    row("detector vs decode + NMS, min IoU", lambda s: s["detector_vs_runtime"]["min_iou"], "22.6f",
+        f"  (limit {BUNDLE_MIN_IOU:g})")
+    lines.append("  modules loaded to run the bundles, beyond the stdlib: "
+                 + "; ".join(f"{s} {', '.join(b[s]['imports'])}" for s in sides))
+    if arms:
+        lines.append(f"  arm64 vs x86 {'':23s}" + "".join(f"{a:>22s}" for a in arms))
+        vs = b["vs_x86"]
+        for p in PRECISIONS:
+            gate = f"  (limit {result['tolerance_px']:g})" if p == "fp32" else "  (reported, not gated)"
+            lines.append(f"  {p + ' crops, max coordinate px':36s}"
+                         + "".join(f"{vs[a]['crops'][p]['max_abs_px']:22.6f}" for a in arms) + gate)
+        lines.append(f"  {'detector boxes, min IoU':36s}"
+                     + "".join(_f(vs[a]["detector"]["min_iou"], "22.6f") for a in arms)
+                     + f"  (limit {BUNDLE_MIN_IOU:g})")
+        for p in PRECISIONS:
+            lines.append(f"  {p + ' edge3dfa run JSON, max px':36s}"
+                         + "".join(f"{vs[a]['run_json'][p]['max_abs_px']:22.3f}" for a in arms)
+                         + "  (photos; reported, not gated)")
+    return lines
 
 
 def _labelled(text: str) -> tuple[str, Path]:
