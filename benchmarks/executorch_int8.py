@@ -39,7 +39,8 @@ from edge3dfa.target import open_target
 from edge3dfa.targets.torch import TorchTarget
 
 MODELS = {"mb05": "mb05", "mbv3": "mbv3_05_distilled", "mbv3_large": "mbv3_large_05_distilled"}
-VARIANTS = {"former default": {"bias_correction": False}, "default": {},
+VARIANTS = {"former default": {"bias_correction": "off"},
+            "default (auto)": {},
             "hard_swish float": {"hard_swish": "float"}}
 BASE = "former default"
 

@@ -121,12 +121,12 @@ def test_bias_correction_removes_the_mean_params_error():
     with torch.no_grad():
         ref = {k: source.load()(torch.from_numpy(x)).numpy() for k, x in (("calib", calib), ("other", other))}
     mean_error = {}
-    for corrected in (False, True):
+    for corrected in ("off", "on"):
         b = FORMAT.int8_builder(source, FORMAT.Options.parse({"bias_correction": corrected}), calib, None)
         graph = b.quantized()
-        assert (b.output_shift is not None) == corrected
+        assert (b.output_shift is not None) == (corrected == "on")
         with torch.no_grad():
             for k, x in (("calib", calib), ("other", other)):
                 mean_error[corrected, k] = float(np.linalg.norm((graph(torch.from_numpy(x)).numpy() - ref[k]).mean(0)))
-    assert mean_error[True, "calib"] < 0.01 * mean_error[False, "calib"], mean_error
-    assert mean_error[True, "other"] < mean_error[False, "other"], mean_error
+    assert mean_error["on", "calib"] < 0.01 * mean_error["off", "calib"], mean_error
+    assert mean_error["on", "other"] < mean_error["off", "other"], mean_error

@@ -82,8 +82,9 @@ class ExecuTorchOptions(Options):
     exclude: tuple[str, ...] = option((), "int8: layers (module paths) kept float, comma separated")
     hard_swish: Literal["float", "int8"] = option("int8", "int8: precision of hand-written hard-swish "
                                                   "x * relu6(x + 3) / 6 (its add, clamp, mul, div)")
-    bias_correction: bool = option(True, "int8: shift the params layer's bias by int8's mean params error on "
-                                   "the calibration crops")
+    bias_correction: Literal["auto", "on", "off"] = option(
+        "auto", "int8: shift the params layer's bias by int8's mean params error on the calibration crops "
+        "(auto: where it lowers the held-out crops' NME)")
 
     def check(self) -> None:
         if not 1 <= self.max_batch <= 1024:
@@ -260,12 +261,14 @@ def _producer(graph: Any) -> Any:
     return node if ok else None
 
 
-def correct_output_bias(graph: Any, crops: np.ndarray, reference: np.ndarray, step: int) -> float | None:
+def correct_output_bias(graph: Any, crops: np.ndarray, reference: np.ndarray, step: int,
+                        shift: np.ndarray | None = None) -> np.ndarray | None:
     """Subtract from the params layer's bias the mean difference between ``graph``'s params (PT2E-converted, int8
     simulated by quantize / dequantize) and the float model's ``reference`` params on the same ``crops``: int8
     shifts some params by a steady amount (the same on held-out crops as on the calibration crops), which the
-    params layer's bias can take back. Returns the RMS of the shift removed, or None when the output does not
-    come straight from a weighted layer with a bias (then nothing changes)."""
+    params layer's bias can take back. Returns the shift removed (62 params), or None when the output does not
+    come straight from a weighted layer with a bias (then nothing changes). ``shift`` given: subtract it instead
+    (its negative undoes a correction)."""
     import operator
 
     import torch
@@ -274,12 +277,13 @@ def correct_output_bias(graph: Any, crops: np.ndarray, reference: np.ndarray, st
     if node is None:
         return None
     with torch.no_grad():
-        out = np.concatenate([graph(torch.from_numpy(np.ascontiguousarray(crops[i:i + step]))).numpy()
-                              for i in range(0, len(crops), step)])
-        shift = (out.astype(np.float64) - reference).mean(axis=0)
+        if shift is None:
+            out = np.concatenate([graph(torch.from_numpy(np.ascontiguousarray(crops[i:i + step]))).numpy()
+                                  for i in range(0, len(crops), step)])
+            shift = (out.astype(np.float64) - reference).mean(axis=0)
         bias = operator.attrgetter(node.args[2].target)(graph)
         bias -= torch.from_numpy(shift).to(bias.dtype)
-    return float(np.sqrt((shift ** 2).mean()))
+    return shift
 
 
 def _observer_nodes(gm: Any) -> list[tuple[Any, tuple[str, str]]]:
@@ -316,8 +320,11 @@ class Int8Builder(BaseInt8Builder):
         self.layers = {n: [n] for n in names if n not in self.always_float}
         self.float_nodes = hard_swish_nodes(self.graph) if options.hard_swish == "float" else frozenset()
         self.crops = crops_of(calibration)
+        self.calibration = calibration
+        self._held: Any = None  # the held-out crops (_heldout), loaded when bias_correction=auto asks
         self._reference: np.ndarray | None = None  # the float model's params on the crops (_float_params)
-        self.output_shift: float | None = None  # what correct_output_bias removed from the last quantized()
+        self.output_shift: float | None = None  # RMS of what correct_output_bias removed in the last quantized()
+        self.bias_judge: dict[str, Any] | None = None  # bias_correction=auto: the held-out NMEs it was decided on
         full = self._prepared([])
         self._calibrate(full)
         self.observers: dict[tuple[str, str], Any] = {}
@@ -365,9 +372,42 @@ class Int8Builder(BaseInt8Builder):
             self._calibrate(prepared)
         with quiet_imports():
             graph = convert_pt2e(prepared)
-        if self.options.bias_correction:
-            self.output_shift = correct_output_bias(graph, self.crops, self._float_params(), self.options.max_batch)
+        self.output_shift, self.bias_judge = None, None
+        if self.options.bias_correction == "off":
+            return graph
+        before = self._heldout_nme(graph) if self.options.bias_correction == "auto" else None
+        shift = correct_output_bias(graph, self.crops, self._float_params(), self.options.max_batch)
+        if before is not None and shift is not None:
+            after = self._heldout_nme(graph)
+            self.bias_judge = {"heldout_balanced_nme": {"uncorrected": before, "corrected": after},
+                               "heldout_faces": len(self._heldout().inputs), "kept": after < before}
+            if not after < before:  # the correction does not pay on this model: take it back
+                correct_output_bias(graph, self.crops, self._float_params(), self.options.max_batch, shift=-shift)
+                shift = None
+        self.output_shift = None if shift is None else float(np.sqrt((shift ** 2).mean()))
         return graph
+
+    def _heldout(self) -> Any:
+        """The pool crops calibration does not use, with ground truth (``datasets.heldout``), loaded once."""
+        from edge3dfa.datasets.heldout import heldout_for
+
+        if self._held is None:
+            self._held = heldout_for(self.calibration)
+        return self._held
+
+    def _heldout_nme(self, graph: Any) -> float:
+        """Balanced NME (AFLW 21 points) of the simulated-int8 ``graph`` on the held-out crops."""
+        import torch
+
+        from edge3dfa import runtime
+        from edge3dfa.measure import metrics
+
+        held, step = self._heldout(), self.options.max_batch
+        with torch.no_grad():
+            params = np.concatenate([graph(torch.from_numpy(np.ascontiguousarray(held.inputs[i:i + step]))).numpy()
+                                     for i in range(0, len(held.inputs), step)])
+        faces = metrics.nme_aflw21(runtime.landmarks(params, held.roi_boxes), held.gt)
+        return float(metrics.summarize(faces, held.yaw)["balanced"])
 
     def _float_params(self) -> np.ndarray:
         """The float model's params on the calibration crops (computed once)."""
@@ -388,13 +428,22 @@ class Int8Builder(BaseInt8Builder):
                         self.seconds + time.perf_counter() - t0)
         fields["options"].update(always_float=list(self.always_float), float_layers=list(keep_float),
                                  hard_swish_float_ops=len(self.float_nodes))
-        if self.options.bias_correction:
-            shift = self.output_shift
-            fields["options"]["output_bias_shift_rms"] = shift
-            fields["notes"].append("int8: the params layer's bias corrected by int8's mean params error on the "
-                                   "calibration crops" if shift is not None else "int8: bias_correction found no "
-                                   "params layer with a bias at the output: not applied")
+        if self.options.bias_correction != "off":
+            fields["options"].update(output_bias_shift_rms=self.output_shift, bias_correction_judge=self.bias_judge)
+            fields["notes"].append(_bias_note(self.output_shift, self.bias_judge))
         return fields
+
+
+def _bias_note(shift: float | None, judge: dict[str, Any] | None) -> str:
+    if judge is not None:
+        nme = judge["heldout_balanced_nme"]
+        said = (f"held-out balanced NME {nme['corrected']:.4f} corrected, {nme['uncorrected']:.4f} not, on "
+                f"{judge['heldout_faces']} faces (simulated int8)")
+        return (f"int8: params layer's bias corrected by int8's mean params error on the calibration crops ({said})"
+                if judge["kept"] else f"int8: bias correction left out: it did not lower the {said}")
+    if shift is None:
+        return "int8: bias correction found no params layer with a bias at the output: not applied"
+    return "int8: params layer's bias corrected by int8's mean params error on the calibration crops"
 
 
 # ------------------------------------------------------------------------------------------------ write
