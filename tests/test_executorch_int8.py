@@ -130,3 +130,23 @@ def test_bias_correction_removes_the_mean_params_error():
                 mean_error[corrected, k] = float(np.linalg.norm((graph(torch.from_numpy(x)).numpy() - ref[k]).mean(0)))
     assert mean_error["on", "calib"] < 0.01 * mean_error["off", "calib"], mean_error
     assert mean_error["on", "other"] < mean_error["off", "other"], mean_error
+
+
+@pytest.mark.slow
+def test_auto_bias_correction_gives_the_on_or_the_off_graph_as_judged():
+    """``auto`` keeps the correction only where the held-out NME says so, and taking it back restores exactly
+    the uncorrected graph."""
+    crops = eval_crops(0, 64)
+    source = Checkpoint.from_module(swishes(), "swishes", "mobilenet")
+    x = torch.from_numpy(crops[48:])
+    out, judge = {}, None
+    for mode in ("off", "on", "auto"):
+        b = FORMAT.int8_builder(source, FORMAT.Options.parse({"bias_correction": mode}), crops[:48], None)
+        graph = b.quantized()
+        with torch.no_grad():
+            out[mode] = graph(x).numpy()
+        judge = b.bias_judge if mode == "auto" else judge
+    nme = judge["heldout_balanced_nme"]
+    assert judge["kept"] == (nme["corrected"] < nme["uncorrected"])
+    assert np.array_equal(out["auto"], out["on" if judge["kept"] else "off"])
+    assert not np.array_equal(out["on"], out["off"])
