@@ -146,6 +146,14 @@ def _half(model: Any) -> Any:
     return Half().eval()
 
 
+def _coverage(info: Any) -> dict[str, Any]:
+    """What the XNNPACK delegate took and what fell back to the portable CPU kernels (``get_delegation_info``)."""
+    ops = {k: v for k, v in info.delegation_by_operator.items() if k != "getitem"}
+    return {"backend": "XnnpackBackend", "delegated_subgraphs": info.num_delegated_subgraphs,
+            "delegated": {k: v.delegated for k, v in sorted(ops.items()) if v.delegated},
+            "cpu_fallback": {k: v.non_delegated for k, v in sorted(ops.items()) if v.non_delegated}}
+
+
 def lower(program: Any) -> tuple[bytes, dict[str, Any]]:
     """Exported program -> .pte bytes with XNNPACK delegation, and what the delegate took."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -158,11 +166,7 @@ def lower(program: Any) -> tuple[bytes, dict[str, Any]]:
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         info = get_delegation_info(edge.exported_program().graph_module)
         buffer = edge.to_executorch().buffer
-    ops = {k: v for k, v in info.delegation_by_operator.items() if k != "getitem"}
-    coverage = {"backend": "XnnpackBackend", "delegated_subgraphs": info.num_delegated_subgraphs,
-                "delegated": {k: v.delegated for k, v in sorted(ops.items()) if v.delegated},
-                "cpu_fallback": {k: v.non_delegated for k, v in sorted(ops.items()) if v.non_delegated}}
-    return bytes(buffer), coverage
+    return bytes(buffer), _coverage(info)
 
 
 def _self_check(path: Path, max_batch: int) -> float:
@@ -175,12 +179,18 @@ def _self_check(path: Path, max_batch: int) -> float:
     if target.capacity != max_batch:
         raise Edge3dfaError(f"the lowered program holds batches of {target.capacity}, not max_batch={max_batch}")
     x = np.random.default_rng(0).uniform(-1, 1, (max_batch, 3, 120, 120)).astype(np.float32)
+    return _batch_diff(target, x, "program")
+
+
+def _batch_diff(target: Any, x: np.ndarray, what: str) -> float:
+    """Max abs difference of ``target``'s params on the whole batch ``x`` and on its first crops one at a time;
+    an error (naming the lowered ``what``) when it is not finite or not below 1e-3."""
     whole = target.predict(x)
-    single = np.concatenate([target.predict(x[i:i + 1]) for i in range(min(max_batch, 2))])
+    single = np.concatenate([target.predict(x[i:i + 1]) for i in range(min(len(x), 2))])
     diff = float(np.abs(whole[:len(single)] - single).max())
     if not np.isfinite(whole).all() or not diff < 1e-3:
-        raise Edge3dfaError(f"the lowered program gives different params for the same crop at batch 1 and batch "
-                            f"{max_batch} (max diff {diff:.3g}): dynamic batch lowering failed")
+        raise Edge3dfaError(f"the lowered {what} gives different params for the same crop at batch 1 and batch "
+                            f"{len(x)} (max diff {diff:.3g}): dynamic batch lowering failed")
     return diff
 
 
@@ -252,6 +262,15 @@ def hard_swish_nodes(graph: Any) -> frozenset[str]:
     return frozenset(names)
 
 
+def _graph_params(graph: Any, crops: np.ndarray, step: int) -> np.ndarray:
+    """``graph``'s params on ``crops``, ``step`` crops per call, in PyTorch (no grad)."""
+    import torch
+
+    with torch.no_grad():
+        return np.concatenate([graph(torch.from_numpy(np.ascontiguousarray(crops[i:i + step]))).numpy()
+                               for i in range(0, len(crops), step)])
+
+
 def _producer(graph: Any) -> Any:
     """The weighted node (linear, conv) whose output is the graph's output, through quantize / dequantize; None if
     the output is made otherwise or that node has no bias."""
@@ -280,9 +299,7 @@ def correct_output_bias(graph: Any, crops: np.ndarray, reference: np.ndarray, st
         return None
     with torch.no_grad():
         if shift is None:
-            out = np.concatenate([graph(torch.from_numpy(np.ascontiguousarray(crops[i:i + step]))).numpy()
-                                  for i in range(0, len(crops), step)])
-            shift = (out.astype(np.float64) - reference).mean(axis=0)
+            shift = (_graph_params(graph, crops, step).astype(np.float64) - reference).mean(axis=0)
         bias = operator.attrgetter(node.args[2].target)(graph)
         bias -= torch.from_numpy(shift).to(bias.dtype)
     return shift
@@ -399,27 +416,18 @@ class Int8Builder(BaseInt8Builder):
 
     def _heldout_nme(self, graph: Any) -> float:
         """Balanced NME (AFLW 21 points) of the simulated-int8 ``graph`` on the held-out crops."""
-        import torch
-
         from edge3dfa import runtime
         from edge3dfa.measure import metrics
 
-        held, step = self._heldout(), self.options.max_batch
-        with torch.no_grad():
-            params = np.concatenate([graph(torch.from_numpy(np.ascontiguousarray(held.inputs[i:i + step]))).numpy()
-                                     for i in range(0, len(held.inputs), step)])
+        held = self._heldout()
+        params = _graph_params(graph, held.inputs, self.options.max_batch)
         faces = metrics.nme_aflw21(runtime.landmarks(params, held.roi_boxes), held.gt)
         return float(metrics.summarize(faces, held.yaw)["balanced"])
 
     def _float_params(self) -> np.ndarray:
         """The float model's params on the calibration crops (computed once)."""
-        import torch
-
         if self._reference is None:
-            step = self.options.max_batch
-            with torch.no_grad():
-                self._reference = np.concatenate([self.graph(torch.from_numpy(np.ascontiguousarray(
-                    self.crops[i:i + step]))).numpy() for i in range(0, len(self.crops), step)]).astype(np.float64)
+            self._reference = _graph_params(self.graph, self.crops, self.options.max_batch).astype(np.float64)
         return self._reference
 
     def export(self, dest: str | os.PathLike, keep_float: Sequence[str] = ()) -> dict[str, Any]:
@@ -494,7 +502,6 @@ def _write(content: bytes, dest: Path, precision: str, options: ExecuTorchOption
             "min_runtime": {"executorch": runtime}, "tools": tool_versions("torch", "executorch", "torchao")}
 
 
-
 # ---------------------------------------------------------------------------------------------- bundles
 #: the constant methods a bundle program answers besides ``forward`` (ExecuTorch "config methods": a method with no
 #: input returning a string, read on the phone with ``Module::execute("contract")``); the .pte has no tensor names,
@@ -549,11 +556,7 @@ def lower_bundle(program: Any, constants: dict[str, str]) -> tuple[bytes, dict[s
                                            constant_methods=dict(constants))
         info = get_delegation_info(edge.exported_program("forward").graph_module)
         buffer = edge.to_executorch().buffer
-    ops = {k: v for k, v in info.delegation_by_operator.items() if k != "getitem"}
-    coverage = {"backend": "XnnpackBackend", "delegated_subgraphs": info.num_delegated_subgraphs,
-                "delegated": {k: v.delegated for k, v in sorted(ops.items()) if v.delegated},
-                "cpu_fallback": {k: v.non_delegated for k, v in sorted(ops.items()) if v.non_delegated}}
-    return bytes(buffer), coverage
+    return bytes(buffer), _coverage(info)
 
 
 def bundle_calibration(calibration: CalibrationSet | np.ndarray) -> np.ndarray:
@@ -603,14 +606,7 @@ def _self_check_bundle(path: Path, max_batch: int) -> float:
         raise Edge3dfaError(f"the lowered bundle has no contract method or holds batches of {target.capacity}, "
                             f"not max_batch={max_batch}")
     images = np.random.default_rng(0).integers(0, 256, (max_batch, 120, 120, 3), dtype=np.uint8)
-    x = bundle.from_image_uint8(images)
-    whole = target.predict(x)
-    single = np.concatenate([target.predict(x[i:i + 1]) for i in range(min(max_batch, 2))])
-    diff = float(np.abs(whole[:len(single)] - single).max())
-    if not np.isfinite(whole).all() or not diff < 1e-3:
-        raise Edge3dfaError(f"the lowered bundle gives different params for the same crop at batch 1 and batch "
-                            f"{max_batch} (max diff {diff:.3g}): dynamic batch lowering failed")
-    return diff
+    return _batch_diff(target, bundle.from_image_uint8(images), "bundle")
 
 
 def bundle_fields(source: Checkpoint, precision: str, options: ExecuTorchOptions, coverage: dict[str, Any],

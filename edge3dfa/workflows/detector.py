@@ -30,35 +30,32 @@ DETECTOR, PRECISION = "faceboxes", "fp32"
 
 def plan_detector(formats: Sequence[Format], leave_out: bool) -> tuple[list[Format], list[dict[str, str]]]:
     """The planned formats the detector is converted to, and what is left out and why (checks only, no work)."""
-    from edge3dfa.logs import one_line
-
     if leave_out:
         return [], [{"what": f"{DETECTOR} (detector)", "reason": "left out with --no-detector"}]
-    take, skip = [], []
-    for fmt in formats:
-        try:
-            fmt.check(PRECISION, True, fmt.Options.parse({}))
-        except Edge3dfaError as e:
-            skip.append({"what": f"{DETECTOR} {fmt.name}", "reason": one_line(e)})
-        else:
-            take.append(fmt)
-    return take, skip
+    return _split(formats, bundle=False)
 
 
 def plan_detector_bundles(formats: Sequence[Format], bundle: object | None
                           ) -> tuple[list[Format], list[dict[str, str]]]:
     """Of the formats the detector is converted to, those that also build its phone bundle (``--bundle``:
     ``Format.check_bundle`` for a detector at fp32), and the others with the format's reason."""
-    from edge3dfa.logs import one_line
-
     if bundle is None:
         return [], []
+    return _split(formats, bundle=True)
+
+
+def _split(formats: Sequence[Format], bundle: bool) -> tuple[list[Format], list[dict[str, str]]]:
+    """The formats whose ``check`` (``check_bundle`` for a bundle) takes the detector at fp32 with default options,
+    and the others with the format's reason in one line."""
+    from edge3dfa.logs import one_line
+
     take, skip = [], []
     for fmt in formats:
+        check = fmt.check_bundle if bundle else fmt.check
         try:
-            fmt.check_bundle(PRECISION, True, fmt.Options.parse({}))
+            check(PRECISION, True, fmt.Options.parse({}))
         except Edge3dfaError as e:
-            skip.append({"what": f"{DETECTOR} {fmt.name} bundle", "reason": one_line(e)})
+            skip.append({"what": f"{DETECTOR} {fmt.name}{' bundle' if bundle else ''}", "reason": one_line(e)})
         else:
             take.append(fmt)
     return take, skip
