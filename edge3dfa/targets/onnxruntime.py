@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +46,12 @@ def _bundle_contract(session: object, name: str) -> dict | None:
     from edge3dfa import bundle
 
     return bundle.parse_contract(session.get_modelmeta().custom_metadata_map.get(bundle.METADATA_KEY), name)
+
+
+def _input_dims(node: Any) -> tuple[str, int | None, tuple[int | None, ...]]:
+    """An onnxruntime input's name, its fixed batch (None when dynamic) and its other dims (None when symbolic)."""
+    dims = [d if isinstance(d, int) and d > 0 else None for d in node.shape]
+    return node.name, dims[0], tuple(dims[1:])
 
 
 class OnnxTarget(Target):
@@ -87,10 +94,7 @@ class OnnxTarget(Target):
         if len(inputs) != 1 or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 4:
             got = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
             raise Edge3dfaError(f"{self.path}: expected one float32 NCHW input, the model takes {got}")
-        self.input_name = inputs[0].name
-        dims = [d if isinstance(d, int) and d > 0 else None for d in inputs[0].shape]
-        self.fixed_batch = dims[0]
-        self.input_shape = tuple(dims[1:])
+        self.input_name, self.fixed_batch, self.input_shape = _input_dims(inputs[0])
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def _open_bundle(self, inputs: list) -> None:
@@ -99,10 +103,7 @@ class OnnxTarget(Target):
         if len(inputs) != 1 or inputs[0].type != "tensor(uint8)" or len(inputs[0].shape) != 4:
             got = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
             raise Edge3dfaError(f"{self.path}: a bundle takes one uint8 NHWC image, the model takes {got}")
-        self.input_name = inputs[0].name
-        dims = [d if isinstance(d, int) and d > 0 else None for d in inputs[0].shape]
-        self.fixed_batch = dims[0]
-        self.native_shape = tuple(dims[1:])
+        self.input_name, self.fixed_batch, self.native_shape = _input_dims(inputs[0])
         self.input_shape = (self.native_shape[2], self.native_shape[0], self.native_shape[1])
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -253,11 +253,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         jobs = [(fmt, prec, None) for fmt, precs in plan for prec in precs]
         jobs += [(fmt, prec, bundle) for fmt, precs in bundle_plan for prec in precs]
         for fmt, prec, bundled in jobs:
-            with progress.target(f"{fmt.name} {prec}{' bundle' if bundled else ''}"):
+            with progress.target(f"{fmt.name} {prec}{' bundle' if bundled is not None else ''}"):
                 try:
                     arts = convert(src, to=fmt.name, precision=prec, out_dir=args.out,
                                    options=options[fmt.name], calibration=calib,
-                                   budget=budget if prec in fmt.calibrated and not bundled else None,
+                                   budget=budget if prec in fmt.calibrated and bundled is None else None,
                                    parity_count=args.parity_count, threads=args.threads, bundle=bundled)
                 except Exception as e:  # noqa: BLE001 - one failed conversion must not hide the others' report
                     failed_rows.append(conversion_error(fmt.name, prec, e, src, bundle=bundled is not None))
