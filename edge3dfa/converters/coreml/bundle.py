@@ -52,10 +52,6 @@ CANDIDATE_SCORE, NMS_IOU, MAX_BOXES, REPORT_SCORE = 0.05, 0.3, 750, 0.5
 NMS_NOTE = (f"NMS in the model (MIL non_maximum_suppression): candidates scoring >= {CANDIDATE_SCORE}, greedy at "
             f"IoU > {NMS_IOU} with the runtime's +1 pixel box sizes, at most {MAX_BOXES} boxes, then scores > "
             f"{REPORT_SCORE}; boxes in input pixels, best score first")
-#: op types the Neural Engine cannot run in this program: it computes in fp16 (and int8), so ops whose outputs
-#: are bool or int32 fall back to the CPU (coremltools docs, "Typed Execution": a float32-typed program runs on
-#: the GPU and CPU)
-_NON_FLOAT_OUTPUT = ("bool", "int32")
 
 
 def check(precision: str, detector: bool) -> None:
@@ -230,6 +226,8 @@ def ane_notes(mlmodel: Any, precision: str, detector: bool, frame: list[str] | N
 
     ops = [op for op in program_of(mlmodel).functions["main"].operations
            if op.op_type != "const" and not op.op_type.startswith("constexpr_")]
+    # the Neural Engine computes in fp16 (and int8), so ops whose outputs are bool or int32 fall back to the CPU
+    # (coremltools docs, "Typed Execution": a float32-typed program runs on the GPU and CPU)
     non_float = sorted({op.op_type for op in ops
                         if any(types.is_bool(v.dtype) or v.dtype == types.int32 for v in op.outputs)})
     notes = ["Neural Engine: not measured (coremltools' MLComputePlan needs macOS); from the program:"]

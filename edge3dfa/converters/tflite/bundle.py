@@ -189,14 +189,6 @@ def last_network_layer(content: bytes, network: list[str]) -> list[str]:
     return chain
 
 
-def read_contract(blob: bytes) -> dict[str, Any] | None:
-    """The contract stored in a .tflite file's ``METADATA_NAME`` entry, or None (see ``targets.tflite``)."""
-    from edge3dfa.targets.tflite import metadata_entry
-
-    raw = metadata_entry(blob, METADATA_NAME)
-    return None if raw is None else json.loads(raw)
-
-
 def write_bundle(source: Checkpoint, dest: Path, precision: str, options: TFLiteOptions,
                  calibration: CalibrationSet | None) -> dict[str, Any]:
     """Write the fp32 or int8 bundle of ``source`` at ``dest``; returns the manifest fields."""
