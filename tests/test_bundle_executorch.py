@@ -80,6 +80,21 @@ def test_int8_bundle_quantizes_the_network_only(arts, reference) -> None:
     delegation = art.manifest.options["delegation"]
     assert any("quantize" in op for op in delegation["delegated"])  # the int8 network is in the XNNPACK delegate
     assert any("portable CPU kernels" in n for n in art.manifest.notes)
+    used = art.manifest.options  # the int8 choices the network was built with, as in the params artifact
+    assert used["bias_correction"] == "auto" and used["hard_swish"] == "int8"
+    assert used["bias_correction_judge"]["heldout_faces"] > 0
+
+
+def test_bundle_calibration_keeps_where_the_crops_came_from() -> None:
+    """The bundle's int8 builder gets a CalibrationSet (folder, files), not a bare array: bias_correction=auto judges
+    on the pool crops calibration leaves (datasets.heldout.heldout_for), which a bare array cannot tell."""
+    from edge3dfa.converters.executorch import bundle_calibration
+    from edge3dfa.datasets.calibration import load_calibration
+
+    calib = load_calibration(None, count=8)
+    got = bundle_calibration(calib)
+    assert got.files == calib.files and got.folder == calib.folder
+    np.testing.assert_array_equal(got.data, calib.data)  # normalised uint8 crops survive the round trip exactly
 
 
 @pytest.mark.slow

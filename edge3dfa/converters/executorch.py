@@ -559,14 +559,19 @@ def lower_bundle(program: Any, constants: dict[str, str]) -> tuple[bytes, dict[s
     return bytes(buffer), _coverage(info)
 
 
-def bundle_calibration(calibration: CalibrationSet | np.ndarray) -> np.ndarray:
+def bundle_calibration(calibration: CalibrationSet | np.ndarray) -> CalibrationSet | np.ndarray:
     """The calibration crops as the network sees them inside the bundle: each crop made a uint8 image
     (``bundle.to_image_uint8``, exact or an error) and normalised back as the bundle's pre-processing does
-    (``(x - 127.5) / 128`` is exact in float32), so the observers see the values the phone's images give."""
+    (``(x - 127.5) / 128`` is exact in float32), so the observers see the values the phone's images give. A
+    ``CalibrationSet`` stays one (same folder and files), so ``bias_correction=auto`` judges on the pool crops it
+    leaves, as for the params artifact, not on the default held-out crops that a large calibration may overlap."""
+    import dataclasses
+
     from edge3dfa import bundle
 
     try:
-        return bundle.from_image_uint8(bundle.to_image_uint8(crops_of(calibration)))
+        data = bundle.from_image_uint8(bundle.to_image_uint8(crops_of(calibration)))
+        return dataclasses.replace(calibration, data=data) if hasattr(calibration, "files") else data
     except Edge3dfaError:
         raise Edge3dfaError("a bundle is calibrated on uint8 images: the calibration crops must be normalised "
                             "uint8 crops ((pixel - 127.5) / 128), as edge3dfa's calibration loader makes") from None
@@ -588,7 +593,10 @@ def write_bundle(source: Checkpoint, dest: Path, precision: str, options: ExecuT
         used = {"quantizer": "XNNPACKQuantizer (symmetric int8), the network only", "per_channel": options.per_channel,
                 "observer": options.observer, "float_input": options.float_input,
                 "float_output": options.float_output, "exclude": list(options.exclude),
-                "always_float": list(builder.always_float)}
+                "always_float": list(builder.always_float), "hard_swish": options.hard_swish,
+                "bias_correction": options.bias_correction}
+        if options.bias_correction != "off":
+            used.update(output_bias_shift_rms=builder.output_shift, bias_correction_judge=builder.bias_judge)
     content, coverage = lower_bundle(exported_bundle(module, options.max_batch), bundle_constants(source, precision))
     dest.write_bytes(content)
     batch_diff = _self_check_bundle(dest, options.max_batch)
@@ -631,6 +639,8 @@ def bundle_fields(source: Checkpoint, precision: str, options: ExecuTorchOptions
     if precision == "int8":
         notes.append("int8: the network is statically quantized (PT2E, as the params artifact: always_float layers "
                      "fp32); the uint8 -> float pre-processing and the landmark/pose head run in float32")
+        if "bias_correction_judge" in used:
+            notes.append(_bias_note(used["output_bias_shift_rms"], used["bias_correction_judge"]))
     runtime = version("executorch")
     return {"options": {"max_batch": batch, "bundle": source.bundle.to_dict(), "delegation": coverage,
                         "route": "torch.export + to_edge_transform_and_lower (XnnpackPartitioner, constant methods)"
