@@ -25,6 +25,7 @@ from edge3dfa.errors import (
     INTERRUPT_SIGNALS,
     USER_ERROR,
     Edge3dfaError,
+    FrameworkImportsDeferInterrupts,
     Interrupted,
     handle_termination,
 )
@@ -311,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _flushed(e.code if isinstance(e.code, int) else USER_ERROR)
     third_party = None if args.verbose else ThirdPartyLog().install()
     try:
-        code = _run(args, argv)
+        with FrameworkImportsDeferInterrupts():
+            code = _run(args, argv)
     finally:
         if third_party is not None:
             third_party.uninstall()

@@ -16,6 +16,7 @@ swallow it, while ``finally`` blocks and context managers (temp folders, atomic 
 from __future__ import annotations
 
 import signal
+import sys
 
 OK, GATE_FAILED, USER_ERROR, INTERNAL_ERROR = 0, 1, 2, 3
 
@@ -113,3 +114,49 @@ class DeferredInterrupts:
             signal.signal(s, handler)
         if self.signum is not None:
             self._deliver(self.consume())
+
+
+#: the frameworks edge3dfa imports lazily whose imports run native initialisers (pybind11 / nanobind modules
+#: calling back into Python); the same list as the import-linter ``forbidden`` contract in pyproject.toml
+FRAMEWORKS = frozenset({"torch", "onnx", "onnxruntime", "coremltools", "ai_edge_litert", "litert_torch",
+                        "ai_edge_quantizer", "tensorflow", "executorch", "tflite_runtime", "torchao"})
+
+
+class FrameworkImportsDeferInterrupts:
+    """``with FrameworkImportsDeferInterrupts():`` every ``import`` of a framework (``FRAMEWORKS``, any submodule)
+    runs inside ``DeferredInterrupts``: a signal arriving meanwhile is delivered when the import statement ends.
+
+    Why: a KeyboardInterrupt raised while a native module's initialiser runs Python code becomes a C++ exception
+    there, and the process aborts ("terminate called after throwing an instance of 'nanobind::python_error'",
+    with a traceback and no exit 130: found by ``tests/test_faults_bundles.py`` signalling a conversion as it
+    began, inside ``import onnx``). Deferring at the import statement covers every lazy import at once, instead of
+    each converter guarding its own. An import already done (the module in ``sys.modules``, nothing from it to
+    load) passes straight through; imports nested in a guarded one are covered by it."""
+
+    def __init__(self) -> None:
+        self._original: object = None
+        self._depth = 0
+
+    def _guarded(self, name: str, globals: object = None, locals: object = None,  # noqa: A002 - __import__'s
+                 fromlist: object = (), level: int = 0) -> object:
+        if (self._depth or level or name.partition(".")[0] not in FRAMEWORKS
+                or (name in sys.modules and not fromlist)):
+            return self._original(name, globals, locals, fromlist, level)
+        self._depth += 1
+        try:
+            with DeferredInterrupts():
+                return self._original(name, globals, locals, fromlist, level)
+        finally:
+            self._depth -= 1
+
+    def __enter__(self) -> FrameworkImportsDeferInterrupts:
+        import builtins
+
+        self._original = builtins.__import__
+        builtins.__import__ = self._guarded
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import builtins
+
+        builtins.__import__ = self._original

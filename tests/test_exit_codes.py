@@ -271,3 +271,31 @@ def test_third_party_log_falls_back_to_the_temp_folder_and_never_names_a_missing
     dropped = ThirdPartyLog()
     dropped.write("somelib: a warning")
     assert dropped.path is None and dropped.summary().startswith("1 third-party warning(s) dropped")
+
+
+def test_a_signal_during_a_framework_import_waits_for_the_import(tmp_path):
+    """A signal that arrives while a framework's module initialises is delivered when the import statement ends:
+    raised inside a native initialiser (nanobind) it aborted the process instead of exit 130. A stand-in framework
+    package (``tflite_runtime``, one of ``FRAMEWORKS``, not installed here) signals itself mid-initialisation; the
+    module must finish initialising, then the KeyboardInterrupt / Interrupted arrives at the import statement. The
+    same without the guard shows the import broken off, so the test can fail."""
+    pkg = tmp_path / "tflite_runtime"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import os, signal, time\nINIT = 'started'\n"
+                                     "os.kill(os.getpid(), int(os.environ['SIG']))\ntime.sleep(0.2)\nINIT = 'done'\n")
+    probe = ("import sys\nfrom edge3dfa.errors import FrameworkImportsDeferInterrupts, Interrupted, "
+             "handle_termination\nhandle_termination()\nguard = sys.argv[1] == 'guard'\ntry:\n"
+             "    with (FrameworkImportsDeferInterrupts() if guard else open(__file__)):\n"
+             "        import tflite_runtime\n    print('no signal')\n"
+             "except (KeyboardInterrupt, Interrupted) as e:\n"
+             "    m = sys.modules.get('tflite_runtime')\n    print(type(e).__name__, m.INIT if m else 'gone')\n")
+    script = tmp_path / "probe.py"
+    script.write_text(probe)
+    for sig, name in ((signal.SIGINT, "KeyboardInterrupt"), (signal.SIGTERM, "Interrupted")):
+        path = f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+        env = {**os.environ, "SIG": str(int(sig)), "PYTHONPATH": path}
+        run = [sys.executable, str(script)]
+        guarded = subprocess.run([*run, "guard"], capture_output=True, text=True, env=env, timeout=60)
+        bare = subprocess.run([*run, "bare"], capture_output=True, text=True, env=env, timeout=60)
+        assert guarded.stdout.split() == [name, "done"], guarded.stderr
+        assert bare.stdout.split() == [name, "gone"], bare.stderr  # without the guard the import is broken off
