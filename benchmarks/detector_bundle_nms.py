@@ -18,30 +18,18 @@ import argparse
 import cv2
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto, helper
 
 from edge3dfa import assets, bundle, runtime
-from edge3dfa.converters.onnx.nms import append_nms
+from edge3dfa.converters.onnx.nms import append_nms, nms_on_given_boxes
 from edge3dfa.runtime.detect import FaceBoxesDetector, box_iou, prepare
 
 SIZE = (480, 640)
 
 
-def _identity_graph(p: int) -> bytes:
-    """A graph whose outputs prior_boxes [p,4], prior_scores [p] are its inputs: NMS alone, on given boxes."""
-    g = helper.make_graph(
-        [helper.make_node("Identity", ["b"], ["prior_boxes"]), helper.make_node("Identity", ["s"], ["prior_scores"])],
-        "nms", [helper.make_tensor_value_info("b", TensorProto.FLOAT, [p, 4]),
-                helper.make_tensor_value_info("s", TensorProto.FLOAT, [p])],
-        [helper.make_tensor_value_info("prior_boxes", TensorProto.FLOAT, [p, 4]),
-         helper.make_tensor_value_info("prior_scores", TensorProto.FLOAT, [p])])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
-
-
 def random_scenes(side: float, scenes: int, p: int = 400) -> None:
     rules = FaceBoxesDetector(lambda b: (b, b))
     for px in (0.0, 1.0):
-        sess = ort.InferenceSession(append_nms(_identity_graph(p), area_pixel=px), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(nms_on_given_boxes(p, area_pixel=px), providers=["CPUExecutionProvider"])
         differ = 0
         for seed in range(scenes):
             rng = np.random.default_rng(seed)

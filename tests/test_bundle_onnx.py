@@ -64,19 +64,9 @@ def test_regressor_bundle_is_not_a_detector() -> None:
 
 def _nms_session(p: int, area_pixel: float):
     ort = pytest.importorskip("onnxruntime")
-    from onnx import TensorProto, helper
+    from edge3dfa.converters.onnx.nms import nms_on_given_boxes
 
-    from edge3dfa.converters.onnx.nms import append_nms
-
-    g = helper.make_graph(
-        [helper.make_node("Identity", ["b"], ["prior_boxes"]), helper.make_node("Identity", ["s"], ["prior_scores"])],
-        "nms", [helper.make_tensor_value_info("b", TensorProto.FLOAT, [p, 4]),
-                helper.make_tensor_value_info("s", TensorProto.FLOAT, [p])],
-        [helper.make_tensor_value_info("prior_boxes", TensorProto.FLOAT, [p, 4]),
-         helper.make_tensor_value_info("prior_scores", TensorProto.FLOAT, [p])])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    return ort.InferenceSession(append_nms(model.SerializeToString(), area_pixel=area_pixel),
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(nms_on_given_boxes(p, area_pixel), providers=["CPUExecutionProvider"])
 
 
 def test_graph_nms_keeps_what_the_runtime_keeps() -> None:

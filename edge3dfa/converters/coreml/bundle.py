@@ -158,30 +158,16 @@ class BundleInt8Builder(Int8Builder):
     weights, fp16 compute); the frame (pre/post-processing) is always float32 (no quantize/dequantize pairs, no
     compressed weights, left out of the fp16 pass). Calibration runs on the image planes the ImageType gives."""
 
-    def __init__(self, source: Checkpoint, options: CoreMLOptions, calibration: CalibrationSet,
-                 work: Path | None = None) -> None:
-        import time
-
-        from edge3dfa.converters.coreml.int8 import CALIB_MAX, activation_ranges
-        from edge3dfa.datasets.calibration import crops_of
-
-        if calibration is None:
-            raise Edge3dfaError("coreml int8 needs a calibration set (real face crops)")
-        self.source, self.options = source, resolve("int8", options)
-        t0 = time.perf_counter()
-        modules = module_order(source.load())
-        fp32 = convert_bundle(source, self.options)
+    def _program(self) -> tuple[Any, dict[str, list[str]]]:
+        modules = module_order(self.source.load())
+        fp32 = convert_bundle(self.source, self.options)
         _, network, _ = split_program(fp32, len(modules))
-        self.mlmodel = _fp16_network(fp32, set(network))
-        layers, _, self.frame = split_program(self.mlmodel, len(modules))
-        self.units = {name: ops for (name, _), (_, ops) in zip(modules, layers)}
-        self.always_float = self._always_float()
-        self.layers = {k: v for k, v in self.units.items() if k not in self.always_float}
-        crops = crops_of(calibration)[:CALIB_MAX]
-        self.samples = len(crops)
-        pixels = bundle.to_image_uint8(crops, source.bundle.channels, "NCHW").astype(np.float32)
-        self.ranges = activation_ranges(self.mlmodel, pixels, self.options.calib_method, self.options.percentile)
-        self.seconds = time.perf_counter() - t0
+        mlmodel = _fp16_network(fp32, set(network))
+        layers, _, self.frame = split_program(mlmodel, len(modules))
+        return mlmodel, {name: ops for (name, _), (_, ops) in zip(modules, layers)}
+
+    def _program_input(self, crops: np.ndarray) -> np.ndarray:
+        return bundle.to_image_uint8(crops, self.source.bundle.channels, "NCHW").astype(np.float32)
 
     def frame_ops(self) -> list[str]:
         return list(self.frame)

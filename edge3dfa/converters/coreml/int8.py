@@ -243,16 +243,24 @@ class Int8Builder(BaseInt8Builder):
             raise Edge3dfaError("coreml int8 needs a calibration set (real face crops)")
         self.source, self.options = source, resolve("int8", options)
         t0 = time.perf_counter()
-        model = source.load()
-        self.mlmodel = convert_program(model, False, self.options)
-        self.units = layer_units(program_of(self.mlmodel), module_order(model))
+        self.mlmodel, self.units = self._program()
         self.always_float = self._always_float()
         self.layers = {k: v for k, v in self.units.items() if k not in self.always_float}
         crops = crops_of(calibration)[:CALIB_MAX]
         self.samples = len(crops)
-        pixels = crops * np.float32(128) + np.float32(127.5) if self.options.input == "image" else crops
-        self.ranges = activation_ranges(self.mlmodel, pixels, self.options.calib_method, self.options.percentile)
+        self.ranges = activation_ranges(self.mlmodel, self._program_input(crops), self.options.calib_method,
+                                        self.options.percentile)
         self.seconds = time.perf_counter() - t0
+
+    def _program(self) -> tuple[Any, dict[str, list[str]]]:
+        """The float program to quantize and its candidate layers (``layer_units``, named by torch module)."""
+        model = self.source.load()
+        mlmodel = convert_program(model, False, self.options)
+        return mlmodel, layer_units(program_of(mlmodel), module_order(model))
+
+    def _program_input(self, crops: np.ndarray) -> np.ndarray:
+        """The calibration crops as the program's input takes them (pixel values for an image input)."""
+        return crops * np.float32(128) + np.float32(127.5) if self.options.input == "image" else crops
 
     def _always_float(self) -> list[str]:
         names, o = list(self.units), self.options

@@ -91,3 +91,18 @@ def append_nms(model_bytes: bytes, names: Sequence[str] = ("boxes", "scores"), a
     graph.output.extend([helper.make_tensor_value_info(names[0], TensorProto.FLOAT, ["K", 4]),
                          helper.make_tensor_value_info(names[1], TensorProto.FLOAT, ["K"])])
     return model.SerializeToString()
+
+
+def nms_on_given_boxes(priors: int, area_pixel: float = 1.0) -> bytes:
+    """A model whose input boxes [priors,4] and scores [priors] go straight into ``append_nms``: the NMS the
+    detector bundle appends, alone, on boxes a test or a benchmark chooses (``benchmarks/detector_bundle_nms.py``)."""
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("Identity", ["b"], ["prior_boxes"]), helper.make_node("Identity", ["s"], ["prior_scores"])],
+        "nms", [helper.make_tensor_value_info("b", TensorProto.FLOAT, [priors, 4]),
+                helper.make_tensor_value_info("s", TensorProto.FLOAT, [priors])],
+        [helper.make_tensor_value_info("prior_boxes", TensorProto.FLOAT, [priors, 4]),
+         helper.make_tensor_value_info("prior_scores", TensorProto.FLOAT, [priors])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return append_nms(model.SerializeToString(), area_pixel=area_pixel)

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -280,18 +279,5 @@ class BundleInt8Builder(TFLiteInt8Builder):
         return q, ["int8 bundle: the network int8; the uint8 -> float pre-processing and the post-processing "
                    "(landmarks, pose, params) float", *notes]
 
-    def export(self, dest: str | os.PathLike, keep_float: Sequence[str] = ()) -> dict[str, Any]:
-        from edge3dfa.converters.tflite.export import quiet_bars
-
-        unknown = [k for k in keep_float if k not in self.layers]
-        if unknown:
-            raise Edge3dfaError(f"no layer {unknown[0]!r} in the graph; e.g. {', '.join(list(self.layers)[:3])}")
-        t0 = time.perf_counter()
-        q, notes = self._recipe(keep_float)
-        with quiet_bars():
-            content = bytes(q.quantize(self.qsvs, enable_progress_report=False).quantized_model)
-        fields = write_bundle_artifact(content, self.source, Path(dest), "int8", self.options, notes,
-                                       self.seconds + time.perf_counter() - t0)
-        if keep_float:
-            fields["options"]["float_layers"] = list(keep_float)
-        return fields
+    def _write(self, content: bytes, dest: Path, notes: list[str], seconds: float) -> dict[str, Any]:
+        return write_bundle_artifact(content, self.source, dest, "int8", self.options, notes, seconds)

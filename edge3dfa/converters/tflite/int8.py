@@ -275,8 +275,11 @@ class TFLiteInt8Builder(Int8Builder):
         q, notes = self._recipe(keep_float)
         with quiet_bars():
             content = bytes(q.quantize(self.qsvs, enable_progress_report=False).quantized_model)
-        fields = write_artifact(content, Path(dest), "int8", self.options, self.detector, notes,
-                                self.seconds + time.perf_counter() - t0)
+        fields = self._write(content, Path(dest), notes, self.seconds + time.perf_counter() - t0)
         if keep_float:
             fields["options"]["float_layers"] = list(keep_float)
         return fields
+
+    def _write(self, content: bytes, dest: Path, notes: list[str], seconds: float) -> dict[str, Any]:
+        """Write the quantized flatbuffer ``content`` at ``dest``; its manifest fields (a bundle writes its own)."""
+        return write_artifact(content, dest, "int8", self.options, self.detector, notes, seconds)
