@@ -141,7 +141,13 @@ def write_dynamic(source: Checkpoint, dest: Path, options: OnnxOptions, work: Pa
     if options.preprocess:
         src, fp32 = work / "pre.onnx", src
         quant_pre_process(str(fp32), str(src), skip_symbolic_shape=False)
-    excluded = always_float(onnx_graph(src), options)
+    graph = onnx_graph(src)
+    excluded = always_float(graph, options)
+    # the dynamic quantizer first rewrites every Gemm into a MatMul named NAME_MatMul (+ an Add; onnxruntime's
+    # ONNXModel.replace_gemm_with_matmul), after reading nodes_to_exclude: an excluded Gemm (the params layer with
+    # float_output, a bundle head's MatMul + Add that the pre-processing fused) was quantized all the same
+    gemms = {n.name for n in graph.node if n.op_type == "Gemm"}
+    excluded += [f"{name}_MatMul" for name in excluded if name in gemms]
     dyn = work / "dyn.onnx"
     # onnxruntime's CPU ConvInteger only has a uint8 x uint8 kernel, so weights are uint8 here.
     quantize_dynamic(str(src), str(dyn), per_channel=options.per_channel, reduce_range=options.reduce_range,
