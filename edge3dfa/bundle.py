@@ -30,13 +30,18 @@ from edge3dfa.errors import Edge3dfaError
 from edge3dfa.options import Options, option
 
 #: the bundle's contract version: bumped when a name, shape, unit or meaning changes
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: a detector contract says where NMS runs as a flag, nms_in_model
 #: output names of a regressor bundle, in the order every format stores them
 OUTPUTS = ("landmarks", "pose", "params")
 #: output names of a detector bundle
 DETECTOR_OUTPUTS = ("boxes", "scores")
 INPUT_NAME = "image"
 N_LANDMARKS = 68
+
+#: how far a bundle's landmarks (3-D crop px) and pose (degrees), as means over the faces, may be from the spec of
+#: its own params output: its post-processing is float in every precision, so this is float32 rounding (the fp32
+#: spec targets of issue 17); ``validation`` makes a bundle beyond them an error row
+HEAD_LANDMARK_PX, HEAD_POSE_DEG = 0.01, 0.05
 
 #: the roi mapping left to the app, as the two lines the README and every manifest give: landmarks are in
 #: 120x120 crop pixels; ``roi`` is the square (x1, y1, x2, y2) the crop was cut from in the photo
@@ -106,10 +111,19 @@ def detector_contract(height: int, width: int, channels: str = "bgr", layout: st
             "boxes": {"shape": ["K", 4], "dtype": "float32", "meaning": "x1, y1, x2, y2 in input pixels"},
             "scores": {"shape": ["K"], "dtype": "float32", "meaning": "face probability"},
         },
-        "nms": nms or "not in the model: keep scores > 0.05, the best 5000, greedy NMS at IoU 0.3 "
-                      "(edge3dfa.runtime.detect.nms), the best 750, then scores > 0.5",
+        "nms": nms or _app_nms(),
+        "nms_in_model": nms is not None,
         "licence": LICENCE["detector"],
     }
+
+
+def _app_nms() -> str:
+    """The contract's ``nms`` text for a detector bundle without NMS: the runtime's rules, for the app to apply."""
+    from edge3dfa.runtime import detect as d
+
+    return (f"not in the model: keep scores > {d.CONFIDENCE_THRESHOLD:g}, the best {d.TOP_K}, greedy NMS at IoU "
+            f"{d.NMS_THRESHOLD:g} (edge3dfa.runtime.detect.nms), the best {d.KEEP_TOP_K}, then scores > "
+            f"{d.SCORE_THRESHOLD:g}")
 
 
 #: what a contract's input may say, as this version reads it (``check``)
@@ -157,6 +171,8 @@ def check(contract: Any, where: str) -> dict[str, Any]:
                 if spec.get(key) not in allowed]
     if kind not in ("regressor", "detector"):
         problems.insert(0, f"kind {kind!r} (not regressor/detector)")
+    elif kind == "detector" and not isinstance(contract.get("nms_in_model"), bool):
+        problems.append(f"nms_in_model {contract.get('nms_in_model')!r} (not true/false)")
     if problems:
         raise Edge3dfaError(f"{where}: its bundle contract says {', '.join(problems)}")
     return contract
@@ -170,7 +186,7 @@ def reference(params_norm: np.ndarray) -> dict[str, np.ndarray]:
     """
     p = runtime.denormalise(params_norm)
     crop = np.array([[0, 0, runtime.INPUT_SIZE, runtime.INPUT_SIZE]], np.float32).repeat(len(p), 0)
-    pts = runtime.to_image(runtime.reconstruct(p), crop)
+    pts = runtime.landmarks(params_norm, crop)
     return {"landmarks": np.ascontiguousarray(pts.transpose(0, 2, 1)), "pose": runtime.pose(p),
             "params": p.astype(np.float32)}
 
@@ -204,15 +220,9 @@ def to_image_uint8(x: np.ndarray, channels: str = "bgr", layout: str = "NHWC") -
     An input that is not a normalised uint8 crop (values off the 1/128 grid, or outside [-0.996, 0.996]) cannot be
     given to a bundle without changing it: an Edge3dfaError, never a silent rounding.
     """
-    v = np.asarray(x, np.float64) * 128.0 + 127.5
-    u = np.rint(v)
-    if not (np.abs(v - u) <= 1e-3).all() or u.min(initial=0) < 0 or u.max(initial=0) > 255:
-        raise Edge3dfaError("a bundle takes uint8 crops: this input is not a normalised uint8 crop "
-                            "((pixel - 127.5) / 128 of integer pixels 0..255)")
-    u = u.astype(np.uint8)
-    if channels == "rgb":
-        u = u[:, ::-1]
-    return np.ascontiguousarray(u.transpose(0, 2, 3, 1) if layout == "NHWC" else u)
+    pixels = np.asarray(x, np.float64) * 128.0 + 127.5
+    return _as_image(pixels, channels, layout, "a bundle takes uint8 crops: this input is not a normalised uint8 "
+                                               "crop ((pixel - 127.5) / 128 of integer pixels 0..255)")
 
 
 def blob_to_image_uint8(blob: np.ndarray, channels: str = "bgr", layout: str = "NHWC") -> np.ndarray:
@@ -220,14 +230,9 @@ def blob_to_image_uint8(blob: np.ndarray, channels: str = "bgr", layout: str = "
     bundle takes, exactly (the padding becomes the mean colour); anything else is an Edge3dfaError."""
     from edge3dfa.runtime.detect import MEAN_BGR
 
-    v = np.asarray(blob, np.float64) + np.asarray(MEAN_BGR).reshape(1, 3, 1, 1)
-    u = np.rint(v)
-    if not (np.abs(v - u) <= 1e-3).all() or u.min(initial=0) < 0 or u.max(initial=0) > 255:
-        raise Edge3dfaError("a detector bundle takes uint8 images: this blob is not a uint8 image minus the mean")
-    u = u.astype(np.uint8)
-    if channels == "rgb":
-        u = u[:, ::-1]
-    return np.ascontiguousarray(u.transpose(0, 2, 3, 1) if layout == "NHWC" else u)
+    pixels = np.asarray(blob, np.float64) + np.asarray(MEAN_BGR).reshape(1, 3, 1, 1)
+    return _as_image(pixels, channels, layout,
+                     "a detector bundle takes uint8 images: this blob is not a uint8 image minus the mean")
 
 
 def image_for(contract: dict[str, Any], x: np.ndarray) -> np.ndarray:
@@ -239,6 +244,17 @@ def image_for(contract: dict[str, Any], x: np.ndarray) -> np.ndarray:
     if contract.get("kind") == "detector":
         return blob_to_image_uint8(x, channels, layout)
     return to_image_uint8(x, channels, layout)
+
+
+def _as_image(pixels: np.ndarray, channels: str, layout: str, refusal: str) -> np.ndarray:
+    """BGR NCHW pixel values that must be whole numbers 0..255 -> uint8 in ``channels`` order and ``layout``."""
+    u = np.rint(pixels)
+    if not (np.abs(pixels - u) <= 1e-3).all() or u.min(initial=0) < 0 or u.max(initial=0) > 255:
+        raise Edge3dfaError(refusal)
+    u = u.astype(np.uint8)
+    if channels == "rgb":
+        u = u[:, ::-1]
+    return np.ascontiguousarray(u.transpose(0, 2, 3, 1) if layout == "NHWC" else u)
 
 
 def from_image_uint8(u: np.ndarray, channels: str = "bgr", layout: str = "NHWC") -> np.ndarray:

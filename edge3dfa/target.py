@@ -133,7 +133,9 @@ class Target(ABC):
         got = {}
         for key, value, shape in zip(bundle.OUTPUTS, outs, ((bundle.N_LANDMARKS, 3), (3,), (N_PARAMS,))):
             a = np.asarray(value, np.float32)
-            if a.size != n * int(np.prod(shape)):
+            # the trailing dims too: landmarks as [N,3,68] (the runtime's layout) have the right size, and a
+            # reshape would scramble them without a word
+            if a.size != n * int(np.prod(shape)) or a.shape[a.ndim - len(shape):] != shape:
                 raise Edge3dfaError(f"{self.name}: output {key} has shape {list(a.shape)}, the contract says "
                                     f"[{n},{','.join(map(str, shape))}]")
             got[key] = a.reshape(n, *shape)
@@ -311,6 +313,11 @@ def check_contract(target: Target, m: Manifest, mpath: str | os.PathLike) -> Non
     if target.bundle is not None and target.bundle != m.bundle:
         raise Edge3dfaError(f"{where}: field 'bundle' is not the contract stored in the file" if m.bundle else
                             f"{where}: the file is a bundle, but the manifest has no 'bundle' field")
+    if target.bundle is None and m.bundle:  # the contract will come from the manifest: the file must take its input
+        want_dtype = (m.bundle.get("input") or {}).get("dtype") if isinstance(m.bundle, dict) else None
+        if have.get("dtype") is not None and want_dtype != have["dtype"]:
+            raise Edge3dfaError(f"{where}: field 'bundle' describes a {want_dtype} image input, but the artifact "
+                                f"takes {have['dtype']}: not a bundle")
 
 
 def extras() -> dict[str, list[str]]:

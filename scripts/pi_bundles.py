@@ -28,13 +28,12 @@ import platform
 import subprocess
 import sys
 
-import numpy as np
-
 from edge3dfa import bundle, runtime
 from edge3dfa.fileio import write_json
 from edge3dfa.jobs import list_images
 from edge3dfa.manifest import tool_versions
-from edge3dfa.measure.predict import predict_all
+from edge3dfa.measure.parity import bundle_departure, head_departure
+from edge3dfa.measure.predict import predict_all, predict_bundle_all
 from edge3dfa.runtime.detect import FaceBoxesDetector
 from edge3dfa.target import open_target
 
@@ -58,14 +57,6 @@ print(json.dumps(sorted(m for m in top if not m.startswith("_"))))
 """
 
 
-def _stats(got: dict[str, np.ndarray], spec: dict[str, np.ndarray]) -> dict[str, float]:
-    """3-D landmark distance (crop px) and pose difference (degrees, wrapped) of bundle outputs vs a spec."""
-    px = np.linalg.norm(got["landmarks"].astype(np.float64) - spec["landmarks"], axis=2)
-    pose = (got["pose"].astype(np.float64) - spec["pose"] + 180.0) % 360.0 - 180.0
-    return {"landmark_mean_px": float(px.mean()), "landmark_max_px": float(px.max()),
-            "pose_max_deg": float(np.abs(pose).max())}
-
-
 def regressor_bundles(bundles: dict[str, str], params_artifacts: dict[str, str], crops: int,
                       threads: int) -> tuple[dict, dict]:
     """(spec stats per precision, photo-px landmarks per precision and crop) on ``crops`` AFLW2000-3D crops;
@@ -78,12 +69,11 @@ def regressor_bundles(bundles: dict[str, str], params_artifacts: dict[str, str],
     spec, dumps = {}, {}
     for precision, path in bundles.items():
         target = open_target(path, threads)
-        parts = [target.predict_bundle(data.inputs[i:i + 64]) for i in range(0, len(data.inputs), 64)]
-        got = {k: np.concatenate([p[k] for p in parts]) for k in bundle.OUTPUTS}
-        own = bundle.reference(bundle.normalised_params(got["params"]))
-        spec[precision] = {"file": path, "crops": len(data.files), "vs_network": _stats(got, specs["fp32"]),
-                           "vs_same_precision": _stats(got, specs[precision]) if precision in specs else None,
-                           "vs_own_params": _stats(got, own)}
+        got = predict_bundle_all(target, data.inputs)
+        spec[precision] = {"file": path, "crops": len(data.files),
+                           "vs_network": bundle_departure(got, specs["fp32"]),
+                           "vs_same_precision": bundle_departure(got, specs[precision]) if precision in specs else None,
+                           "vs_own_params": head_departure(got)}
         photo = bundle.to_photo(got["landmarks"], data.roi_boxes)
         dumps[precision] = {name: [lm] for name, lm in zip(data.files, photo.tolist())}
     return spec, dumps

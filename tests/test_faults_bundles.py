@@ -28,6 +28,7 @@ pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper  # noqa: E402
 
 from edge3dfa import bundle  # noqa: E402
+from edge3dfa.errors import Edge3dfaError  # noqa: E402
 
 PHOTO = "emma"
 
@@ -299,3 +300,76 @@ def test_interrupted_bundle_conversion_leaves_no_half_pair_and_reruns(tmp_path, 
     r = _cli("convert", "--bundle", "--to", "onnx", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert {f.name for f in _files(out)} == {"mb05_fp32_bundle.onnx", "mb05_fp32_bundle.json"}
+
+
+def test_a_bundle_output_of_the_right_size_but_the_wrong_layout_is_refused():
+    """Landmarks returned as [N,3,68] (the runtime's layout) hold the contract's number of values; a reshape to
+    [N,68,3] would scramble x, y, z without a word. The trailing dims must be the contract's."""
+    from edge3dfa.target import Target
+
+    class Transposed(Target):
+        runtime, format = "fake", "fake"
+
+        def _run(self, x):
+            n = len(x)
+            return [np.zeros((n, 3, 68), np.float32), np.zeros((n, 3), np.float32), np.zeros((n, 62), np.float32)]
+
+    t = Transposed(None)
+    t.bundle = bundle.regressor_contract()
+    x = np.full((2, 3, 120, 120), -127.5 / 128, np.float32)  # a black crop, normalised
+    with pytest.raises(Edge3dfaError, match=r"output landmarks has shape \[2, 3, 68\]"):
+        t.predict_bundle(x)
+
+
+def test_a_detector_contract_says_where_nms_runs_as_a_flag():
+    """Whether NMS runs in the model is a flag, not read from the ``nms`` text: Core ML words it 'NMS in the
+    model (MIL ...)', which the text test took for 'not in the model', so NMS ran a second time on its faces."""
+    from edge3dfa.runtime.detect import nms_in_model
+
+    coreml_words = "NMS in the model (MIL non_maximum_suppression): candidates scoring >= 0.05"
+    assert nms_in_model(bundle.detector_contract(480, 640, nms=coreml_words))
+    assert not nms_in_model(bundle.detector_contract(480, 640))
+    text_only = {k: v for k, v in bundle.detector_contract(480, 640, nms=coreml_words).items() if k != "nms_in_model"}
+    with pytest.raises(Edge3dfaError, match="nms_in_model"):
+        bundle.check(text_only, "x.mlpackage")
+
+
+def test_a_bundle_whose_pose_is_wrong_is_an_error_row_whatever_its_nme():
+    """validate scores a bundle by its landmarks, so a pose head with yaw and pitch swapped passed; its landmarks
+    and pose must also be what its own params output gives (float rounding), else the row is an error."""
+    from edge3dfa.target import Target
+    from edge3dfa.validation.harness import _bundle_outputs
+
+    spec = bundle.reference(np.random.default_rng(3).normal(0, 0.5, (4, 62)).astype(np.float32))
+
+    class Fake(Target):
+        runtime, format = "fake", "fake"
+
+        def __init__(self, swap: bool) -> None:
+            super().__init__(None)
+            self.bundle, self.swap = bundle.regressor_contract(), swap
+
+        def _run(self, x):
+            pose = spec["pose"][:, [1, 0, 2]] if self.swap else spec["pose"]
+            return [spec["landmarks"][:len(x)], pose[:len(x)], spec["params"][:len(x)]]
+
+    x = np.full((4, 3, 120, 120), -127.5 / 128, np.float32)
+    landmarks, _, head = _bundle_outputs(Fake(False), x, 4, "")
+    assert head["pose_mean_deg"] <= 1e-3 and landmarks.shape == (4, 68, 3)
+    with pytest.raises(Edge3dfaError, match="its post-processing is not the contract's"):
+        _bundle_outputs(Fake(True), x, 4, "")
+
+
+@pytest.mark.slow
+def test_a_bundle_field_added_to_a_params_manifest_is_refused(onnx_pair, tmp_path):
+    """A params artifact whose manifest gained a 'bundle' field (edited, or copied from a bundle's) would have its
+    float input fed as uint8 images; the contract from a manifest must match the input the file takes."""
+    src = onnx_pair
+    for suffix in (".onnx", ".json"):
+        shutil.copy(src / f"mb05_fp32{suffix}", tmp_path / f"mb05_fp32{suffix}")
+    m = json.loads((tmp_path / "mb05_fp32.json").read_text())
+    m["bundle"] = json.loads((src / "mb05_fp32_bundle.json").read_text())["bundle"]
+    (tmp_path / "mb05_fp32.json").write_text(json.dumps(m))
+    r = _cli("run", "--artifact", str(tmp_path / "mb05_fp32.onnx"), "--out-dir", str(tmp_path / "o"), _photo())
+    assert r.returncode == 2, r.stderr
+    _one_error(r.stderr, "not a bundle")

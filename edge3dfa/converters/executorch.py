@@ -282,25 +282,27 @@ def _producer(graph: Any) -> Any:
     return node if ok else None
 
 
-def correct_output_bias(graph: Any, crops: np.ndarray, reference: np.ndarray, step: int,
-                        shift: np.ndarray | None = None) -> np.ndarray | None:
+def output_bias(graph: Any) -> Any:
+    """The bias tensor of the weighted layer ``graph``'s params come straight from, or None (no such layer)."""
+    import operator
+
+    node = _producer(graph)
+    return None if node is None else operator.attrgetter(node.args[2].target)(graph)
+
+
+def correct_output_bias(graph: Any, crops: np.ndarray, reference: np.ndarray, step: int) -> np.ndarray | None:
     """Subtract from the params layer's bias the mean difference between ``graph``'s params (PT2E-converted, int8
     simulated by quantize / dequantize) and the float model's ``reference`` params on the same ``crops``: int8
     shifts some params by a steady amount (the same on held-out crops as on the calibration crops), which the
     params layer's bias can take back. Returns the shift removed (62 params), or None when the output does not
-    come straight from a weighted layer with a bias (then nothing changes). ``shift`` given: subtract it instead
-    (its negative undoes a correction)."""
-    import operator
-
+    come straight from a weighted layer with a bias (then nothing changes)."""
     import torch
 
-    node = _producer(graph)
-    if node is None:
+    bias = output_bias(graph)
+    if bias is None:
         return None
     with torch.no_grad():
-        if shift is None:
-            shift = (_graph_params(graph, crops, step).astype(np.float64) - reference).mean(axis=0)
-        bias = operator.attrgetter(node.args[2].target)(graph)
+        shift = (_graph_params(graph, crops, step).astype(np.float64) - reference).mean(axis=0)
         bias -= torch.from_numpy(shift).to(bias.dtype)
     return shift
 
@@ -394,14 +396,18 @@ class Int8Builder(BaseInt8Builder):
         self.output_shift, self.bias_judge = None, None
         if self.options.bias_correction == "off":
             return graph
-        before = self._heldout_nme(graph) if self.options.bias_correction == "auto" else None
+        bias = output_bias(graph)
+        if bias is None:  # the params do not come straight from a biased layer: nothing to correct or judge
+            return graph
+        judged = self.options.bias_correction == "auto"
+        before, saved = (self._heldout_nme(graph), bias.detach().clone()) if judged else (None, None)
         shift = correct_output_bias(graph, self.crops, self._float_params(), self.options.max_batch)
-        if before is not None and shift is not None:
+        if judged:
             after = self._heldout_nme(graph)
             self.bias_judge = {"heldout_balanced_nme": {"uncorrected": before, "corrected": after},
                                "heldout_faces": len(self._heldout().inputs), "kept": after < before}
-            if not after < before:  # the correction does not pay on this model: take it back
-                correct_output_bias(graph, self.crops, self._float_params(), self.options.max_batch, shift=-shift)
+            if not after < before:  # the correction does not pay on this model: the saved bias back, bit for bit
+                bias.data.copy_(saved)
                 shift = None
         self.output_shift = None if shift is None else float(np.sqrt((shift ** 2).mean()))
         return graph

@@ -6,7 +6,7 @@ import numpy as np
 
 from edge3dfa import runtime
 from edge3dfa.measure import metrics
-from edge3dfa.measure.predict import predict_all
+from edge3dfa.measure.predict import predict_all, predict_bundle_all
 from edge3dfa.target import Target
 
 _CROP_ROI = np.array([[0, 0, runtime.INPUT_SIZE, runtime.INPUT_SIZE]], np.float32)
@@ -51,16 +51,31 @@ def bundle_parity(reference: Target, candidate: Target, sets: dict[str, np.ndarr
     out = {}
     for name, x in sets.items():
         ref = predict_all(reference, x)
-        spec = bundle.reference(ref)
-        got = [candidate.predict_bundle(x[i:i + 64]) for i in range(0, len(x), 64)]
-        lms = np.concatenate([g["landmarks"] for g in got])
-        pose = np.concatenate([g["pose"] for g in got])
-        params = bundle.normalised_params(np.concatenate([g["params"] for g in got]))
-        px = np.linalg.norm(lms.astype(np.float64) - spec["landmarks"], axis=2)
-        out[name] = {**compare(ref, params), "bundle_landmark_mean_px": float(px.mean()),
-                     "bundle_landmark_max_px": float(px.max()),
-                     "pose_max_deg": float(np.abs(_wrap(pose.astype(np.float64) - spec["pose"])).max())}
+        got = predict_bundle_all(candidate, x)
+        vs_spec = bundle_departure(got, bundle.reference(ref))
+        out[name] = {**compare(ref, bundle.normalised_params(got["params"])),
+                     "bundle_landmark_mean_px": vs_spec["landmark_mean_px"],
+                     "bundle_landmark_max_px": vs_spec["landmark_max_px"], "pose_max_deg": vs_spec["pose_max_deg"]}
     return out
+
+
+def bundle_departure(got: dict[str, np.ndarray], spec: dict[str, np.ndarray]) -> dict[str, float]:
+    """A bundle's landmarks (3-D crop px: mean, max) and pose (degrees, wrapped: mean, max) against ``spec``
+    (``bundle.reference`` of some params)."""
+    px = np.linalg.norm(got["landmarks"].astype(np.float64) - spec["landmarks"], axis=2)
+    deg = np.abs(_wrap(got["pose"].astype(np.float64) - spec["pose"]))
+    return {"landmark_mean_px": float(px.mean()), "landmark_max_px": float(px.max()),
+            "pose_mean_deg": float(deg.mean()), "pose_max_deg": float(deg.max())}
+
+
+def head_departure(got: dict[str, np.ndarray]) -> dict[str, float]:
+    """``bundle_departure`` of a bundle's landmarks and pose from the spec of its OWN params output: what its
+    in-graph post-processing changes, whatever its network (int8 included) computed. The contract keeps the
+    post-processing float, so this is float rounding for a correct file; a file whose pose or landmark head is
+    wrong (axes swapped, quantized bases) departs, which its NME alone may not show."""
+    from edge3dfa import bundle
+
+    return bundle_departure(got, bundle.reference(bundle.normalised_params(got["params"])))
 
 
 def _wrap(deg: np.ndarray) -> np.ndarray:

@@ -25,3 +25,10 @@ def predict_all(target: Target, x: np.ndarray, batch: int = BATCH, desc: str = "
     """Normalised params [N,62] of ``target`` on all crops, ``batch`` at a time (a bar when ``desc`` is given)."""
     starts = range(0, len(x), batch)
     return np.concatenate([target.predict(x[i:i + batch]) for i in progress(starts, desc, len(starts), "batch")])
+
+
+def predict_bundle_all(target: Target, x: np.ndarray, batch: int = BATCH, desc: str = "") -> dict[str, np.ndarray]:
+    """A regressor bundle's outputs by name (``Target.predict_bundle``) on all crops, ``batch`` at a time."""
+    starts = range(0, len(x), batch)
+    outs = [target.predict_bundle(x[i:i + batch]) for i in progress(starts, desc, len(starts), "batch")]
+    return {key: np.concatenate([o[key] for o in outs]) for key in outs[0]}

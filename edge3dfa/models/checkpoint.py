@@ -336,10 +336,11 @@ class Checkpoint:
         """The module a format converts for a bundle (``edge3dfa.models.bundle``): image in, named outputs out.
         ``input_size`` (H, W): a detector's fixed input size."""
         from edge3dfa.models.bundle import detector_bundle, regressor_bundle
+        from edge3dfa.runtime.detect import FIXED_SIZE
 
         channels = self.bundle.channels if self.bundle is not None else "bgr"
         if self.is_detector:
-            return detector_bundle(self.load(), *(input_size or (480, 640)), channels=channels, layout=layout)
+            return detector_bundle(self.load(), *(input_size or FIXED_SIZE), channels=channels, layout=layout)
         return regressor_bundle(self.load(), channels=channels, layout=layout)
 
     def describe(self) -> dict[str, Any]:

@@ -21,6 +21,12 @@ from edge3dfa.runtime.preprocess import as_bgr_uint8
 MEAN_BGR = (104.0, 117.0, 123.0)
 # Upstream shrinks larger images to fit 720 rows x 1080 columns: faster, and how its thresholds were tuned.
 MAX_HEIGHT, MAX_WIDTH = 720, 1080
+#: upstream's detection rules (FaceBoxesDetector's defaults, and what detector bundles put in their graph):
+#: candidates scoring above CONFIDENCE_THRESHOLD, the best TOP_K into greedy NMS at NMS_THRESHOLD, the best
+#: KEEP_TOP_K kept, faces reported above SCORE_THRESHOLD
+CONFIDENCE_THRESHOLD, TOP_K, NMS_THRESHOLD, KEEP_TOP_K, SCORE_THRESHOLD = 0.05, 5000, 0.3, 750, 0.5
+#: the fixed input (H, W) of the detectors exported at one size (TFLite's, and every detector bundle)
+FIXED_SIZE = (480, 640)
 STEPS = (32, 64, 128)
 MIN_SIZES = ((32, 64, 128), (256,), (512,))
 # Small anchors are tiled densely (4x4 and 2x2 per cell) so they are spaced like the big ones.
@@ -135,8 +141,9 @@ OUTPUTS = ("loc_conf", "boxes", "boxes+nms")
 
 
 def nms_in_model(contract: dict[str, Any]) -> bool:
-    """Whether a detector bundle's contract (``edge3dfa.bundle.detector_contract``) says NMS runs in the model."""
-    return str(contract.get("nms", "")).startswith("in the model")
+    """Whether a detector bundle's contract (``edge3dfa.bundle.detector_contract``) says NMS runs in the model: its
+    ``nms_in_model`` flag (the ``nms`` text is for people; each format words it its own way)."""
+    return contract.get("nms_in_model") is True
 
 
 class FaceBoxesDetector:
@@ -150,8 +157,9 @@ class FaceBoxesDetector:
     model only the score threshold is applied here (a threshold below the model's cannot bring faces back).
     """
 
-    def __init__(self, forward: Forward, score_threshold: float = 0.5, nms_threshold: float = 0.3,
-                 confidence_threshold: float = 0.05, top_k: int = 5000, keep_top_k: int = 750,
+    def __init__(self, forward: Forward, score_threshold: float = SCORE_THRESHOLD,
+                 nms_threshold: float = NMS_THRESHOLD, confidence_threshold: float = CONFIDENCE_THRESHOLD,
+                 top_k: int = TOP_K, keep_top_k: int = KEEP_TOP_K,
                  input_size: tuple[int, int] | None = None, name: str = "detector model",
                  outputs: str = "loc_conf") -> None:
         if outputs not in OUTPUTS:

@@ -175,12 +175,13 @@ class TFLiteTarget(Target):
         super().__init__(path, threads)
         if not self.path.is_file():
             raise Edge3dfaError(f"TFLite model not found: {self.path}")
-        with open(self.path, "rb") as f:
+        with open(self.path, "rb") as f:  # 8 bytes first: any other file is refused without reading it
             head = f.read(8)
         if len(head) < 8 or head[4:8] != _IDENTIFIER:
             raise Edge3dfaError(f"{self.path}: not a TFLite model (no {_IDENTIFIER.decode()} identifier)")
+        blob = self.path.read_bytes()  # once, for the flatbuffer check and the bundle contract
         if self.runtime == "tflite_runtime":  # LiteRT verifies the flatbuffer itself
-            problem = cut_short(self.path.read_bytes())
+            problem = cut_short(blob)
             if problem:
                 raise Edge3dfaError(f"{self.path.name}: truncated or corrupt TFLite file: {problem}")
         self.num_threads = int(threads) if threads else (os.cpu_count() or 1)
@@ -207,7 +208,7 @@ class TFLiteTarget(Target):
             raise Edge3dfaError(f"{self.path.name}: input {shape} is not a 3-channel image (NHWC or NCHW)")
         self.input_shape = (3, h, w)
         self._batch = shape[0]
-        self.bundle = _bundle_contract(self.path.read_bytes(), self.path.name)
+        self.bundle = _bundle_contract(blob, self.path.name)
         if self.bundle is not None:
             self._open_bundle()
             return

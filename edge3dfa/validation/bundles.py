@@ -35,9 +35,9 @@ def _pct(value: float | None, base: float | None) -> float | None:
     return None if value is None or not base else 100.0 * (value - base) / base
 
 
-def _worst(spec_parity: dict[str, dict], key: str, worst: Any = max) -> float | None:
+def _worst(spec_parity: dict[str, dict], key: str) -> float | None:
     vals = [fig.get(key) for fig in spec_parity.values() if fig.get(key) is not None]
-    return worst(vals) if vals else None
+    return max(vals) if vals else None
 
 
 def summary(targets: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -158,15 +158,24 @@ def _score_landmarks(landmarks: np.ndarray, data: EvalSet) -> np.ndarray:
     return metrics.nme(pred, data.gt)
 
 
-def _bundle_outputs(target: Target, x: np.ndarray, batch: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    """A regressor bundle's landmarks [N,68,3] and its params normalised back [N,62], ``batch`` crops at a time."""
+def _bundle_outputs(target: Target, x: np.ndarray, batch: int, desc: str) -> tuple[np.ndarray, np.ndarray,
+                                                                                  dict[str, float]]:
+    """A regressor bundle's landmarks [N,68,3], its params normalised back [N,62], and how far its landmarks and
+    pose are from the spec of its own params (``measure.parity.head_departure``). A head that departs more than
+    float rounding (``bundle.HEAD_LANDMARK_PX`` / ``HEAD_POSE_DEG``, means) is not the contract's post-processing:
+    an Edge3dfaError, so the row is an error whatever its NME (a swapped yaw and pitch leaves NME untouched)."""
     from edge3dfa import bundle
-    from edge3dfa.measure.predict import progress as batches
+    from edge3dfa.measure.parity import head_departure
+    from edge3dfa.measure.predict import predict_bundle_all
 
-    starts = range(0, len(x), batch)
-    outs = [target.predict_bundle(x[i:i + batch]) for i in batches(starts, desc, len(starts), "batch")]
-    return (np.concatenate([o["landmarks"] for o in outs]),
-            bundle.normalised_params(np.concatenate([o["params"] for o in outs])))
+    out = predict_bundle_all(target, x, batch, desc)
+    head = head_departure(out)
+    if not (head["landmark_mean_px"] <= bundle.HEAD_LANDMARK_PX and head["pose_mean_deg"] <= bundle.HEAD_POSE_DEG):
+        raise Edge3dfaError(f"{target.name}: its landmarks / pose are {head['landmark_mean_px']:.3g} px / "
+                            f"{head['pose_mean_deg']:.3g} deg (means) from what its own params output gives "
+                            f"(edge3dfa.runtime; at most {bundle.HEAD_LANDMARK_PX} px / {bundle.HEAD_POSE_DEG} deg): "
+                            "its post-processing is not the contract's")
+    return out["landmarks"], bundle.normalised_params(out["params"]), head
 
 
 def artifact_row(key: str, *, model: str, fmt: str, precision: str, source_sha: str) -> Row:
@@ -292,9 +301,8 @@ def _compare_bundles(scored: list[Scored], yaw: np.ndarray, sources: list[str]) 
     (``sources``, one per row), format and precision without ``--bundle``. Its own landmark output vs the params
     through the numpy runtime: what the fused post-processing changes (``gates`` ``max_bundle_delta_nme``)."""
     out = []
-    for row, params in scored:
+    for (row, params), mine in zip(scored, sources):
         if row.bundle is not None:
-            mine = sources[len(out)]
             base = next((r for (r, _), src in zip(scored, sources) if r.bundle is None and src == mine
                          and r.format == row.format and r.precision == row.precision and r.status == "ok"), None)
             vs = None
@@ -408,7 +416,8 @@ class _Run:
                ref_faces: np.ndarray | None) -> Scored:
         desc = f"{e.manifest.format} {e.manifest.precision}"
         if row.bundle is not None:
-            landmarks, params = _bundle_outputs(target, self.data.inputs, self.batch, desc)
+            landmarks, params, head = _bundle_outputs(target, self.data.inputs, self.batch, desc)
+            row = replace(row, bundle={**row.bundle, "vs_own_params": head})
         else:
             landmarks, params = None, predict_all(target, self.data.inputs, self.batch, desc)
         bad = int((~np.isfinite(params).all(axis=1)).sum())

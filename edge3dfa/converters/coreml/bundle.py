@@ -38,6 +38,7 @@ from edge3dfa.converters.coreml.int8 import Int8Builder, layer_units, module_ord
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.logs import one_line
 from edge3dfa.manifest import tool_versions
+from edge3dfa.runtime.detect import CONFIDENCE_THRESHOLD, FIXED_SIZE, KEEP_TOP_K, NMS_THRESHOLD, SCORE_THRESHOLD
 from edge3dfa.targets.mil_eval import import_coremltools, program_of, quiet_coremltools
 
 if TYPE_CHECKING:
@@ -45,10 +46,9 @@ if TYPE_CHECKING:
     from edge3dfa.datasets.calibration import CalibrationSet
     from edge3dfa.models import Checkpoint
 
-#: the detector bundle's fixed input size (H, W), as the fixed-size detectors of the other formats
-DETECTOR_SIZE = (480, 640)
-#: the runtime's detection thresholds (edge3dfa.runtime.detect.FaceBoxesDetector's defaults)
-CANDIDATE_SCORE, NMS_IOU, MAX_BOXES, REPORT_SCORE = 0.05, 0.3, 750, 0.5
+#: the detector bundle's fixed input size (H, W) and the runtime's detection rules (edge3dfa.runtime.detect)
+DETECTOR_SIZE = FIXED_SIZE
+CANDIDATE_SCORE, NMS_IOU, MAX_BOXES, REPORT_SCORE = CONFIDENCE_THRESHOLD, NMS_THRESHOLD, KEEP_TOP_K, SCORE_THRESHOLD
 NMS_NOTE = (f"NMS in the model (MIL non_maximum_suppression): candidates scoring >= {CANDIDATE_SCORE}, greedy at "
             f"IoU > {NMS_IOU} with the runtime's +1 pixel box sizes, at most {MAX_BOXES} boxes, then scores > "
             f"{REPORT_SCORE}; boxes in input pixels, best score first")
@@ -254,7 +254,7 @@ def describe_bundle(mlmodel: Any, source: Checkpoint, precision: str, spec: dict
         shape = "[" + ",".join(map(str, out["shape"])) + "]"
         mlmodel.output_description[name] = f"{out['dtype']} {shape} {out['meaning']}"
     mlmodel.user_defined_metadata.update({
-        "edge3dfa.bundle": json.dumps(spec, sort_keys=True), "edge3dfa.model": source.name,
+        bundle.METADATA_KEY: json.dumps(spec, sort_keys=True), "edge3dfa.model": source.name,
         "edge3dfa.arch": source.arch, "edge3dfa.precision": precision, "edge3dfa.source_sha256": source.sha256})
 
 

@@ -27,6 +27,7 @@ from edge3dfa.converters.base import Format
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.fileio import temp_folder
 from edge3dfa.options import Options, option
+from edge3dfa.runtime.detect import FIXED_SIZE
 
 if TYPE_CHECKING:
     from edge3dfa.converters.onnx.int8 import Int8Builder
@@ -38,9 +39,9 @@ __all__ = ["OnnxFormat", "OnnxOptions"]
 
 PRECISIONS = ("fp32", "int8", "dyn-int8")
 OPSET = 17
-#: the fixed input (H, W) of a FaceBoxes bundle, as the TFLite detector's (``converters.tflite.DETECTOR_SIZE``): a
-#: 640x480 photo as is, larger photos shrunk to fit and padded
-DETECTOR_BUNDLE_SIZE = (480, 640)
+#: the fixed input (H, W) of a FaceBoxes bundle (``runtime.detect.FIXED_SIZE``): a 640x480 photo as is, larger
+#: photos shrunk to fit and padded
+DETECTOR_BUNDLE_SIZE = FIXED_SIZE
 
 
 @dataclass(frozen=True)

@@ -24,21 +24,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from edge3dfa.runtime import detect as d
+
 
 def nms_rules() -> str:
     """The rules the graph follows, as the contract's ``nms`` field says them (``bundle.detector_contract``)."""
-    r = runtime_rules()
-    return (f"in the model: candidates with score > {r.confidence_threshold:g}, the best {r.top_k} (TopK), ONNX "
-            f"NonMaxSuppression at IoU {r.nms_threshold:g} (suppressed at IoU > {r.nms_threshold:g}; upstream's +1 "
-            f"pixel areas in input pixels, the runtime's are in photo pixels), the best {r.keep_top_k}, then score > "
-            f"{r.score_threshold:g}; outputs sorted by score, best first")
-
-
-def runtime_rules() -> Any:
-    """The runtime's thresholds (``FaceBoxesDetector``'s defaults), read from it rather than copied."""
-    from edge3dfa.runtime.detect import FaceBoxesDetector
-
-    return FaceBoxesDetector(forward=lambda blob: (blob, blob))
+    return (f"in the model: candidates with score > {d.CONFIDENCE_THRESHOLD:g}, the best {d.TOP_K} (TopK), ONNX "
+            f"NonMaxSuppression at IoU {d.NMS_THRESHOLD:g} (suppressed at IoU > {d.NMS_THRESHOLD:g}; upstream's +1 "
+            f"pixel areas in input pixels, the runtime's are in photo pixels), the best {d.KEEP_TOP_K}, then score > "
+            f"{d.SCORE_THRESHOLD:g}; outputs sorted by score, best first")
 
 
 def append_nms(model_bytes: bytes, names: Sequence[str] = ("boxes", "scores"), area_pixel: float = 1.0) -> bytes:
@@ -50,7 +44,6 @@ def append_nms(model_bytes: bytes, names: Sequence[str] = ("boxes", "scores"), a
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    rules = runtime_rules()
     model = onnx.load_from_string(model_bytes)
     graph = model.graph
     boxes_in, scores_in = (o.name for o in graph.output[:2])
@@ -64,7 +57,7 @@ def append_nms(model_bytes: bytes, names: Sequence[str] = ("boxes", "scores"), a
 
     node = helper.make_node
     graph.node.extend([
-        node("TopK", [scores_in, const("top_k", [min(rules.top_k, priors)], np.int64)],
+        node("TopK", [scores_in, const("top_k", [min(d.TOP_K, priors)], np.int64)],
              ["nms/top_scores", "nms/top_index"], name="/nms/TopK", axis=0, largest=1, sorted=1),
         node("Gather", [boxes_in, "nms/top_index"], ["nms/top_boxes"], name="/nms/GatherBoxes", axis=0),
         node("Add", ["nms/top_boxes", const("area_pixel", [0, 0, area_pixel, area_pixel], np.float32)],
@@ -74,15 +67,15 @@ def append_nms(model_bytes: bytes, names: Sequence[str] = ("boxes", "scores"), a
         node("Unsqueeze", ["nms/top_scores", const("axes01", [0, 1], np.int64)], ["nms/batch_scores"],
              name="/nms/UnsqueezeScores"),
         node("NonMaxSuppression", ["nms/batch_boxes", "nms/batch_scores",
-                                   const("keep_top_k", [rules.keep_top_k], np.int64),
-                                   const("iou", [rules.nms_threshold], np.float32),
-                                   const("candidate_score", [rules.confidence_threshold], np.float32)],
+                                   const("keep_top_k", [d.KEEP_TOP_K], np.int64),
+                                   const("iou", [d.NMS_THRESHOLD], np.float32),
+                                   const("candidate_score", [d.CONFIDENCE_THRESHOLD], np.float32)],
              ["nms/selected"], name="/nms/NonMaxSuppression", center_point_box=0),
         node("Gather", ["nms/selected", const("box_column", 2, np.int64)], ["nms/kept"], name="/nms/GatherKept",
              axis=1),
         node("Gather", ["nms/top_boxes", "nms/kept"], ["nms/kept_boxes"], name="/nms/GatherKeptBoxes", axis=0),
         node("Gather", ["nms/top_scores", "nms/kept"], ["nms/kept_scores"], name="/nms/GatherKeptScores", axis=0),
-        node("Greater", ["nms/kept_scores", const("score", [rules.score_threshold], np.float32)], ["nms/face"],
+        node("Greater", ["nms/kept_scores", const("score", [d.SCORE_THRESHOLD], np.float32)], ["nms/face"],
              name="/nms/Greater"),
         node("Compress", ["nms/kept_boxes", "nms/face"], [names[0]], name="/nms/CompressBoxes", axis=0),
         node("Compress", ["nms/kept_scores", "nms/face"], [names[1]], name="/nms/CompressScores", axis=0),

@@ -24,8 +24,8 @@ def extra_parity(path: Path, reference: Target, sets: dict[str, np.ndarray], thr
     from edge3dfa.measure.parity import compare
     from edge3dfa.targets.onnxruntime import OnnxTarget
 
-    output, quantized = _graph_facts(path)
-    if output in ("loc", "conf") or OnnxTarget(path, threads=threads).bundle is not None:
+    output, quantized, is_bundle = _graph_facts(path)
+    if output in ("loc", "conf") or is_bundle:
         return {}  # FaceBoxes, or a bundle (``measure.parity.bundle_parity`` compares it to the spec)
     variants = [("", "all")] + ([(" fake-quant", "disable")] if quantized else [])
     if output == "params":
@@ -43,13 +43,17 @@ def extra_parity(path: Path, reference: Target, sets: dict[str, np.ndarray], thr
     return out
 
 
-def _graph_facts(path: Path) -> tuple[str, bool]:
-    """The first output's name and whether the graph is static int8 (has QuantizeLinear)."""
+def _graph_facts(path: Path) -> tuple[str, bool, bool]:
+    """The first output's name, whether the graph is static int8 (has QuantizeLinear), and whether it is a phone
+    bundle (its metadata holds a contract), read from the file without opening a session."""
     import onnx
+
+    from edge3dfa import bundle
 
     m = onnx.load(str(path), load_external_data=False)
     quantized = any(n.op_type == "QuantizeLinear" for n in m.graph.node)
-    return m.graph.output[0].name, quantized
+    is_bundle = any(p.key == bundle.METADATA_KEY for p in m.metadata_props)
+    return m.graph.output[0].name, quantized, is_bundle
 
 
 def _landmark_compare(ref_params: np.ndarray, cand: np.ndarray) -> dict[str, float]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from edge3dfa.converters.base import Format
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.options import Options, option
+from edge3dfa.runtime.detect import FIXED_SIZE
 
 if TYPE_CHECKING:
     from edge3dfa.converters.tflite.int8 import TFLiteInt8Builder
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["DETECTOR_SIZE", "TFLiteFormat", "TFLiteOptions"]
 
 #: FaceBoxes input the artifact is fixed to (litert-torch exports static shapes): a 640x480 photo as is
-DETECTOR_SIZE = (480, 640)
+DETECTOR_SIZE = FIXED_SIZE
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge3dfa.bundle import METADATA_KEY
 from edge3dfa.converters.tflite.export import NAME_SCOPE, replace_squeeze_excite
 from edge3dfa.converters.tflite.int8 import TFLiteInt8Builder
 from edge3dfa.errors import Edge3dfaError
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from edge3dfa.models import Checkpoint
 
 #: the model metadata entry that holds the contract JSON (as ONNX's metadata_props key)
-METADATA_NAME = "edge3dfa.bundle"
+METADATA_NAME = METADATA_KEY
 #: the entry with the source model, precision and edge3dfa version
 PROVENANCE_NAME = "edge3dfa"
 #: signature name of each bundle kind
