@@ -237,7 +237,7 @@ def _copy_pair(src: Path, dst: Path, stem: str = "mb05_fp32_bundle") -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("field,value", [("channel_order", "RGB"), ("version", 2)])
+@pytest.mark.parametrize("field,value", [("channel_order", "RGB"), ("version", bundle.CONTRACT_VERSION + 1)])
 def test_edited_manifest_contract_is_refused_by_run_and_an_error_row_in_validate(onnx_pair, tmp_path, field, value):
     artifact = _copy_pair(onnx_pair, tmp_path / "mb05" / "onnx")
     mpath = artifact.with_suffix(".json")
