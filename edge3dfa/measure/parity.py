@@ -96,7 +96,7 @@ def detector_parity(reference: Target, candidate: Target, photos: tuple[str, ...
     downstream: the regressor's 68 landmarks on the crops cut from the reference's boxes vs from the candidate's,
     mean and max distance in photo pixels, and the max in 120x120 crop pixels (``landmark_max_crop_px``)."""
     from edge3dfa import assets
-    from edge3dfa.runtime.detect import FaceBoxesDetector, box_iou, prepare
+    from edge3dfa.runtime.detect import FaceBoxesDetector, prepare
 
     size = tuple(candidate.input_shape[1:]) if None not in candidate.input_shape else None
     out = {}
@@ -111,14 +111,24 @@ def detector_parity(reference: Target, candidate: Target, photos: tuple[str, ...
                "blob": list(blob.shape[2:]), "faces": [len(b) for b in boxes], "box_min_iou": None,
                "box_max_px": None, "landmark_mean_px": None, "landmark_max_px": None, "landmark_max_crop_px": None}
         if len(boxes[0]) and len(boxes[1]):
-            iou = box_iou(boxes[0], boxes[1])
-            match = iou.argmax(axis=1)
-            row["box_min_iou"] = float(iou[np.arange(len(match)), match].min())
-            row["box_max_px"] = float(np.abs(boxes[0][:, :4] - boxes[1][match, :4]).max())
-            if regressor is not None:
-                row.update(_landmark_effect(regressor, img, boxes[0], boxes[1][match]))
+            row.update(_matched_faces(boxes[0], boxes[1], img, regressor)[1])
         out[f"photo {name}"] = row
     return out
+
+
+def _matched_faces(ref: np.ndarray, got: np.ndarray, img: np.ndarray,
+                   regressor: Target | None) -> tuple[np.ndarray, dict]:
+    """Each ``ref`` face's best-IoU face in ``got`` (both [K,5], non-empty): the match, and the smallest IoU, the
+    largest corner difference in photo pixels and, with ``regressor``, the landmark effect of the matched boxes."""
+    from edge3dfa.runtime.detect import box_iou
+
+    iou = box_iou(ref, got)
+    match = iou.argmax(axis=1)
+    figures = {"box_min_iou": float(iou[np.arange(len(match)), match].min()),
+               "box_max_px": float(np.abs(ref[:, :4] - got[match, :4]).max())}
+    if regressor is not None:
+        figures.update(_landmark_effect(regressor, img, ref, got[match]))
+    return match, figures
 
 
 def _landmark_effect(regressor: Target, img: np.ndarray, ref_boxes: np.ndarray, cand_boxes: np.ndarray) -> dict:
@@ -141,7 +151,7 @@ def detector_bundle_parity(reference: Target, candidate: Target, photos: tuple[s
     difference in photo pixels and score difference. With ``regressor``, the landmark effect as
     ``detector_parity``'s."""
     from edge3dfa import assets
-    from edge3dfa.runtime.detect import FaceBoxesDetector, box_iou
+    from edge3dfa.runtime.detect import FaceBoxesDetector
 
     size = tuple(candidate.input_shape[1:])
     spec = FaceBoxesDetector(lambda b: tuple(reference.run(b)[:2]), input_size=size)
@@ -154,12 +164,7 @@ def detector_bundle_parity(reference: Target, candidate: Target, photos: tuple[s
                "box_max_px": None, "score_max_abs": None, "landmark_mean_px": None, "landmark_max_px": None,
                "landmark_max_crop_px": None}
         if len(ref) and len(got):
-            iou = box_iou(ref, got)
-            match = iou.argmax(axis=1)
-            row["box_min_iou"] = float(iou[np.arange(len(match)), match].min())
-            row["box_max_px"] = float(np.abs(ref[:, :4] - got[match, :4]).max())
-            row["score_max_abs"] = float(np.abs(ref[:, 4] - got[match, 4]).max())
-            if regressor is not None:
-                row.update(_landmark_effect(regressor, img, ref, got[match]))
+            match, figures = _matched_faces(ref, got, img, regressor)
+            row.update(figures, score_max_abs=float(np.abs(ref[:, 4] - got[match, 4]).max()))
         out[f"photo {name}"] = row
     return out

@@ -151,7 +151,7 @@ class FaceBoxesDetector:
 
     ``forward`` is any runtime (torch via models.faceboxes.torch_forward, onnxruntime, TFLite) mapping the
     blob [1,3,H,W] to (loc [1,P,4], conf [1,P,2] softmax); priors are cached per blob size. Defaults are
-    upstream's: candidates above 0.05, top 5000 into NMS at IoU 0.3, top 750 kept, reported above 0.5.
+    upstream's (``CONFIDENCE_THRESHOLD``, ``TOP_K``, ``NMS_THRESHOLD``, ``KEEP_TOP_K``, ``SCORE_THRESHOLD``).
     ``name`` (e.g. the target's) names the model in errors. ``outputs`` (``OUTPUTS``) says what ``forward``
     returns: a detector bundle decodes in the model (boxes [K,4] in input pixels, scores [K]), and with NMS in the
     model only the score threshold is applied here (a threshold below the model's cannot bring faces back).

@@ -118,13 +118,8 @@ def metadata_entry(blob: bytes, name: str) -> bytes | None:
     model = fb.read(0, 4)
     buffers = fb.tables(model, 4)
     for meta in fb.tables(model, 6):
-        at = fb.field(meta, 0)
-        if at is None:
-            continue
-        start = at + fb.read(at, 4)
-        length = fb.read(start, 4)
-        fb.read(start + 4, length, False) if length else None
-        if blob[start + 4:start + 4 + length].decode(errors="replace") != name:
+        first, length = fb.vector(meta, 0, elem=1)  # the entry's name (a string: a byte vector)
+        if not length or blob[first:first + length].decode(errors="replace") != name:
             continue
         index_at = fb.field(meta, 1)
         index = fb.read(index_at, 4) if index_at is not None else 0

@@ -171,6 +171,12 @@ def plan_bundles(plan: list[tuple[Any, list[str]]], options: dict[str, dict[str,
     return take, skip
 
 
+def target_label(fmt: str, prec: str, bundle: bool = False) -> str:
+    """An artifact's name in export's progress display, e.g. "onnx int8" (+ " bundle"): one place for the labels
+    announced up front and the ones each conversion reports, which must be equal."""
+    return f"{fmt} {prec}{' bundle' if bundle else ''}"
+
+
 def conversion_error(fmt: str, prec: str, err: Exception, src: Any, bundle: bool = False) -> Row:
     """The report row of a conversion that failed: status error, the reason in one line (+ traceback log)."""
     from dataclasses import replace
@@ -243,17 +249,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     calib = load_calibration_set(calibration) if calibrated else None
     entries, failed_rows = [], []
     steps = [s for s in STEPS if latency.enabled or s != "latency"]
-    labels = ([f"{f.name} {p}" for f, precs in plan for p in precs]
-              + [f"{f.name} {p} bundle" for f, precs in bundle_plan for p in precs]
+    jobs = [(fmt, prec, None) for fmt, precs in plan for prec in precs]
+    jobs += [(fmt, prec, bundle) for fmt, precs in bundle_plan for prec in precs]
+    labels = ([target_label(fmt.name, prec, bundled is not None) for fmt, prec, bundled in jobs]
               + [detector_label(f) for f in detector_formats]
               + [detector_label(f, bundle=True) for f in detector_bundles])
     bar = Progress(labels, steps=steps,
                    reference_steps=[s for s in steps if s in ("evaluate", "latency")], started=started)
     with bar:  # one display over conversion and evaluation: artifact i of n, step, elapsed, ETA (edge3dfa.progress)
-        jobs = [(fmt, prec, None) for fmt, precs in plan for prec in precs]
-        jobs += [(fmt, prec, bundle) for fmt, precs in bundle_plan for prec in precs]
         for fmt, prec, bundled in jobs:
-            with progress.target(f"{fmt.name} {prec}{' bundle' if bundled is not None else ''}"):
+            with progress.target(target_label(fmt.name, prec, bundled is not None)):
                 try:
                     arts = convert(src, to=fmt.name, precision=prec, out_dir=args.out,
                                    options=options[fmt.name], calibration=calib,

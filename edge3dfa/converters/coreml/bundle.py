@@ -46,12 +46,10 @@ if TYPE_CHECKING:
     from edge3dfa.datasets.calibration import CalibrationSet
     from edge3dfa.models import Checkpoint
 
-#: the detector bundle's fixed input size (H, W) and the runtime's detection rules (edge3dfa.runtime.detect)
-DETECTOR_SIZE = FIXED_SIZE
-CANDIDATE_SCORE, NMS_IOU, MAX_BOXES, REPORT_SCORE = CONFIDENCE_THRESHOLD, NMS_THRESHOLD, KEEP_TOP_K, SCORE_THRESHOLD
-NMS_NOTE = (f"NMS in the model (MIL non_maximum_suppression): candidates scoring >= {CANDIDATE_SCORE}, greedy at "
-            f"IoU > {NMS_IOU} with the runtime's +1 pixel box sizes, at most {MAX_BOXES} boxes, then scores > "
-            f"{REPORT_SCORE}; boxes in input pixels, best score first")
+#: the detector bundle's NMS in words, from the runtime's detection rules (edge3dfa.runtime.detect)
+NMS_NOTE = (f"NMS in the model (MIL non_maximum_suppression): candidates scoring >= {CONFIDENCE_THRESHOLD}, greedy at "
+            f"IoU > {NMS_THRESHOLD} with the runtime's +1 pixel box sizes, at most {KEEP_TOP_K} boxes, then scores > "
+            f"{SCORE_THRESHOLD}; boxes in input pixels, best score first")
 
 
 def check(precision: str, detector: bool) -> None:
@@ -65,13 +63,13 @@ def check(precision: str, detector: bool) -> None:
 def contract(source: Checkpoint) -> dict[str, Any]:
     channels = source.bundle.channels
     if source.is_detector:
-        return bundle.detector_contract(*DETECTOR_SIZE, channels=channels, layout="image", nms=NMS_NOTE)
+        return bundle.detector_contract(*FIXED_SIZE, channels=channels, layout="image", nms=NMS_NOTE)
     return bundle.regressor_contract(channels, layout="image")
 
 
 def image_input(ct: Any, source: Checkpoint) -> Any:
     """The ImageType: pixels 0..255 as they are (scale 1, no bias; the normalisation is in the program)."""
-    h, w = DETECTOR_SIZE if source.is_detector else (120, 120)
+    h, w = FIXED_SIZE if source.is_detector else (120, 120)
     layout = ct.colorlayout.RGB if source.bundle.channels == "rgb" else ct.colorlayout.BGR
     return ct.ImageType(name=bundle.INPUT_NAME, shape=(1, 3, h, w), scale=1.0, bias=[0.0, 0.0, 0.0],
                         color_layout=layout)
@@ -82,9 +80,9 @@ def convert_bundle(source: Checkpoint, options: CoreMLOptions) -> Any:
     import torch
 
     ct = import_coremltools()
-    size = DETECTOR_SIZE if source.is_detector else (120, 120)
+    size = FIXED_SIZE if source.is_detector else (120, 120)
     names = bundle.DETECTOR_OUTPUTS if source.is_detector else bundle.OUTPUTS
-    module = source.bundle_module("NCHW", input_size=DETECTOR_SIZE if source.is_detector else None)
+    module = source.bundle_module("NCHW", input_size=FIXED_SIZE if source.is_detector else None)
     try:
         with quiet_coremltools(), torch.no_grad():
             graph = torch.jit.trace(module.eval(), torch.zeros(1, 3, *size), check_trace=False)
@@ -99,7 +97,7 @@ def convert_bundle(source: Checkpoint, options: CoreMLOptions) -> Any:
 
 def add_nms(mlmodel: Any, source: Checkpoint, options: CoreMLOptions) -> Any:
     """The detector program with MIL NMS after the decoded boxes [P,4] and scores [P]: outputs ``boxes`` [K,4],
-    ``scores`` [K] (the kept boxes scoring above ``REPORT_SCORE``, best first)."""
+    ``scores`` [K] (the kept boxes scoring above ``SCORE_THRESHOLD``, best first)."""
     from coremltools.converters.mil.mil import Builder as mb
 
     ct = import_coremltools()
@@ -115,14 +113,14 @@ def add_nms(mlmodel: Any, source: Checkpoint, options: CoreMLOptions) -> Any:
         size = mb.add(x=mb.sub(x=bottom_right, y=top_left), y=np.float32(1.0))  # the runtime's +1 pixel
         _, kept_scores, kept, count = mb.non_maximum_suppression(
             boxes=mb.expand_dims(x=mb.concat(values=[centre, size], axis=1), axes=[0]),
-            scores=mb.reshape(x=scores, shape=[1, -1, 1]), iou_threshold=np.float32(NMS_IOU),
-            score_threshold=np.float32(CANDIDATE_SCORE), max_boxes=MAX_BOXES)
-        rows = np.arange(MAX_BOXES, dtype=np.int32)  # kept rows are by descending score: reported ones lead
-        reported = mb.logical_and(x=mb.greater(x=mb.reshape(x=kept_scores, shape=[MAX_BOXES]),
-                                               y=np.float32(REPORT_SCORE)),
+            scores=mb.reshape(x=scores, shape=[1, -1, 1]), iou_threshold=np.float32(NMS_THRESHOLD),
+            score_threshold=np.float32(CONFIDENCE_THRESHOLD), max_boxes=KEEP_TOP_K)
+        rows = np.arange(KEEP_TOP_K, dtype=np.int32)  # kept rows are by descending score: reported ones lead
+        reported = mb.logical_and(x=mb.greater(x=mb.reshape(x=kept_scores, shape=[KEEP_TOP_K]),
+                                               y=np.float32(SCORE_THRESHOLD)),
                                   y=mb.less(x=rows, y=count))
         n = mb.reduce_sum(x=mb.cast(x=reported, dtype="int32"), axes=[0], keep_dims=True)
-        index = mb.slice_by_size(x=mb.reshape(x=kept, shape=[MAX_BOXES]), begin=[0], size=n)
+        index = mb.slice_by_size(x=mb.reshape(x=kept, shape=[KEEP_TOP_K]), begin=[0], size=n)
         out_boxes = mb.gather(x=boxes, indices=index, axis=0, name="boxes")
         out_scores = mb.gather(x=scores, indices=index, axis=0, name="scores")
         main.set_outputs([out_boxes, out_scores])

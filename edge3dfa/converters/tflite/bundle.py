@@ -1,11 +1,11 @@
 """TFLite phone bundles: ``Checkpoint.bundle_module("NHWC")`` as a flatbuffer whose names are the contract.
 
-* Names: the module is converted as one signature (``SIGNATURE``: "regressor" or "detector") with a keyword
+* Names: the module is converted as one signature (named by the bundle kind: "regressor" or "detector") with a keyword
   input ``image`` and a dict output, so litert-torch names the signature's input and outputs as the contract says
   (``image``; ``landmarks``, ``pose``, ``params`` or ``boxes``, ``scores``), never ``serving_default_args_0`` /
   ``output_0``; the I/O tensors themselves are renamed the same way, so the plain ``Interpreter`` details agree.
 * The contract (``edge3dfa.bundle``'s JSON with licence and edge3dfa version) is a model ``metadata`` entry
-  named ``METADATA_NAME``; ``targets.tflite`` reads it back without the schema module (a Pi has none).
+  named ``METADATA_KEY``; ``targets.tflite`` reads it back without the schema module (a Pi has none).
 * int8 quantizes the network alone: the uint8 -> float pre-processing and the post-processing (everything not
   under the bundle's ``net`` attribute) stay float, and by default the params layer too, as for params artifacts
   (``int8`` module docstring). Calibration feeds the uint8 images of the calibration crops.
@@ -25,7 +25,7 @@ import numpy as np
 
 from edge3dfa.bundle import METADATA_KEY
 from edge3dfa.converters.tflite.export import NAME_SCOPE, replace_squeeze_excite
-from edge3dfa.converters.tflite.int8 import TFLiteInt8Builder
+from edge3dfa.converters.tflite.int8 import TFLiteInt8Builder, scope_attributes
 from edge3dfa.errors import Edge3dfaError
 from edge3dfa.logs import native_output, one_line
 
@@ -34,19 +34,15 @@ if TYPE_CHECKING:
     from edge3dfa.datasets.calibration import CalibrationSet
     from edge3dfa.models import Checkpoint
 
-#: the model metadata entry that holds the contract JSON (as ONNX's metadata_props key)
-METADATA_NAME = METADATA_KEY
-#: the entry with the source model, precision and edge3dfa version
+#: the model metadata entry with the source model, precision and edge3dfa version
 PROVENANCE_NAME = "edge3dfa"
-#: signature name of each bundle kind
-SIGNATURE = {"regressor": "regressor", "detector": "detector"}
 #: the bundle module's attribute that holds the network (edge3dfa.models.bundle): what int8 quantizes
 NETWORK_ATTRIBUTE = "net"
 
 
 def contract(source: Checkpoint, input_hw: tuple[int, int] | None = None) -> dict[str, Any]:
     """The bundle contract of ``source`` (a detector at ``input_hw``): what the manifest's ``bundle`` field and the
-    file's ``METADATA_NAME`` entry both hold."""
+    file's ``METADATA_KEY`` entry both hold."""
     from edge3dfa import bundle
 
     channels = source.bundle.channels
@@ -99,11 +95,11 @@ def bundle_flatbuffer(source: Checkpoint, input_hw: tuple[int, int]) -> bytes:
         want = [t.numpy() for t in module(torch.from_numpy(image))]
     for flags in CONVERT_TRIES:
         try:
-            content = litert_torch.signature(SIGNATURE[kind], Named().eval(), sample_kwargs=sample).convert(**flags)
+            content = litert_torch.signature(kind, Named().eval(), sample_kwargs=sample).convert(**flags)
         except Exception as e:  # noqa: BLE001 - export and MLIR passes raise many types; one line for the user
             raise Edge3dfaError(f"litert-torch could not convert the bundle: {one_line(e)}") from e
         content = content.model_content()
-        if _same_outputs(content, SIGNATURE[kind], image, dict(zip(names, want))):
+        if _same_outputs(content, kind, image, dict(zip(names, want))):
             return content
     raise Edge3dfaError(f"litert-torch converted the bundle {len(CONVERT_TRIES)} ways, each with outputs unlike "
                         "PyTorch's on a test image; not written")
@@ -167,7 +163,7 @@ def network_tensors(content: bytes) -> tuple[list[str], list[str]]:
 def in_network(tensor: str) -> bool:
     """Whether a litert-torch tensor name's first scope lies under the bundle's ``net`` attribute."""
     scope = tensor.split(";", 1)[0]
-    attrs = [c.rsplit(".", 1)[-1].split("_", 1)[1] for c in scope.split("/") if "_" in c.rsplit(".", 1)[-1]]
+    attrs = scope_attributes(scope)
     return len(attrs) > 1 and attrs[1] == NETWORK_ATTRIBUTE
 
 
@@ -214,15 +210,15 @@ def write_bundle_artifact(content: bytes, source: Checkpoint, dest: Path, precis
     hw = options.detector_size if detector else CROP_SIZE
     c = contract(source, hw)
     content, info = inspect_ops(content, fix_versions=True)
-    content = finalise(content, {METADATA_NAME: c, PROVENANCE_NAME: provenance(source, precision)})
+    content = finalise(content, {METADATA_KEY: c, PROVENANCE_NAME: provenance(source, precision)})
     dest.write_bytes(content)
     kind = "detector" if detector else "regressor"
     names = output_names(detector)
     refused = gpu.gpu_findings(content)
     ops = ", ".join(f"{k} {v}" for k, v in info["ops"].items())
-    notes = [f"phone bundle (edge3dfa.bundle): signature {SIGNATURE[kind]!r}, input 'image' (uint8 NHWC "
+    notes = [f"phone bundle (edge3dfa.bundle): signature {kind!r}, input 'image' (uint8 NHWC "
              f"{c['input']['channel_order']}), outputs {', '.join(repr(n) for n in names)}; the contract JSON is "
-             f"the file's metadata entry {METADATA_NAME!r}", *notes,
+             f"the file's metadata entry {METADATA_KEY!r}", *notes,
              f"graph: {info['op_count']} ops ({ops}); converted in {seconds:.1f} s", *runtime_notes(info)]
     if detector:
         notes.append("no NMS in the graph (litert-torch lowers nothing to NON_MAX_SUPPRESSION_V4/V5): boxes and "
@@ -235,7 +231,7 @@ def write_bundle_artifact(content: bytes, source: Checkpoint, dest: Path, precis
         notes.append("GPU delegate: every op within TensorFlow's gpu_compatibility rules")
     return {
         "options": {**used_options(options, precision, detector), "bundle": source.bundle.to_dict(),
-                    "signature": SIGNATURE[kind]},
+                    "signature": kind},
         "input": c["input"], "output": {"name": ", ".join(names), **c["outputs"]}, "bundle": c, "notes": notes,
         "min_runtime": {"tflite-runtime": info["min_tflite_runtime"], "ai-edge-litert": "1.0.0"},
         "tools": tool_versions("torch", "litert-torch", "ai-edge-quantizer", "ai-edge-litert"),

@@ -78,8 +78,13 @@ def short_name(tensor: str) -> str:
     """``.../DepthWiseBlock_dw2_1/torch.nn.modules.conv.Conv2d_conv_dw;1`` -> ``dw2_1/conv_dw``: the module
     path of the last scope in a litert-torch tensor name, as attribute names (ONNX's names say the same)."""
     scope = next((p for p in reversed(tensor.split(";")) if p and not p.isdigit()), tensor)
-    attrs = [c.rsplit(".", 1)[-1].split("_", 1)[1] for c in scope.split("/") if "_" in c.rsplit(".", 1)[-1]]
-    return "/".join(attrs[1:]) or scope  # attrs[0] is the wrapped model itself
+    return "/".join(scope_attributes(scope)[1:]) or scope  # [0] is the wrapped model itself
+
+
+def scope_attributes(scope: str) -> list[str]:
+    """``.../DepthWiseBlock_dw2_1/torch.nn.modules.conv.Conv2d_conv_dw`` -> ``[..., "dw2_1", "conv_dw"]``: the
+    attribute name in each ``Class_attribute`` component of one litert-torch scope."""
+    return [c.rsplit(".", 1)[-1].split("_", 1)[1] for c in scope.split("/") if "_" in c.rsplit(".", 1)[-1]]
 
 
 def layer_units(content: bytes, skip: set[str] = frozenset()) -> dict[str, list[str]]:
